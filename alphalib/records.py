@@ -1,0 +1,103 @@
+r"""One record per probed step, the flags for odd curvature, and the tidy DataFrame built from them.
+
+A record describes the step :math:`\Delta = \theta_{t+1} - \theta_t` the optimizer really took, in
+learning-rate units: :math:`d = \Delta/\mathrm{lr}`, ``slope`` :math:`= d^\top g_t`, ``curvature``
+:math:`= d^\top H_t d`, ``alpha_star`` :math:`= -d^\top g_t / d^\top H_t d` and ``ratio`` :math:`=
+\alpha^*/\mathrm{lr} = -\Delta^\top g_t / \Delta^\top H_t \Delta`, the multiple of the realized step that
+lands on the minimum of the quadratic model (1 = on it, < 1 = the step overshoots).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: Flags, in the order they are tested; a record's ``flag`` joins those that hold with ``"|"``, or is ``"ok"``.
+FLAGS: tuple[str, ...] = ("error", "nonfinite", "zero_step", "zero_curvature", "negative_curvature", "ascent")
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the probe measured on one step (all in learning-rate units of the first param group)."""
+
+    step: int  #: index of the optimizer step, counted from 0 over all ``probe.step`` calls
+    epoch: int | None  #: epoch, when the caller gives it
+    loss: float  #: :math:`L_B(\theta_t)`
+    lr: float  #: learning rate of the first param group
+    slope: float  #: :math:`d^\top g_t`
+    curvature: float  #: :math:`d^\top H_t d` by ``backend``
+    alpha_star: float  #: :math:`-d^\top g_t / d^\top H_t d`, NaN when undefined
+    ratio: float  #: ``alpha_star / lr``
+    grad_norm: float  #: :math:`\|g_t\|` of the training gradient
+    step_norm: float  #: :math:`\|\theta_{t+1} - \theta_t\|`
+    flag: str  #: ``"ok"`` or ``"|"``-joined names from :data:`FLAGS`
+    backend: str  #: curvature backend that produced ``curvature``
+
+
+def classify(slope: float, curvature: float, *values: float, step_norm: float = 1.0) -> str:
+    """Return the flag string for one step's slope and curvature."""
+    if not all(math.isfinite(x) for x in (slope, curvature, *values)):
+        return "nonfinite"
+    if step_norm == 0.0:
+        return "zero_step"
+    flags = []
+    if curvature == 0.0:
+        flags.append("zero_curvature")
+    elif curvature < 0.0:
+        flags.append("negative_curvature")
+    if slope > 0.0:
+        flags.append("ascent")
+    return "|".join(flags) or "ok"
+
+
+def make_record(
+    *, step: int, epoch: int | None, loss: float, lr: float, step_slope: float, step_curvature: float,
+    grad_norm: float, step_norm: float, backend: str, error: bool = False,
+) -> Record:
+    """Build a record from slope and curvature along the realized step :math:`\\Delta` (not yet in lr units)."""
+    flag = "error" if error else classify(step_slope, step_curvature, loss, grad_norm, step_norm=step_norm)
+    usable = flag not in ("error", "nonfinite", "zero_step") and step_curvature != 0.0
+    ratio = -step_slope / step_curvature if usable else math.nan
+    scale = lr if lr > 0 else math.nan
+    return Record(
+        step=step, epoch=epoch, loss=loss, lr=lr,
+        slope=step_slope / scale, curvature=step_curvature / scale**2,
+        alpha_star=ratio * scale, ratio=ratio,
+        grad_norm=grad_norm, step_norm=step_norm, flag=flag, backend=backend,
+    )
+
+
+def to_frame(records: Iterable[Record], tags: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Return the records as a DataFrame, one row per probed step, with ``tags`` as constant columns."""
+    import pandas as pd
+
+    columns = list(Record.__dataclass_fields__)
+    frame = pd.DataFrame([asdict(r) for r in records], columns=columns)
+    for key, value in (tags or {}).items():
+        frame[key] = value
+    return frame
+
+
+def epoch_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Return per-epoch medians of α* and α*/lr and the shares of odd steps, one row per epoch."""
+    flag = frame["flag"]
+    return (
+        frame.assign(
+            negative_curvature=flag.str.contains("negative_curvature"),
+            ascent=flag.str.contains("ascent"),
+        )
+        .groupby("epoch")
+        .agg(
+            steps=("step", "size"),
+            median_alpha_star=("alpha_star", "median"),
+            median_ratio=("ratio", "median"),
+            negative_curvature=("negative_curvature", "mean"),
+            ascent=("ascent", "mean"),
+            loss=("loss", "mean"),
+        )
+    )

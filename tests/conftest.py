@@ -1,0 +1,90 @@
+"""Seeded float64 toy problems and the dense references every test compares against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+
+@dataclass
+class Case:
+    model: nn.Module
+    loss_fn: object
+    batch: tuple[Tensor, Tensor]
+
+
+def _mlp_mse() -> Case:
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    return Case(model, F.mse_loss, (torch.randn(8, 4), torch.randn(8, 2)))
+
+
+def _mlp_ce() -> Case:
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3))
+    return Case(model, F.cross_entropy, (torch.randn(8, 4), torch.randint(0, 3, (8,))))
+
+
+def _cnn() -> Case:
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 3)
+    )
+    return Case(model, F.cross_entropy, (torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))))
+
+
+def _batchnorm() -> Case:
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1))
+    return Case(model, F.mse_loss, (torch.randn(8, 4), torch.randn(8, 1)))
+
+
+CASES = {"mlp-mse": _mlp_mse, "mlp-ce": _mlp_ce, "cnn": _cnn, "batchnorm-train": _batchnorm}
+
+
+@pytest.fixture(params=list(CASES))
+def case(request) -> Case:
+    """Each toy problem in float64, seeded, model in train mode."""
+    torch.manual_seed(0)
+    c = CASES[request.param]()
+    c.model.double().train()
+    c.batch = tuple(t.double() if t.is_floating_point() else t for t in c.batch)
+    return c
+
+
+def flat_loss(case: Case, params: list[Tensor] | None = None):
+    """Return ``L_B`` as a function of one flat float64 vector, built by hand with functional_call."""
+    named = [(n, p) for n, p in case.model.named_parameters()]
+    shapes = [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+    buffers = {n: b.clone() for n, b in case.model.named_buffers()}
+
+    def f(theta: Tensor) -> Tensor:
+        pieces = [t.view(s) for t, s in zip(theta.split(sizes), shapes)]
+        state = {**{n: b.clone() for n, b in buffers.items()}, **dict(zip([n for n, _ in named], pieces))}
+        return case.loss_fn(functional_call(case.model, state, (case.batch[0],)), case.batch[1])
+
+    theta0 = torch.cat([p.detach().reshape(-1) for p in (params or [p for _, p in named])])
+    return f, theta0
+
+
+def dense_hessian(case: Case, params: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Return the dense gradient and Hessian of ``L_B`` at ``params`` (default: the model's)."""
+    f, theta0 = flat_loss(case, params)
+    theta = theta0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(theta), theta)
+    return g, torch.autograd.functional.hessian(f, theta0)
+
+
+def flat(v) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in v])
+
+
+def unflat(x: Tensor, like) -> tuple[Tensor, ...]:
+    return tuple(t.view_as(p) for t, p in zip(x.split([p.numel() for p in like]), like))
+
+
+def rel_err(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()

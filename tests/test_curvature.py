@@ -1,0 +1,157 @@
+"""Curvature backends, ``hvp`` and ``alpha_star`` against dense float64 Hessians and closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Case, dense_hessian, flat, rel_err, unflat
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+import alphalib
+
+
+def _random_direction(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn_like(p) for p in model.parameters())
+
+
+def _dense_ggn(case: Case) -> torch.Tensor:
+    """``J^T (d²ℓ/df²) J`` from a dense Jacobian of the outputs and a dense Hessian of the loss in f."""
+    named = list(case.model.named_parameters())
+    sizes = [p.numel() for _, p in named]
+    buffers = {n: b.clone() for n, b in case.model.named_buffers()}
+
+    def outputs(theta):
+        pieces = [t.view_as(p) for t, (_, p) in zip(theta.split(sizes), named)]
+        state = {**{n: b.clone() for n, b in buffers.items()}, **{n: t for (n, _), t in zip(named, pieces)}}
+        return functional_call(case.model, state, (case.batch[0],))
+
+    theta0 = flat([p.detach() for _, p in named])
+    out = outputs(theta0).detach()
+    jac = torch.autograd.functional.jacobian(outputs, theta0).reshape(out.numel(), -1)
+    h_out = torch.autograd.functional.hessian(lambda o: case.loss_fn(o.view_as(out), case.batch[1]), out.reshape(-1))
+    return jac.T @ h_out @ jac
+
+
+def test_hvp_matches_dense_hessian(case):
+    v = _random_direction(case.model)
+    _, hess = dense_hessian(case)
+    hv = alphalib.hvp(case.model, case.loss_fn, case.batch, v)
+    assert rel_err(flat(hv), hess @ flat(v)) <= 1e-10
+
+
+def test_alpha_star_hessian_matches_dense(case):
+    d = _random_direction(case.model)
+    g, hess = dense_hessian(case)
+    res = alphalib.alpha_star(case.model, case.loss_fn, case.batch, d, curvature="hessian")
+    dv = flat(d)
+    assert rel_err(res.slope, dv @ g) <= 1e-10
+    assert rel_err(res.curvature, dv @ hess @ dv) <= 1e-10
+    assert rel_err(res.alpha_star, -(dv @ g) / (dv @ hess @ dv)) <= 1e-10
+    assert rel_err(res.loss, case.loss_fn(case.model(case.batch[0]), case.batch[1]).detach()) <= 1e-12
+
+
+def test_ggn_matches_dense_ggn(case):
+    d = _random_direction(case.model)
+    g, _ = dense_hessian(case)
+    ggn = _dense_ggn(case)
+    res = alphalib.alpha_star(case.model, case.loss_fn, case.batch, d, curvature="ggn")
+    dv = flat(d)
+    assert rel_err(res.slope, dv @ g) <= 1e-10
+    assert rel_err(res.curvature, dv @ ggn @ dv) <= 1e-10
+
+
+def test_fd_close_to_dense_hessian(case):
+    d = _random_direction(case.model)
+    _, hess = dense_hessian(case)
+    res = alphalib.alpha_star(case.model, case.loss_fn, case.batch, d, curvature="fd")
+    dv = flat(d)
+    assert rel_err(res.curvature, dv @ hess @ dv) <= 1e-7
+
+
+def test_secant_close_to_dense_hessian_for_short_steps(case):
+    d = _random_direction(case.model)
+    _, hess = dense_hessian(case)
+    res = alphalib.alpha_star(case.model, case.loss_fn, case.batch, d, curvature="secant", lr=1e-4)
+    dv = flat(d)
+    assert rel_err(res.curvature, dv @ hess @ dv) <= 1e-2
+
+
+@pytest.fixture
+def least_squares():
+    torch.manual_seed(1)
+    n, k = 40, 5
+    X, y = torch.randn(n, k, dtype=torch.float64), torch.randn(n, 1, dtype=torch.float64)
+    model = nn.Linear(k, 1).double()
+    return model, X, y
+
+
+@pytest.mark.parametrize("backend", ["hessian", "ggn", "fd", "secant"])
+def test_linear_least_squares_closed_form(least_squares, backend):
+    model, X, y = least_squares
+    n = X.shape[0]
+    d = _random_direction(model)
+    Xb = torch.cat([X, torch.ones(n, 1, dtype=X.dtype)], dim=1)  # bias as a last column
+    w = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    dw = torch.cat([d[0].reshape(-1), d[1]])
+    g = 2 / n * Xb.T @ (Xb @ w - y[:, 0])
+    curvature = 2 / n * (Xb @ dw).square().sum()
+    res = alphalib.alpha_star(model, F.mse_loss, (X, y), d, curvature=backend, lr=1e-2)
+    tol = {"hessian": 1e-12, "ggn": 1e-12, "fd": 1e-8, "secant": 1e-8}[backend]
+    assert rel_err(res.curvature, curvature) <= tol
+    assert rel_err(res.alpha_star, -(dw @ g) / curvature) <= tol
+
+
+def test_ggn_differs_from_hessian_off_linear_models(case):
+    # The two must agree on linear models only; if they agreed here the GGN test would be vacuous.
+    d = _random_direction(case.model)
+    exact = alphalib.alpha_star(case.model, case.loss_fn, case.batch, d).curvature
+    ggn = alphalib.alpha_star(case.model, case.loss_fn, case.batch, d, curvature="ggn").curvature
+    assert rel_err(ggn, exact) > 1e-6
+
+
+def test_functions_leave_model_grad_buffers_and_rng_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.3), nn.Linear(6, 1)).double()
+    batch = (torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = _random_direction(model)
+    rng = torch.get_rng_state()
+    alphalib.hvp(model, F.mse_loss, batch, d)
+    for backend in alphalib.BACKENDS:
+        alphalib.alpha_star(model, F.mse_loss, batch, d, curvature=backend, lr=1e-3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_frozen_parameters_are_left_out_of_vectors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    model[0].weight.requires_grad_(False)
+    batch = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    v = tuple(torch.randn_like(p) for p in trainable)
+    full_v = (torch.zeros_like(model[0].weight), *v)
+    _, hess = dense_hessian(Case(model, F.mse_loss, batch))
+    expected = (hess @ flat(full_v))[model[0].weight.numel():]
+    assert rel_err(flat(alphalib.hvp(model, F.mse_loss, batch, v)), expected) <= 1e-10
+
+
+def test_bad_inputs_get_clear_errors(case):
+    d = _random_direction(case.model)
+    with pytest.raises(ValueError, match="pair"):
+        alphalib.hvp(case.model, case.loss_fn, case.batch[0], d)
+    with pytest.raises(ValueError, match="scalar"):
+        alphalib.hvp(case.model, lambda out, y: (out - out.detach()).square() + 1, case.batch, d)
+    with pytest.raises(ValueError, match=r"d\[0\] has shape"):
+        alphalib.alpha_star(case.model, case.loss_fn, case.batch, (d[0][..., :1], *d[1:]))
+    with pytest.raises(ValueError, match="trainable"):
+        alphalib.hvp(case.model, case.loss_fn, case.batch, d[:-1])
+    with pytest.raises(ValueError, match="tuple of tensors"):
+        alphalib.hvp(case.model, case.loss_fn, case.batch, flat(d))
+    with pytest.raises(ValueError, match="unknown curvature backend"):
+        alphalib.alpha_star(case.model, case.loss_fn, case.batch, d, curvature="exact")
+    with pytest.raises(ValueError, match="lr="):
+        alphalib.alpha_star(case.model, case.loss_fn, case.batch, d, curvature="secant")

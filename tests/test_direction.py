@@ -1,0 +1,250 @@
+"""Tests for :mod:`alphalib.direction`: the analytic direction must equal the realized step / lr."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from alphalib.direction import direction
+
+NSTEPS = 8
+O = torch.optim
+F64 = torch.float64
+Kwargs = dict[str, Any]
+
+CASES: list[tuple[str, type[O.Optimizer], Kwargs]] = [
+    ("SGD-plain", O.SGD, dict(lr=0.05)),
+    ("SGD-momentum", O.SGD, dict(lr=0.05, momentum=0.9)),
+    ("SGD-nesterov", O.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("SGD-dampening", O.SGD, dict(lr=0.05, momentum=0.8, dampening=0.3)),
+    ("SGD-weight_decay", O.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.1)),
+    ("SGD-maximize", O.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.1, maximize=True)),
+    ("Adam-default", O.Adam, dict(lr=0.05)),
+    ("Adam-amsgrad", O.Adam, dict(lr=0.05, amsgrad=True)),
+    ("Adam-weight_decay", O.Adam, dict(lr=0.05, weight_decay=0.1)),
+    ("Adam-maximize", O.Adam, dict(lr=0.05, weight_decay=0.1, maximize=True)),
+    ("Adam-decoupled", O.Adam, dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("Adam-betas", O.Adam, dict(lr=0.05, betas=(0.5, 0.7), eps=1e-3)),
+    ("AdamW-default", O.AdamW, dict(lr=0.05)),
+    ("AdamW-amsgrad-maximize", O.AdamW, dict(lr=0.05, weight_decay=0.2, amsgrad=True, maximize=True)),
+    ("NAdam-default", O.NAdam, dict(lr=0.05)),
+    ("NAdam-weight_decay", O.NAdam, dict(lr=0.05, weight_decay=0.1, momentum_decay=0.1)),
+    ("NAdam-decoupled", O.NAdam, dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("NAdam-maximize", O.NAdam, dict(lr=0.05, maximize=True)),
+    ("RAdam-default", O.RAdam, dict(lr=0.05)),
+    ("RAdam-weight_decay", O.RAdam, dict(lr=0.05, weight_decay=0.1, betas=(0.8, 0.9))),
+    ("RAdam-decoupled", O.RAdam, dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam-maximize", O.RAdam, dict(lr=0.05, maximize=True)),
+    ("RMSprop-plain", O.RMSprop, dict(lr=0.01)),
+    ("RMSprop-centered", O.RMSprop, dict(lr=0.01, alpha=0.9, centered=True)),
+    ("RMSprop-momentum", O.RMSprop, dict(lr=0.01, momentum=0.9)),
+    ("RMSprop-weight_decay", O.RMSprop, dict(lr=0.01, weight_decay=0.1, centered=True, momentum=0.5)),
+    ("RMSprop-maximize", O.RMSprop, dict(lr=0.01, maximize=True)),
+    ("Adagrad-default", O.Adagrad, dict(lr=0.05)),
+    ("Adagrad-lr_decay", O.Adagrad, dict(lr=0.05, lr_decay=0.1, initial_accumulator_value=0.3)),
+    ("Adagrad-weight_decay", O.Adagrad, dict(lr=0.05, weight_decay=0.1, maximize=True)),
+    ("Adamax-default", O.Adamax, dict(lr=0.05)),
+    ("Adamax-weight_decay", O.Adamax, dict(lr=0.05, weight_decay=0.1, betas=(0.8, 0.9))),
+    ("Adamax-maximize", O.Adamax, dict(lr=0.05, maximize=True)),
+]
+FUSED = [
+    ("SGD-fused", O.SGD, dict(lr=0.05, momentum=0.9, fused=True)),
+    ("Adam-fused", O.Adam, dict(lr=0.05, amsgrad=True, weight_decay=0.1, fused=True)),
+    ("AdamW-fused", O.AdamW, dict(lr=0.05, fused=True)),
+    ("Adagrad-fused", O.Adagrad, dict(lr=0.05, lr_decay=0.1, fused=True)),
+]
+
+
+def _setup(seed: int = 0) -> tuple[nn.Module, nn.Parameter, list[nn.Parameter], Tensor, Tensor]:
+    """Small float64 model, an unused parameter (grad stays None) in the middle, and data."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    unused = nn.Parameter(torch.randn(5, dtype=F64))
+    params = [*model[0].parameters(), unused, *model[2].parameters()]
+    return model, unused, params, torch.randn(16, 4, dtype=F64), torch.randn(16, 2, dtype=F64)
+
+
+def _backward(opt: O.Optimizer, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+
+
+def _flat(opt: O.Optimizer) -> list[tuple[Tensor, float]]:
+    return [(p, float(g["lr"])) for g in opt.param_groups for p in g["params"]]
+
+
+def _assert_step_matches(opt: O.Optimizer, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Run NSTEPS steps, checking direction(opt) against the realized step each time."""
+    for step in range(NSTEPS):
+        _backward(opt, model, x, y)
+        d = direction(opt)
+        flat = _flat(opt)
+        assert len(d) == len(flat)
+        old = [p.detach().clone() for p, _ in flat]
+        opt.step()
+        for i, ((p, lr), before, di) in enumerate(zip(flat, old, d)):
+            realized = (p.detach() - before) / lr
+            assert di.shape == p.shape and di.dtype == p.dtype
+            err = (di - realized).abs().max().item()
+            msg = f"step {step}, param {i}: max abs err {err:.3e}"
+            assert torch.allclose(di, realized, rtol=1e-12, atol=1e-14), msg
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize(("cls", "kwargs"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_direction_matches_realized_step(cls: type[O.Optimizer], kwargs: Kwargs, foreach: bool) -> None:
+    model, unused, params, x, y = _setup()
+    opt = cls(params, foreach=foreach, **kwargs)
+    _assert_step_matches(opt, model, x, y)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_direction_default_implementation(cls: type[O.Optimizer], kwargs: Kwargs) -> None:
+    model, _, params, x, y = _setup(seed=1)
+    _assert_step_matches(cls(params, **kwargs), model, x, y)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [c[1:] for c in FUSED], ids=[c[0] for c in FUSED])
+def test_direction_matches_fused(cls: type[O.Optimizer], kwargs: Kwargs) -> None:
+    model, _, params, x, y = _setup(seed=2)
+    _assert_step_matches(cls(params, **kwargs), model, x, y)
+
+
+@pytest.mark.parametrize("cls", [O.SGD, O.Adam, O.AdamW], ids=lambda c: c.__name__)
+def test_tensor_lr(cls: type[O.Optimizer]) -> None:
+    model, _, params, x, y = _setup()
+    opt = cls(params, lr=torch.tensor(0.05, dtype=F64), foreach=False)
+    _assert_step_matches(opt, model, x, y)
+
+
+def test_radam_cases_exercise_both_rectification_branches() -> None:
+    for name, cls, kwargs in CASES:
+        if cls is O.RAdam:
+            beta2 = kwargs.get("betas", (0.9, 0.999))[1]
+            rho_inf = 2 / (1 - beta2) - 1
+            rho = [rho_inf - 2 * t * beta2**t / (1 - beta2**t) for t in range(1, NSTEPS + 1)]
+            assert min(rho) <= 5 < max(rho), name
+
+
+@pytest.mark.parametrize("cls", [O.SGD, O.Adam, O.NAdam, O.RMSprop, O.Adagrad], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_two_param_groups_use_their_own_lr(cls: type[O.Optimizer], foreach: bool) -> None:
+    model, _, params, x, y = _setup()
+    kw = dict(momentum=0.9) if cls in (O.SGD, O.RMSprop) else {}
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.003}]
+    opt = cls(groups, lr=0.05, foreach=foreach, **kw)
+    _assert_step_matches(opt, model, x, y)
+
+
+def _assert_same(a: Any, b: Any) -> None:
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            _assert_same(u, v)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_direction_does_not_mutate_state(cls: type[O.Optimizer], kwargs: Kwargs) -> None:
+    model, _, params, x, y = _setup()
+    opt = cls(params, **kwargs)
+    for _ in range(3):
+        _backward(opt, model, x, y)
+        before = copy.deepcopy(opt.state_dict())
+        grads = [p.grad.clone() if p.grad is not None else None for p in params]
+        direction(opt)
+        _assert_same(opt.state_dict(), before)
+        for p, g in zip(params, grads):
+            assert (p.grad is None) == (g is None) and (g is None or torch.equal(p.grad, g))
+        opt.step()
+
+
+def test_direction_does_not_alias_grad() -> None:
+    model, _, params, x, y = _setup()
+    opt = O.SGD(params, lr=0.05)
+    _backward(opt, model, x, y)
+    d = direction(opt)
+    expected = [-p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.equal(a, b) for a, b in zip(d, expected))
+
+
+@pytest.mark.parametrize("cls", [O.SGD, O.AdamW, O.Adagrad], ids=lambda c: c.__name__)
+def test_param_without_grad_gets_zero_direction(cls: type[O.Optimizer]) -> None:
+    model, unused, params, x, y = _setup()
+    opt = cls(params, lr=0.05, weight_decay=0.1)
+    start = unused.detach().clone()
+    for _ in range(3):
+        _backward(opt, model, x, y)
+        assert unused.grad is None
+        d = direction(opt)
+        assert torch.equal(d[2], torch.zeros_like(unused))
+        opt.step()
+        assert torch.equal(unused.detach(), start)
+
+
+class _MyAdam(O.Adam):
+    pass
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: O.LBFGS(ps),
+        lambda ps: O.Rprop(ps),
+        lambda ps: O.Adadelta(ps),
+        lambda ps: _MyAdam(ps),
+    ],
+    ids=["LBFGS", "Rprop", "Adadelta", "Adam-subclass"],
+)
+def test_unsupported_optimizer_raises_type_error(make: Any) -> None:
+    model, _, params, x, y = _setup()
+    opt = make(params)
+    _backward(opt, model, x, y)
+    with pytest.raises(TypeError, match=type(opt).__name__) as info:
+        direction(opt)
+    assert "AlphaProbe.step" in str(info.value) and "Adam" in str(info.value)
+
+
+def test_zero_lr_raises_value_error() -> None:
+    model, _, params, x, y = _setup()
+    opt = O.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 0.0}], lr=0.05)
+    _backward(opt, model, x, y)
+    with pytest.raises(ValueError, match="lr"):
+        direction(opt)
+
+
+def test_sparse_grad_raises_value_error() -> None:
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 3, sparse=True).double()
+    opt = O.SGD(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        direction(opt)
+
+
+def test_complex_param_raises_value_error() -> None:
+    p = nn.Parameter(torch.randn(3, dtype=torch.complex128))
+    opt = O.Adam([p], lr=0.1)
+    (p.abs() ** 2).sum().backward()
+    with pytest.raises(ValueError, match="complex"):
+        direction(opt)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_adagrad_param_group_added_later(foreach: bool) -> None:
+    model, _, params, x, y = _setup()
+    opt = O.Adagrad(params[:2], lr=0.05, initial_accumulator_value=0.3, foreach=foreach)
+    opt.add_param_group({"params": params[2:], "initial_accumulator_value": 0.7})
+    _assert_step_matches(opt, model, x, y)

@@ -1,0 +1,214 @@
+"""``AlphaProbe`` records against dense float64 Hessians, and the probe as a pure observer."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import Case, dense_hessian, flat, rel_err
+from torch import nn
+from torch.nn import functional as F
+
+import alphalib
+
+
+def _run(model, opt, batches, probe=None):
+    records = []
+    for x, y in batches:
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        if probe is None:
+            opt.step()
+        else:
+            records.append(probe.step((x, y)))
+    return records
+
+
+def _batches(n=6, d_in=4, d_out=1, size=8, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(size, d_in, generator=gen, dtype=dtype), torch.randn(size, d_out, generator=gen, dtype=dtype))
+            for _ in range(n)]
+
+
+def _noisy_net():
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize("backend", alphalib.BACKENDS)
+def test_probe_is_a_pure_observer(backend):
+    """Parameters, buffers, .grad, optimizer state and the RNG stream end bit-identical to an unprobed run."""
+    runs = []
+    for probed in (False, True):
+        torch.manual_seed(0)
+        model = _noisy_net()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        probe = alphalib.AlphaProbe(model, F.mse_loss, opt, curvature=backend) if probed else None
+        _run(model, opt, _batches(dtype=torch.float32), probe)
+        runs.append((model, opt, torch.get_rng_state()))
+    (m0, o0, rng0), (m1, o1, rng1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values()))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(m0.parameters(), m1.parameters()))
+    s0, s1 = o0.state_dict()["state"], o1.state_dict()["state"]
+    assert all(torch.equal(s0[i][k], s1[i][k]) for i in s0 for k in s0[i])
+    assert torch.equal(rng0, rng1)
+
+
+@pytest.mark.parametrize("opt_name", ["Adam", "SGD"])
+def test_records_match_dense_hessian_along_realized_step(case, opt_name):
+    opt = {"Adam": lambda p: torch.optim.Adam(p, lr=1e-2), "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)}[
+        opt_name
+    ](case.model.parameters())
+    probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt)
+    x, y = case.batch
+    for _ in range(4):
+        before = [p.detach().clone() for p in case.model.parameters()]
+        g, hess = dense_hessian(case)  # at theta_t, on buffers as the forward below sees them
+        opt.zero_grad()
+        case.loss_fn(case.model(x), y).backward()
+        rec = probe.step(case.batch)
+        delta = flat([p.detach() - b for p, b in zip(case.model.parameters(), before)])
+        lr = opt.param_groups[0]["lr"]
+        assert rel_err(rec.slope, delta @ g / lr) <= 1e-10
+        assert rel_err(rec.curvature, delta @ hess @ delta / lr**2) <= 1e-10
+        assert rel_err(rec.ratio, -(delta @ g) / (delta @ hess @ delta)) <= 1e-10
+        assert rel_err(rec.alpha_star, rec.ratio * lr) <= 1e-15
+        assert rel_err(rec.step_norm, delta.norm()) <= 1e-12
+
+
+def test_probe_uses_the_training_steps_dropout_mask():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    for x, y in _batches():
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        g_train = flat([p.grad for p in model.parameters()])
+        rec = probe.step((x, y))
+        # SGD: delta = -lr * g_train, so the slope along d is -|g|^2 exactly when the same mask is used.
+        assert rel_err(rec.slope, -(g_train @ g_train)) <= 1e-12
+
+
+def test_every_k_probes_one_step_in_k():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt, every=3)
+    records = _run(model, opt, _batches(n=7), probe)
+    assert [r is not None for r in records] == [True, False, False, True, False, False, True]
+    assert list(probe.to_frame()["step"]) == [0, 3, 6]
+
+
+def test_param_groups_with_different_lrs_keep_ratio_defined():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[2].parameters(), "lr": 1e-3}])
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    case = Case(model, F.mse_loss, _batches()[0])
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        g, hess = dense_hessian(case)
+        rec = _run(model, opt, [case.batch], probe)[0]
+        delta = flat([p.detach() - b for p, b in zip(model.parameters(), before)])
+        assert rel_err(rec.ratio, -(delta @ g) / (delta @ hess @ delta)) <= 1e-10
+        assert rec.lr == 1e-2 and rel_err(rec.alpha_star, rec.ratio * 1e-2) <= 1e-15
+
+
+def _one_step(model, loss_fn, opt, batch, **probe_kw):
+    probe = alphalib.AlphaProbe(model, loss_fn, opt, **probe_kw)
+    opt.zero_grad()
+    loss_fn(model(batch[0]), batch[1]).backward()
+    return probe.step(batch)
+
+
+def test_flags_zero_step():
+    model = nn.Linear(4, 1).double()
+    rec = _one_step(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.0), _batches()[0])
+    assert rec.flag == "zero_step" and math.isnan(rec.alpha_star) and math.isnan(rec.ratio)
+
+
+def test_flags_negative_curvature_with_the_computed_value():
+    model = nn.Linear(4, 1).double()
+    concave = lambda out, y: -(out - y).square().mean()  # noqa: E731
+    batch = _batches()[0]
+    rec = _one_step(model, concave, torch.optim.SGD(model.parameters(), lr=0.1), batch)
+    assert rec.flag == "negative_curvature"
+    assert rec.curvature < 0 and rec.alpha_star < 0 and math.isfinite(rec.alpha_star)
+
+
+def test_flags_ascent():
+    model = nn.Linear(4, 1).double()
+    rec = _one_step(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1, maximize=True), _batches()[0])
+    assert rec.flag == "ascent" and rec.slope > 0 and rec.alpha_star < 0
+
+
+def test_flags_zero_curvature():
+    model = nn.Linear(4, 1).double()
+    linear = lambda out, y: (out * y).mean()  # noqa: E731  # linear in theta: H = 0
+    rec = _one_step(model, linear, torch.optim.SGD(model.parameters(), lr=0.1), _batches()[0])
+    assert rec.flag == "zero_curvature" and math.isnan(rec.alpha_star)
+
+
+@pytest.mark.parametrize("backend", alphalib.BACKENDS)
+def test_flags_nonfinite_without_raising(backend):
+    model = nn.Linear(4, 1).double()
+    x, y = _batches()[0]
+    y = y.clone()
+    y[0] = math.nan
+    rec = _one_step(model, F.mse_loss, torch.optim.Adam(model.parameters()), (x, y), curvature=backend)
+    assert rec.flag == "nonfinite" and math.isnan(rec.alpha_star)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # as ops without a double backward do, e.g. fused attention on CPU
+            raise RuntimeError("derivative for _NoDoubleBackward's backward is not implemented")
+        (x,) = ctx.saved_tensors
+        return grad * (1 - x.tanh().square())
+
+
+def test_backend_failure_is_recorded_not_raised():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 1).double()
+    model = nn.Sequential(lin)
+    model.forward = lambda x: _NoDoubleBackward.apply(lin(x))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = copy.deepcopy(lin.state_dict())
+    with pytest.warns(RuntimeWarning, match="secant"):
+        rec = _one_step(model, F.mse_loss, opt, _batches()[0])
+    assert rec.flag == "error" and math.isnan(rec.alpha_star)
+    assert not torch.equal(before["weight"], lin.weight)  # the step itself was taken
+    ok = _one_step(model, F.mse_loss, opt, _batches()[0], curvature="secant")
+    assert ok.flag == "ok"
+
+
+def test_bad_probe_arguments():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="every"):
+        alphalib.AlphaProbe(model, F.mse_loss, opt, every=0)
+    with pytest.raises(ValueError, match="unknown curvature backend"):
+        alphalib.AlphaProbe(model, F.mse_loss, opt, curvature="newton")
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    with pytest.raises(ValueError, match="pair"):
+        probe.step(torch.randn(3, 4))
+
+
+def test_to_frame_has_the_documented_columns_and_tags():
+    model = nn.Linear(4, 1).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt, tags={"optimizer": "Adam", "seed": 0})
+    _run(model, opt, _batches(n=3), probe)
+    frame = probe.to_frame()
+    expected = {"step", "epoch", "loss", "lr", "slope", "curvature", "alpha_star", "ratio", "grad_norm",
+                "step_norm", "flag", "backend", "optimizer", "seed"}
+    assert expected <= set(frame.columns) and len(frame) == 3
+    assert (frame["optimizer"] == "Adam").all()
