@@ -1,0 +1,36 @@
+# The README's two commands: `make figures` (install + run every notebook) and `make test` (install + all tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+
+.PHONY: install figures test lab clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test]"
+	touch $@
+
+# Executed copies go to build/notebooks/, figures to figures/ (the notebooks' default figures_dir).
+figures: install
+	mkdir -p build/notebooks
+	@for nb in $(NOTEBOOKS); do \
+		echo "papermill $$nb"; \
+		$(BIN)/papermill --cwd notebooks --no-progress-bar $$nb build/notebooks/$$(basename $$nb) \
+			-p figures_dir ../figures || exit 1; \
+	done
+
+# Unit tests and doctests, then every notebook under nbval. nbval runs on a scratch copy of notebooks/ so
+# that the quick runs it makes never overwrite the committed figures.
+test: install
+	$(BIN)/python -m pytest tests alphalib
+	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks build/nbval/
+	cd build/nbval && ../../$(BIN)/python -m pytest --nbval-lax notebooks
+
+lab: install
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf $(VENV) build

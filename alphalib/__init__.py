@@ -1,0 +1,39 @@
+"""alphalib: how far is an optimizer's step from the best step of its local quadratic model?
+
+At step :math:`t` with realized direction :math:`d = (\\theta_{t+1}-\\theta_t)/\\mathrm{lr}`, gradient
+:math:`g_t` and Hessian :math:`H_t` of the mini-batch loss, the quadratic model along :math:`d` is minimised
+at :math:`\\alpha^* = -d^\\top g_t / d^\\top H_t d`; :math:`\\alpha^*/\\mathrm{lr} = 1` means the step landed
+on that minimum.
+"""
+
+from .curvature import BACKENDS, AlphaResult, Backend, alpha_star, hvp
+from .data import gaussian_regression, loader
+from .direction import direction
+from .models import SimpleNet
+from .probe import AlphaProbe
+from .records import FLAGS, Record, epoch_summary, to_frame
+from .train import train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # curvature along a direction
+    "hvp",
+    "alpha_star",
+    "AlphaResult",
+    "Backend",
+    "BACKENDS",
+    # the optimizer's direction
+    "direction",
+    # probing a training run
+    "AlphaProbe",
+    "Record",
+    "FLAGS",
+    "to_frame",
+    "epoch_summary",
+    "train",
+    # reference data and models
+    "gaussian_regression",
+    "loader",
+    "SimpleNet",
+]

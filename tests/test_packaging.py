@@ -1,0 +1,31 @@
+"""The conda environment and the pip install stay in step."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDA_TO_PIP = {"pytorch": "torch"}
+
+
+def _split(spec: str) -> tuple[str, str]:
+    name, pin = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", spec).groups()
+    return CONDA_TO_PIP.get(name.lower(), name.lower()).replace("_", "-"), pin.lstrip("=")
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pip_specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
+    pip = dict(_split(s) for s in pip_specs)
+    conda_specs = [s for s in yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"] if isinstance(s, str)]
+    conda = {name: pin for name, pin in map(_split, conda_specs) if name not in {"python", "pip"}}
+    assert conda == pip
+
+
+def test_torch_is_pinned_everywhere():
+    assert "torch==2.13.0" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().split()

@@ -1,0 +1,77 @@
+"""Flags, records and the per-epoch summary, against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch.nn import functional as F
+
+import alphalib
+from alphalib.records import classify, make_record
+
+
+@pytest.mark.parametrize(
+    ("slope", "curvature", "step_norm", "flag"),
+    [
+        (-1.0, 2.0, 1.0, "ok"),
+        (-1.0, -2.0, 1.0, "negative_curvature"),
+        (1.0, 2.0, 1.0, "ascent"),
+        (1.0, -2.0, 1.0, "negative_curvature|ascent"),
+        (-1.0, 0.0, 1.0, "zero_curvature"),
+        (0.0, 0.0, 0.0, "zero_step"),
+        (math.nan, 1.0, 1.0, "nonfinite"),
+        (-1.0, math.inf, 1.0, "nonfinite"),
+    ],
+)
+def test_classify(slope, curvature, step_norm, flag):
+    assert classify(slope, curvature, step_norm=step_norm) == flag
+
+
+def test_make_record_converts_the_realized_step_to_lr_units():
+    lr = 0.01
+    rec = make_record(step=3, epoch=1, loss=0.5, lr=lr, step_slope=-2e-3, step_curvature=4e-5,
+                      grad_norm=1.0, step_norm=0.1, backend="hessian")
+    assert rec.ratio == pytest.approx(50.0)  # -(-2e-3) / 4e-5
+    assert rec.alpha_star == pytest.approx(0.5)
+    assert rec.slope == pytest.approx(-0.2) and rec.curvature == pytest.approx(0.4)
+    assert rec.alpha_star == pytest.approx(-rec.slope / rec.curvature)
+
+
+def test_epoch_summary_counts_by_hand():
+    frame = pd.DataFrame({
+        "epoch": [0, 0, 0, 1, 1],
+        "step": [0, 1, 2, 3, 4],
+        "alpha_star": [1.0, 3.0, -2.0, 5.0, 7.0],
+        "ratio": [10.0, 30.0, -20.0, 50.0, 70.0],
+        "loss": [1.0, 2.0, 3.0, 4.0, 6.0],
+        "flag": ["ok", "ascent", "negative_curvature", "ok", "ok"],
+    })
+    summary = alphalib.epoch_summary(frame)
+    assert list(summary["steps"]) == [3, 2]
+    assert list(summary["median_alpha_star"]) == [1.0, 6.0]
+    assert list(summary["negative_curvature"]) == pytest.approx([1 / 3, 0.0])
+    assert list(summary["ascent"]) == pytest.approx([1 / 3, 0.0])
+    assert list(summary["loss"]) == [2.0, 5.0]
+
+
+def test_train_records_every_step_with_its_epoch():
+    torch.manual_seed(0)
+    model = alphalib.SimpleNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt, every=2)
+    data = alphalib.loader(alphalib.gaussian_regression(n=100), batch_size=32)  # 4 batches, the last of 4
+    steps = alphalib.train(model, F.mse_loss, opt, data, epochs=3, probe=probe, progress=False)
+    records = probe.to_frame()
+    assert list(steps["epoch"]) == [0] * 4 + [1] * 4 + [2] * 4 and list(steps["step"]) == list(range(12))
+    assert list(records["step"]) == list(range(0, 12, 2)) and list(records["epoch"]) == [0, 0, 1, 1, 2, 2]
+    merged = records.merge(steps, on=["epoch", "step"], suffixes=("", "_train"))
+    assert (merged["loss"] - merged["loss_train"]).abs().max() <= 1e-6
+
+
+def test_gaussian_data_is_seeded():
+    a, b = alphalib.gaussian_regression(seed=1), alphalib.gaussian_regression(seed=1)
+    assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
+    assert not torch.equal(a.tensors[0], alphalib.gaussian_regression(seed=2).tensors[0])
