@@ -5,7 +5,8 @@ object, so slope and curvature always come from the same function: the same batc
 the same random draws. It evaluates the model with :func:`torch.func.functional_call`, hands it clones of
 the buffers (BatchNorm's running statistics are updated on the clones, never on the model) and replays one
 fixed RNG state inside :func:`torch.random.fork_rng` on every call, so a model with dropout sees one and the
-same mask each time while the global RNG stream stays untouched.
+same mask each time while the global RNG stream stays untouched. Attention runs on PyTorch's math kernel
+here (the fused CPU kernels have no double backward); training itself keeps whichever kernel it chose.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._checks import check_batch, check_loss
 
@@ -63,7 +65,7 @@ class BatchLoss:
         state = {n: b.clone() for n, b in self.model.named_buffers()}
         state.update(self.frozen)
         state.update(zip(self.names, params))
-        with replay_rng(self.rng, self.device):
+        with replay_rng(self.rng, self.device), sdpa_kernel(SDPBackend.MATH):
             return functional_call(self.model, state, (self.inputs,))
 
     def loss_of(self, outputs: Tensor) -> Tensor:

@@ -155,3 +155,34 @@ def test_bad_inputs_get_clear_errors(case):
         alphalib.alpha_star(case.model, case.loss_fn, case.batch, d, curvature="exact")
     with pytest.raises(ValueError, match="lr="):
         alphalib.alpha_star(case.model, case.loss_fn, case.batch, d, curvature="secant")
+
+
+class _Attention(nn.Module):
+    """One causal self-attention layer written the way users write it: F.scaled_dot_product_attention."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, 1)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, 2, c // 2).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+        return self.out(y).mean(dim=1)
+
+
+def test_attention_models_get_exact_curvature():
+    """Fused CPU attention (float32) has no double backward; the probe's function must still be exact."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = _Attention()
+    batch = (torch.randn(4, 5, 8), torch.randn(4, 1))
+    d = _random_direction(model)
+    res = alphalib.alpha_star(model, F.mse_loss, batch, d)
+    case = Case(model.double(), F.mse_loss, tuple(t.double() for t in batch))
+    with sdpa_kernel(SDPBackend.MATH):  # the dense reference needs a double backward too
+        g, hess = dense_hessian(case)
+    dv = flat(d).double()
+    assert rel_err(res.curvature, dv @ hess @ dv) <= 1e-4  # float32 arithmetic
+    assert rel_err(res.slope, dv @ g) <= 1e-4
