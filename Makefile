@@ -10,7 +10,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data]"
 	touch $@
 
 # Executed copies go to build/notebooks/, figures to figures/ (the notebooks' default figures_dir).

@@ -12,7 +12,7 @@ from .direction import direction
 from .models import SimpleNet
 from .probe import AlphaProbe
 from .records import FLAGS, Record, epoch_summary, to_frame
-from .train import train
+from .train import History, evaluate, make_optimizer, run, train
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,10 @@ __all__ = [
     "to_frame",
     "epoch_summary",
     "train",
+    "run",
+    "History",
+    "evaluate",
+    "make_optimizer",
     # reference data and models
     "gaussian_regression",
     "loader",

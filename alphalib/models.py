@@ -1,9 +1,24 @@
-"""Reference models."""
+"""Reference models: the seed network, MLPs, a small CNN and a tiny character-level transformer."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+    "sigmoid": nn.Sigmoid,
+    "softplus": nn.Softplus,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+}
+"""The activation names :func:`mlp` accepts."""
 
 
 class SimpleNet(nn.Module):
@@ -16,3 +31,132 @@ class SimpleNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
+    """Return ``Linear(sizes[0], sizes[1]) → act → … → Linear(sizes[-2], sizes[-1])``, no activation at the end.
+
+    Example:
+        >>> mlp([64, 32, 10], "tanh")
+        Sequential(
+          (0): Linear(in_features=64, out_features=32, bias=True)
+          (1): Tanh()
+          (2): Linear(in_features=32, out_features=10, bias=True)
+        )
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid names: {', '.join(ACTIVATIONS)}.")
+    if len(sizes) < 2:
+        raise ValueError(f"mlp needs at least an input and an output size, got sizes={list(sizes)}.")
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i:
+            layers.append(ACTIVATIONS[activation]())
+        layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class SmallCNN(nn.Sequential):
+    """``Conv3x3 → ReLU → Conv3x3 → ReLU → MaxPool2 → Flatten → Linear`` for square images.
+
+    ``width`` channels after the first convolution, ``2 * width`` after the second; the convolutions keep
+    the spatial size (padding 1), so the head sees ``2 * width * (input_size // 2) ** 2`` features. Use
+    ``input_size=8`` for :func:`alphalib.data.digits` (``flat=False``), ``in_channels=3, input_size=32`` for
+    CIFAR-sized images.
+    """
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 10, width: int = 16, input_size: int = 8):
+        if input_size < 2:
+            raise ValueError(f"input_size must be at least 2 (one max-pool), got {input_size}.")
+        super().__init__(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * width * (input_size // 2) ** 2, n_classes),
+        )
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through :func:`torch.nn.functional.scaled_dot_product_attention`."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}).")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.n_heads, -1).transpose(1, 2) for z in self.qkv(x).split(d, dim=-1))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """A pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))`` with a GELU MLP."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharTransformer(nn.Module):
+    """A tiny GPT-style causal decoder over characters: ``(B, T)`` int64 ids → ``(B, T, vocab_size)`` logits.
+
+    Token plus learned position embeddings (``T <= block``), ``n_layers`` pre-LN :class:`Block` s, a final
+    LayerNorm and a linear head. Train it with :func:`sequence_cross_entropy` on
+    :func:`alphalib.data.text`.
+
+    Example:
+        >>> model = CharTransformer(vocab_size=20, d_model=16, n_heads=2, n_layers=1, block=8)
+        >>> model(torch.zeros(3, 5, dtype=torch.int64)).shape
+        torch.Size([3, 5, 20])
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 64,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        block: int = 64,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.block = block
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(block, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*(Block(d_model, n_heads, dropout) for _ in range(n_layers)))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        if t > self.block:
+            raise ValueError(f"sequence length {t} exceeds the model's block size {self.block}.")
+        h = self.drop(self.tok(x) + self.pos(torch.arange(t, device=x.device)))
+        return self.head(self.ln(self.blocks(h)))
+
+
+def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Return the cross-entropy of ``(B, T, V)`` logits against ``(B, T)`` targets, averaged over all positions.
+
+    This is the ``loss_fn(model(inputs), targets)`` to pair with :class:`CharTransformer`.
+    """
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -80,6 +80,69 @@ def ratio_per_epoch(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     return ax
 
 
+def _log_ratio_axis(ax: Axes) -> None:
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="tab:green", ls="--", lw=1.8, label="α* = lr")
+    ax.set_ylabel("α* / lr")
+
+
+def ratio_by(records: pd.DataFrame, hue: str, *, ax: Axes | None = None) -> Axes:
+    """Plot the per-epoch median :math:`\\alpha^*/\\mathrm{lr}` with its interquartile band, one line per ``hue``.
+
+    Only steps flagged ``"ok"`` (positive curvature, descent) enter; :func:`odd_share` shows the rest.
+    """
+    ax = ax or plt.subplots(figsize=(8, 4.5))[1]
+    ok = records[records["flag"] == "ok"]
+    sns.lineplot(data=ok, x="epoch", y="ratio", hue=hue, estimator="median", errorbar=("pi", 50), ax=ax)
+    _log_ratio_axis(ax)
+    ax.set(xlabel="epoch", title="α*/lr per epoch (median, band: 25–75th percentile)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return ax
+
+
+def odd_share(records: pd.DataFrame, by: str, *, ax: Axes | None = None) -> Axes:
+    """Bar-plot, per value of ``by``, the share of steps with negative curvature and with an ascent direction."""
+    ax = ax or plt.subplots(figsize=(8, 4))[1]
+    flag = records["flag"]
+    share = (
+        records.assign(**{"negative curvature": flag.str.contains("negative_curvature"),
+                          "ascent (dᵀg > 0)": flag.str.contains("ascent")})
+        .groupby(by)[["negative curvature", "ascent (dᵀg > 0)"]].mean()
+        .reset_index().melt(id_vars=by, var_name="kind", value_name="share")
+    )
+    sns.barplot(data=share, x=by, y="share", hue="kind", ax=ax)
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
+    ax.set(ylabel="share of probed steps", title="steps where the quadratic model has no minimum along d")
+    return ax
+
+
+def alpha_vs_lr(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Plot the per-epoch median :math:`\\alpha^*` against the learning rate on log-log axes, with α* = lr.
+
+    Each dot is one epoch of one run (colour: epoch); the line joins the last epoch's medians.
+    """
+    ax = ax or plt.subplots(figsize=(6, 5))[1]
+    ok = records[records["flag"] == "ok"]
+    med = ok.groupby(["lr", "epoch"], as_index=False)["alpha_star"].median()
+    sns.scatterplot(data=med, x="lr", y="alpha_star", hue="epoch", palette="viridis", s=25, ax=ax, legend="brief")
+    last = med[med["epoch"] == med.groupby("lr")["epoch"].transform("max")]
+    ax.plot(last["lr"], last["alpha_star"], color="black", lw=1.5, marker="o", label="last epoch")
+    lo, hi = min(med["lr"].min(), med["alpha_star"].min()), max(med["lr"].max(), med["alpha_star"].max())
+    ax.plot([lo, hi], [lo, hi], color="tab:green", ls="--", lw=1.8, label="α* = lr")
+    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="median α* per epoch (lr units)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return ax
+
+
+def final_loss_vs_lr(epochs: pd.DataFrame, *, column: str = "train_loss", ax: Axes | None = None) -> Axes:
+    """Plot the last epoch's ``column`` (e.g. ``train_loss``, ``val_loss``) against the learning rate."""
+    ax = ax or plt.subplots(figsize=(6, 5))[1]
+    last = epochs[epochs["epoch"] == epochs["epoch"].max()].sort_values("lr0")
+    ax.plot(last["lr0"], last[column], marker="o", color="black")
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"final {column.replace('_', ' ')}")
+    return ax
+
+
 def loss_curve(steps: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """Plot the training loss per step and its per-epoch mean."""
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]

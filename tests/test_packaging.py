@@ -21,7 +21,9 @@ def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pip_specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
     pip = dict(_split(s) for s in pip_specs)
-    conda_specs = [s for s in yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"] if isinstance(s, str)]
+    entries = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
+    pip_section = next(e["pip"] for e in entries if isinstance(e, dict))  # packages conda-forge lacks, and -e .
+    conda_specs = [e for e in entries if isinstance(e, str)] + [e for e in pip_section if not e.startswith("-")]
     conda = {name: pin for name, pin in map(_split, conda_specs) if name not in {"python", "pip"}}
     assert conda == pip
 

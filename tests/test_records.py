@@ -63,8 +63,8 @@ def test_train_records_every_step_with_its_epoch():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     probe = alphalib.AlphaProbe(model, F.mse_loss, opt, every=2)
     data = alphalib.loader(alphalib.gaussian_regression(n=100), batch_size=32)  # 4 batches, the last of 4
-    steps = alphalib.train(model, F.mse_loss, opt, data, epochs=3, probe=probe, progress=False)
-    records = probe.to_frame()
+    history = alphalib.train(model, F.mse_loss, opt, data, epochs=3, probe=probe, progress=False)
+    steps, records = history.steps, history.records
     assert list(steps["epoch"]) == [0] * 4 + [1] * 4 + [2] * 4 and list(steps["step"]) == list(range(12))
     assert list(records["step"]) == list(range(0, 12, 2)) and list(records["epoch"]) == [0, 0, 1, 1, 2, 2]
     merged = records.merge(steps, on=["epoch", "step"], suffixes=("", "_train"))
