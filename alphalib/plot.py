@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -74,6 +75,7 @@ def ratio_per_epoch(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
                 linewidth=0.8, ax=ax, log_scale=(False, True))
     ax.axhline(1.0, color="tab:green", ls="--", lw=1.8, label="α* = lr (step lands on the model's minimum)")
     ax.set(xlabel="epoch", ylabel="α* / lr")
+    ax.xaxis.set_major_locator(MaxNLocator(10, integer=True))
     ax.set_ylim(min(ax.get_ylim()[0], 0.5), max(ax.get_ylim()[1], 2.0))
     ax.set_title(f"α*/lr per epoch ({len(records) - len(ok)} of {len(records)} steps with H≤0 or ascent not shown)")
     ax.legend(loc="best", fontsize="small")
@@ -96,6 +98,7 @@ def ratio_by(records: pd.DataFrame, hue: str, *, ax: Axes | None = None) -> Axes
     sns.lineplot(data=ok, x="epoch", y="ratio", hue=hue, estimator="median", errorbar=("pi", 50), ax=ax)
     _log_ratio_axis(ax)
     ax.set(xlabel="epoch", title="α*/lr per epoch (median, band: 25–75th percentile)")
+    ax.xaxis.set_major_locator(MaxNLocator(10, integer=True))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return ax
 
@@ -111,7 +114,7 @@ def odd_share(records: pd.DataFrame, by: str, *, ax: Axes | None = None) -> Axes
         .reset_index().melt(id_vars=by, var_name="kind", value_name="share")
     )
     sns.barplot(data=share, x=by, y="share", hue="kind", ax=ax)
-    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set(ylabel="share of probed steps", title="steps where the quadratic model has no minimum along d")
     return ax
 
@@ -130,7 +133,7 @@ def alpha_vs_lr(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     lo, hi = min(med["lr"].min(), med["alpha_star"].min()), max(med["lr"].max(), med["alpha_star"].max())
     ax.plot([lo, hi], [lo, hi], color="tab:green", ls="--", lw=1.8, label="α* = lr")
     ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="median α* per epoch (lr units)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    ax.legend(title="epoch", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return ax
 
 
