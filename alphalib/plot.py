@@ -115,7 +115,7 @@ def odd_share(records: pd.DataFrame, by: str, *, ax: Axes | None = None) -> Axes
     )
     sns.barplot(data=share, x=by, y="share", hue="kind", ax=ax)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set(ylabel="share of probed steps", title="steps where the quadratic model has no minimum along d")
+    ax.set(ylabel="share of probed steps", title="odd steps: negative curvature along d, or d points uphill")
     return ax
 
 
