@@ -25,12 +25,18 @@ The backends differ only in how they obtain :math:`d^\top H d` (the *curvature*)
     with :math:`\epsilon\|d\| = u^{1/3}(1+\|\theta\|)` for unit roundoff :math:`u`. Error
     :math:`O(\epsilon^2)` from third derivatives plus :math:`O(u/\epsilon)` roundoff: about 1e-10 relative in
     float64, 1e-4 in float32; ReLU kinks inside :math:`\pm\epsilon d` add more. Cost: three training steps.
+``"fd_onesided"``
+    forward differences, :math:`d^\top H d \approx d^\top[g(\theta+\epsilon d) - g(\theta)]/\epsilon` with
+    :math:`\epsilon\|d\| = u^{1/2}(1+\|\theta\|)`; error :math:`O(\epsilon)` from third derivatives (about 1e-6
+    relative in float64, 1e-2 in float32). With the probe's fast path :math:`g(\theta)` is the training
+    gradient, so it costs one training step.
 ``"secant"``
     the parabola through :math:`L_B(\theta)`, :math:`d^\top g` and :math:`L_B(\theta + d)`:
     :math:`d^\top H d \approx 2\,[L_B(\theta+d) - L_B(\theta) - d^\top g]`, i.e. :math:`d^\top H(\xi) d` for some
     :math:`\xi` on the segment. Exact for quadratics; otherwise it is the curvature *averaged along the step*,
     off by third-order terms. It needs the real step length (``lr``), and suffers cancellation when the step
-    changes the loss by less than ~1e3 roundoffs (float32). Cost: one training step plus one forward pass.
+    changes the loss by less than ~1e3 roundoffs (float32). Cost: one training step plus one forward pass,
+    or one forward pass when the probe reuses the training step's loss and gradient (its fast path).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from torch import Tensor, nn
 from ._checks import check_vector, trainable
 from ._function import BatchLoss, LossFn, dot
 
-Backend = Literal["hessian", "ggn", "fd", "secant"]
+Backend = Literal["hessian", "ggn", "fd", "fd_onesided", "secant"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
@@ -78,7 +84,11 @@ def _grad(out: Tensor, inputs: Sequence[Tensor], **kw) -> tuple[Tensor, ...]:
     return torch.autograd.grad(out, inputs, allow_unused=True, materialize_grads=True, **kw)
 
 
-def _hessian(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor]) -> Directional:
+#: loss and gradient at theta that the training step already computed, when a backend may reuse them
+Known = tuple[float, Sequence[Tensor]]
+
+
+def _hessian(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
     theta = _leaves(theta)
     loss = fn(theta)
     slope = dot(_grad(loss, theta, create_graph=True), v)
@@ -86,7 +96,7 @@ def _hessian(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor]) -> Dir
     return Directional(loss.item(), slope.item(), dot(hv, v).item())
 
 
-def _ggn(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor]) -> Directional:
+def _ggn(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
     theta = _leaves(theta)
     out = fn.outputs(theta)
     loss = fn.loss_of(out)
@@ -101,37 +111,61 @@ def _ggn(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor]) -> Directi
     return Directional(loss.item(), slope.item(), dot([h_jv], [jv]).item())
 
 
-def _loss_and_grad(fn: BatchLoss, theta: Sequence[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _grad_at(fn: BatchLoss, theta: Sequence[Tensor]) -> tuple[Tensor, ...]:
     theta = _leaves(theta)
-    loss = fn(theta)
-    return loss.detach(), _grad(loss, theta)
+    return _grad(fn(theta), theta)
 
 
-def _fd(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor]) -> Directional:
-    loss, g = _loss_and_grad(fn, theta)
-    v_norm = math.sqrt(dot(v, v).item())
-    if v_norm == 0.0:
-        return Directional(loss.item(), 0.0, 0.0)
+def _known(fn: BatchLoss, theta: Sequence[Tensor], known: Known | None) -> Known:
+    """Return loss and gradient at ``theta``: the training step's when given, else computed."""
+    if known is not None:
+        return known
+    leaves = _leaves(theta)
+    loss = fn(leaves)
+    return loss.item(), _grad(loss, leaves)
+
+
+def _fd_step(theta: Sequence[Tensor], v: Sequence[Tensor], order: int) -> float:
+    """Return the step :math:`\\epsilon` along ``v``: :math:`\\epsilon\\|v\\| = u^{1/(order+1)}(1 + \\|\\theta\\|)`."""
     roundoff = torch.finfo(theta[0].dtype).eps
-    eps = roundoff ** (1 / 3) * (1.0 + math.sqrt(dot(theta, theta).item())) / v_norm
-    g_plus = _loss_and_grad(fn, [p + eps * vi for p, vi in zip(theta, v)])[1]
-    g_minus = _loss_and_grad(fn, [p - eps * vi for p, vi in zip(theta, v)])[1]
-    diff = [a - b for a, b in zip(g_plus, g_minus)]
-    return Directional(loss.item(), dot(g, v).item(), dot(diff, v).item() / (2 * eps))
+    return roundoff ** (1 / (order + 1)) * (1.0 + math.sqrt(dot(theta, theta).item())) / math.sqrt(dot(v, v).item())
 
 
-def _secant(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor]) -> Directional:
-    loss, g = _loss_and_grad(fn, theta)
+def _fd(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
+    loss, g = _known(fn, theta, known)
+    if dot(v, v).item() == 0.0:
+        return Directional(loss, 0.0, 0.0)
+    eps = _fd_step(theta, v, order=2)
+    g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v)])
+    g_minus = _grad_at(fn, [p - eps * vi for p, vi in zip(theta, v)])
+    return Directional(loss, dot(g, v).item(), (dot(g_plus, v) - dot(g_minus, v)).item() / (2 * eps))
+
+
+def _fd_onesided(
+    fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None
+) -> Directional:
+    loss, g = _known(fn, theta, known)
+    if dot(v, v).item() == 0.0:
+        return Directional(loss, 0.0, 0.0)
+    eps = _fd_step(theta, v, order=1)
+    g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v)])
+    slope = dot(g, v)
+    return Directional(loss, slope.item(), (dot(g_plus, v) - slope).item() / eps)
+
+
+def _secant(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
+    loss, g = _known(fn, theta, known)
     slope = dot(g, v)
     with torch.no_grad():
         loss_next = fn([p + vi for p, vi in zip(theta, v)])
-    return Directional(loss.item(), slope.item(), (2 * (loss_next - loss - slope)).item())
+    return Directional(loss, slope.item(), 2 * (loss_next.item() - loss - slope.item()))
 
 
-_BACKENDS: dict[str, Callable[[BatchLoss, Sequence[Tensor], Sequence[Tensor]], Directional]] = {
+_BACKENDS: dict[str, Callable[..., Directional]] = {
     "hessian": _hessian,
     "ggn": _ggn,
     "fd": _fd,
+    "fd_onesided": _fd_onesided,
     "secant": _secant,
 }
 
@@ -144,10 +178,17 @@ def check_backend(curvature: str) -> str:
 
 
 def directional(
-    fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], curvature: Backend = "hessian"
+    fn: BatchLoss,
+    theta: Sequence[Tensor],
+    v: Sequence[Tensor],
+    curvature: Backend = "hessian",
+    known: Known | None = None,
 ) -> Directional:
-    """Return loss, :math:`v^\\top g` and :math:`v^\\top H v` of ``fn`` at ``theta`` (``secant``: over ``theta + v``)."""
-    return _BACKENDS[check_backend(curvature)](fn, theta, v)
+    """Return loss, :math:`v^\\top g` and :math:`v^\\top H v` of ``fn`` at ``theta`` (``secant``: over ``theta + v``).
+
+    ``known`` (loss and gradient at ``theta``) lets ``fd``, ``fd_onesided`` and ``secant`` skip recomputing them.
+    """
+    return _BACKENDS[check_backend(curvature)](fn, theta, v, known)
 
 
 def hvp(model: nn.Module, loss_fn: LossFn, batch: object, v: Sequence[Tensor]) -> tuple[Tensor, ...]:

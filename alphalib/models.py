@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -21,16 +22,15 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 """The activation names :func:`mlp` accepts."""
 
 
-class SimpleNet(nn.Module):
-    """The seed experiment's network: ``Linear(d_in, hidden) → ReLU → Linear(hidden, d_out)``."""
+class SimpleNet(nn.Sequential):
+    """The seed experiment's network: ``fc1 = Linear(d_in, hidden) → ReLU → fc2 = Linear(hidden, d_out)``.
+
+    A plain ``nn.Sequential`` (same parameter names and initialisation as the seed's module), so the probe's
+    fast path covers it.
+    """
 
     def __init__(self, d_in: int = 10, hidden: int = 5, d_out: int = 1):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, hidden)
-        self.fc2 = nn.Linear(hidden, d_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
+        super().__init__(OrderedDict(fc1=nn.Linear(d_in, hidden), relu=nn.ReLU(), fc2=nn.Linear(hidden, d_out)))
 
 
 def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:

@@ -8,6 +8,14 @@ optimizer, and with several param groups at different learning rates the ``ratio
 :math:`-\Delta^\top g_t / \Delta^\top H_t \Delta` (the multiple of the whole step that reaches the model's
 minimum) stays defined; ``alpha_star`` is then ``ratio`` times the *first* group's learning rate.
 
+**Two paths.** The *fast* path reuses what the training step computed: for ``"hessian"`` and ``"ggn"`` a
+layer-wise tangent pass over the step's saved activations and errors (:mod:`alphalib.tangent`, for chains of
+layers it covers); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and the gradient in
+``.grad``. The *generic* path recomputes everything at :math:`\theta_t` from a fresh forward pass and works for
+any model. ``path="auto"`` (default) takes the fast path where it applies; every record says which ran. The
+fast path reads :math:`g_t` from ``.grad``, so with gradient clipping, accumulation or penalties written into
+``.grad`` use ``path="generic"``.
+
 **The function that is probed.** Slope and curvature come from one function: the training loss on the
 same batch, evaluated in the model's current mode with the random draws of the model's last forward pass
 (the probe remembers the RNG state at each forward call and replays it), so a model with dropout is probed
@@ -24,15 +32,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_batch, trainable
+from ._checks import check_batch, check_loss, trainable
 from ._function import BatchLoss, LossFn, dot, rng_state
-from .curvature import Backend, check_backend, directional
+from .curvature import Backend, Directional, check_backend, directional
 from .records import Record, make_record, to_frame
+from .tangent import Capture, chain, tangent_pass
+
+Path = Literal["auto", "fast", "generic"]
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,10 +74,13 @@ class AlphaProbe:
         *,
         curvature: Backend = "hessian",
         every: int = 1,
+        path: Path = "auto",
         tags: Mapping[str, Any] | None = None,
     ):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (probe every k-th step), got {every!r}.")
+        if path not in ("auto", "fast", "generic"):
+            raise ValueError(f"path must be 'auto', 'fast' or 'generic', got {path!r}.")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.curvature = check_backend(curvature)
         self.every = every
@@ -77,9 +91,26 @@ class AlphaProbe:
         self._rng: Tensor | None = None
         self._warned = False
         self._hook = model.register_forward_pre_hook(self._remember_rng)
+        self._capture: Capture | None = None
+        if path != "generic":
+            layers = chain(model) if self.curvature in ("hessian", "ggn") else []
+            if isinstance(layers, list):
+                self._capture = Capture(model, layers, errors=self.curvature == "hessian")
+            elif path == "fast":
+                self._hook.remove()
+                raise ValueError(f"path='fast' is not available: {layers}. Use path='auto' (it falls back to the "
+                                 "generic path) or path='generic'.")
+        self.path = "generic" if self._capture is None else "fast"
 
     def _remember_rng(self, module: nn.Module, args: Any) -> None:
-        self._rng = rng_state(self._params[0].device)
+        if torch.is_grad_enabled():  # the training forward, not an evaluation under no_grad
+            self._rng = rng_state(self._params[0].device)
+
+    def _arm(self, step: int) -> None:
+        """Forget the last step's tensors; keep the next training step's if ``step`` will be probed."""
+        if self._capture is not None:
+            self._capture.clear()
+            self._capture.active = step % self.every == 0
 
     def step(self, batch: object, *, epoch: int | None = None) -> Record | None:
         """Take the optimizer step; on probed steps return its record, else ``None``.
@@ -87,10 +118,11 @@ class AlphaProbe:
         Call after ``loss.backward()`` in place of ``optimizer.step()``; ``batch`` is the ``(inputs, targets)``
         pair the loss was computed on.
         """
-        check_batch(batch)
+        _, targets = check_batch(batch)
         t, self.steps = self.steps, self.steps + 1
         if t % self.every:
             self.optimizer.step()
+            self._arm(t + 1)
             return None
         theta = [p.detach().clone() for p in self._params]
         grads = [p.grad for p in self._params if p.grad is not None]
@@ -100,20 +132,37 @@ class AlphaProbe:
         with torch.no_grad():
             delta = [p.detach() - p0 for p, p0 in zip(self._params, theta)]
             step_norm = math.sqrt(dot(delta, delta).item())
-        fn = BatchLoss(self.model, self.loss_fn, batch, rng=self._rng)
+        if self._capture is not None:
+            self._capture.active = False  # the probe's own forward passes are not the training step's
+        path, error = "generic", False
         try:
-            res = directional(fn, theta, delta, self.curvature)
-            loss, slope, curvature, error = res.loss, res.slope, res.curvature, False
+            res, path = self._measure(batch, targets, theta, delta)
         except RuntimeError as exc:
             self._warn(exc)
-            loss = slope = curvature = math.nan
-            error = True
+            res, error = Directional(math.nan, math.nan, math.nan), True
+        finally:
+            self._arm(t + 1)
         rec = make_record(
-            step=t, epoch=epoch, loss=loss, lr=lr, step_slope=slope, step_curvature=curvature,
-            grad_norm=grad_norm, step_norm=step_norm, backend=self.curvature, error=error,
+            step=t, epoch=epoch, loss=res.loss, lr=lr, step_slope=res.slope, step_curvature=res.curvature,
+            grad_norm=grad_norm, step_norm=step_norm, backend=self.curvature, path=path, error=error,
         )
         self.records.append(rec)
         return rec
+
+    def _measure(self, batch: object, targets: Tensor, theta: list[Tensor], delta: list[Tensor]) -> tuple[Directional, str]:
+        """Return loss, slope and curvature along the realized step, and the path that computed them."""
+        cap = self._capture
+        if cap is not None and cap.output is not None:  # the training step was captured
+            if self.curvature in ("hessian", "ggn"):
+                deltas = {id(p): d for p, d in zip(self._params, delta)}
+                exact = self.curvature == "hessian"
+                return Directional(*tangent_pass(cap, self.loss_fn, targets, deltas, exact=exact)), "fast"
+            loss = check_loss(self.loss_fn(cap.output.detach(), targets)).item()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
+            fn = BatchLoss(self.model, self.loss_fn, batch, rng=self._rng)
+            return directional(fn, theta, delta, self.curvature, known=(loss, grads)), "fast"
+        fn = BatchLoss(self.model, self.loss_fn, batch, rng=self._rng)
+        return directional(fn, theta, delta, self.curvature), "generic"
 
     def _warn(self, exc: Exception) -> None:
         if not self._warned:
@@ -130,5 +179,7 @@ class AlphaProbe:
         return to_frame(self.records, self.tags)
 
     def remove(self) -> None:
-        """Detach the probe's forward hook from the model."""
+        """Detach the probe's hooks from the model."""
         self._hook.remove()
+        if self._capture is not None:
+            self._capture.remove()

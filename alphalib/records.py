@@ -37,6 +37,7 @@ class Record:
     step_norm: float  #: :math:`\|\theta_{t+1} - \theta_t\|`
     flag: str  #: ``"ok"`` or ``"|"``-joined names from :data:`FLAGS`
     backend: str  #: curvature backend that produced ``curvature``
+    path: str = "generic"  #: ``"fast"`` (reused the training step) or ``"generic"`` (recomputed at θ_t)
 
 
 def classify(slope: float, curvature: float, *values: float, step_norm: float = 1.0) -> str:
@@ -57,7 +58,7 @@ def classify(slope: float, curvature: float, *values: float, step_norm: float = 
 
 def make_record(
     *, step: int, epoch: int | None, loss: float, lr: float, step_slope: float, step_curvature: float,
-    grad_norm: float, step_norm: float, backend: str, error: bool = False,
+    grad_norm: float, step_norm: float, backend: str, path: str = "generic", error: bool = False,
 ) -> Record:
     """Build a record from slope and curvature along the realized step :math:`\\Delta` (not yet in lr units)."""
     flag = "error" if error else classify(step_slope, step_curvature, loss, grad_norm, step_norm=step_norm)
@@ -68,7 +69,7 @@ def make_record(
         step=step, epoch=epoch, loss=loss, lr=lr,
         slope=step_slope / scale, curvature=step_curvature / scale**2,
         alpha_star=ratio * scale, ratio=ratio,
-        grad_norm=grad_norm, step_norm=step_norm, flag=flag, backend=backend,
+        grad_norm=grad_norm, step_norm=step_norm, flag=flag, backend=backend, path=path,
     )
 
 

@@ -32,20 +32,25 @@ def _batches(n=6, d_in=4, d_out=1, size=8, dtype=torch.float64):
             for _ in range(n)]
 
 
-def _noisy_net():
-    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 1))
+def _noisy_net(path: str) -> nn.Module:
+    """Dropout everywhere; BatchNorm too on the generic path (the fast path does not cover it)."""
+    norm = nn.BatchNorm1d(8) if path == "generic" else nn.Identity()
+    return nn.Sequential(nn.Linear(4, 8), norm, nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 8), nn.ReLU(),
+                         nn.Dropout(0.2), nn.Linear(8, 1))
 
 
+@pytest.mark.parametrize("path", ["fast", "generic"])
 @pytest.mark.parametrize("backend", alphalib.BACKENDS)
-def test_probe_is_a_pure_observer(backend):
+def test_probe_is_a_pure_observer(backend, path):
     """Parameters, buffers, .grad, optimizer state and the RNG stream end bit-identical to an unprobed run."""
     runs = []
     for probed in (False, True):
         torch.manual_seed(0)
-        model = _noisy_net()
+        model = _noisy_net(path)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        probe = alphalib.AlphaProbe(model, F.mse_loss, opt, curvature=backend) if probed else None
-        _run(model, opt, _batches(dtype=torch.float32), probe)
+        probe = alphalib.AlphaProbe(model, F.mse_loss, opt, curvature=backend, path=path) if probed else None
+        records = _run(model, opt, _batches(dtype=torch.float32), probe)
+        assert not probed or all(r.path == path and r.flag != "error" for r in records)
         runs.append((model, opt, torch.get_rng_state()))
     (m0, o0, rng0), (m1, o1, rng1) = runs
     assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values()))
@@ -55,12 +60,15 @@ def test_probe_is_a_pure_observer(backend):
     assert torch.equal(rng0, rng1)
 
 
+@pytest.mark.parametrize("path", ["fast", "generic"])
 @pytest.mark.parametrize("opt_name", ["Adam", "SGD"])
-def test_records_match_dense_hessian_along_realized_step(case, opt_name):
+def test_records_match_dense_hessian_along_realized_step(case, opt_name, path):
     opt = {"Adam": lambda p: torch.optim.Adam(p, lr=1e-2), "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)}[
         opt_name
     ](case.model.parameters())
-    probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt)
+    if path == "fast" and isinstance(alphalib.tangent.chain(case.model), str):
+        pytest.skip("the fast path does not cover this model")
+    probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt, path=path)
     x, y = case.batch
     for _ in range(4):
         before = [p.detach().clone() for p in case.model.parameters()]
@@ -68,6 +76,7 @@ def test_records_match_dense_hessian_along_realized_step(case, opt_name):
         opt.zero_grad()
         case.loss_fn(case.model(x), y).backward()
         rec = probe.step(case.batch)
+        assert rec.path == path
         delta = flat([p.detach() - b for p, b in zip(case.model.parameters(), before)])
         lr = opt.param_groups[0]["lr"]
         assert rel_err(rec.slope, delta @ g / lr) <= 1e-10
@@ -183,7 +192,7 @@ def test_backend_failure_is_recorded_not_raised():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = copy.deepcopy(lin.state_dict())
     with pytest.warns(RuntimeWarning, match="secant"):
-        rec = _one_step(model, F.mse_loss, opt, _batches()[0])
+        rec = _one_step(model, F.mse_loss, opt, _batches()[0], path="generic")
     assert rec.flag == "error" and math.isnan(rec.alpha_star)
     assert not torch.equal(before["weight"], lin.weight)  # the step itself was taken
     ok = _one_step(model, F.mse_loss, opt, _batches()[0], curvature="secant")

@@ -1,0 +1,149 @@
+"""The fast path (layer-wise tangent pass over the training step) against dense Hessians and the generic path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Case, dense_hessian, flat, rel_err
+from torch import nn
+from torch.nn import functional as F
+
+import alphalib
+from alphalib.tangent import chain
+
+ACTIVATIONS = {
+    "relu": nn.ReLU(), "relu-inplace": nn.ReLU(inplace=True), "leaky_relu": nn.LeakyReLU(0.1),
+    "gelu": nn.GELU(), "gelu-tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU(), "tanh": nn.Tanh(),
+    "sigmoid": nn.Sigmoid(), "softplus": nn.Softplus(), "elu": nn.ELU(),
+}
+
+
+def _probe_steps(model, loss_fn, batch, *, curvature="hessian", path="fast", steps=3, lr=1e-2):
+    """Yield (record, Δ, dense g, dense H) for a few Adam steps on one batch, the dense parts at θ_t."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    probe = alphalib.AlphaProbe(model, loss_fn, opt, curvature=curvature, path=path)
+    case = Case(model, loss_fn, batch)
+    for _ in range(steps):
+        before = [p.detach().clone() for p in model.parameters()]
+        g, hess = dense_hessian(case)
+        opt.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        rec = probe.step(batch)
+        assert rec.path == path
+        yield rec, flat([p.detach() - b for p, b in zip(model.parameters(), before)]), g, hess
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_fast_path_exact_for_every_activation(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), ACTIVATIONS[name], nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    batch = (torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64))
+    for rec, delta, g, hess in _probe_steps(model, F.mse_loss, batch):
+        lr = rec.lr
+        assert rel_err(rec.curvature, delta @ hess @ delta / lr**2) <= 1e-10
+        assert rel_err(rec.slope, delta @ g / lr) <= 1e-10
+
+
+def _conv_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
+        nn.SiLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(16, 3),
+    )
+
+
+def _conv1d_net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(2, 3, 3), nn.GELU(), nn.MaxPool1d(2), nn.AvgPool1d(2), nn.Flatten(),
+                         nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5), nn.Tanh()), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("net", [_conv_net, _conv1d_net], ids=["conv2d-maxpool-dropout", "conv1d-nested"])
+def test_fast_path_equals_generic_path_with_dropout_and_pooling(net, curvature):
+    """With dropout, dense references see other masks; the generic path (itself tested dense) replays the step's."""
+    shape = (6, 2, 8, 8) if net is _conv_net else (6, 2, 13)
+    results = {}
+    for path in ("fast", "generic"):
+        torch.manual_seed(0)
+        model = net().double()
+        batch = (torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (6,)))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        probe = alphalib.AlphaProbe(model, F.cross_entropy, opt, curvature=curvature, path=path)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(batch[0]), batch[1]).backward()
+            probe.step(batch)
+        results[path] = probe.to_frame()
+    fast, generic = results["fast"], results["generic"]
+    assert (fast["path"] == "fast").all() and (generic["path"] == "generic").all()
+    for col in ("loss", "slope", "curvature", "ratio"):
+        assert rel_err(torch.tensor(fast[col].values), torch.tensor(generic[col].values)) <= 1e-10, col
+
+
+def test_fast_ggn_matches_dense_ggn_on_least_squares_and_differs_from_hessian_elsewhere():
+    torch.manual_seed(0)
+    x, y = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 1, dtype=torch.float64)
+    linear = nn.Sequential(nn.Linear(3, 1)).double()
+    for rec, delta, g, hess in _probe_steps(linear, F.mse_loss, (x, y), curvature="ggn"):
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-12  # GGN = H for linear models
+    deep = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    for rec, delta, g, hess in _probe_steps(deep, F.mse_loss, (x, y), curvature="ggn"):
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) > 1e-6
+
+
+@pytest.mark.parametrize(("curvature", "tol"), [("fd", 1e-7), ("fd_onesided", 1e-4), ("secant", 2e-2)])
+def test_backends_reusing_the_training_step_approximate_dense(curvature, tol):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    batch = (torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64))
+    for rec, delta, g, hess in _probe_steps(model, F.mse_loss, batch, curvature=curvature, lr=1e-3):
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= tol
+        assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-12
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_fast_path_in_float32_within_stated_tolerance(curvature):
+    """float32: the two-product identity cancels; stated tolerance 1e-3 relative against float64 dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 5))
+    batch = (torch.randn(32, 6), torch.randint(0, 5, (32,)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    probe = alphalib.AlphaProbe(model, F.cross_entropy, opt, curvature=curvature, path="fast")
+    for _ in range(3):
+        theta = [p.detach().double().clone() for p in model.parameters()]
+        opt.zero_grad()
+        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        rec = probe.step(batch)
+        ref = nn.Sequential(*[type(m)() if not isinstance(m, nn.Linear) else nn.Linear(m.in_features, m.out_features)
+                              for m in model]).double()
+        with torch.no_grad():
+            for p, t in zip(ref.parameters(), theta):
+                p.copy_(t)
+        delta = flat([p.detach().double() - t for p, t in zip(model.parameters(), theta)])
+        ref_case = Case(ref, F.cross_entropy, (batch[0].double(), batch[1]))
+        g, hess = dense_hessian(ref_case)
+        if curvature == "hessian":
+            assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-3
+        assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-3
+
+
+def test_chain_names_what_it_does_not_cover():
+    assert isinstance(chain(nn.Sequential(nn.Linear(2, 2), nn.ReLU())), list)
+    assert "BatchNorm1d" in chain(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    assert "not an nn.Sequential" in chain(alphalib.models.CharTransformer(10, d_model=8, n_heads=2, n_layers=1, block=4))
+    assert "in-place" in chain(nn.Sequential(nn.Linear(2, 2), nn.ELU(inplace=True)))
+    custom = nn.Sequential(nn.Linear(2, 2))
+    custom.forward = lambda x: x
+    assert "overrides" in chain(custom)
+    with pytest.raises(ValueError, match="path='fast' is not available: layer BatchNorm1d"):
+        model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), path="fast")
+
+
+def test_auto_path_falls_back_to_generic_and_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    F.mse_loss(model(x), y).backward()
+    assert probe.path == "generic" and probe.step((x, y)).path == "generic"
