@@ -95,6 +95,7 @@ class Capture:
         self.outputs: dict[int, Tensor] = {}
         self.errors: dict[int, Tensor] = {}
         self.rng: dict[int, Tensor] = {}
+        self.indices: dict[int, Tensor] = {}  # max-pooling argmax, as autograd saved it for the backward
         self.output: Tensor | None = None
         self._need_error = set()
         if errors:  # hessian: errors at affine outputs, at their inputs, and at activation outputs
@@ -128,6 +129,10 @@ class Capture:
             if not self._on():
                 return
             self.inputs[i], self.outputs[i] = args[0], output
+            if isinstance(module, MAXPOOL) and output.grad_fn is not None:
+                idx = getattr(output.grad_fn, "_saved_result1", None)  # max_pool*_with_indices' indices
+                if isinstance(idx, Tensor) and idx.shape == output.shape:
+                    self.indices[i] = idx
             if i in self._need_error and output.requires_grad:
                 output.register_hook(lambda grad: self.errors.__setitem__(i, grad))
 
@@ -135,7 +140,7 @@ class Capture:
 
     def clear(self) -> None:
         """Drop the references to the last step's tensors."""
-        self.inputs.clear(), self.outputs.clear(), self.errors.clear(), self.rng.clear()
+        self.inputs.clear(), self.outputs.clear(), self.errors.clear(), self.rng.clear(), self.indices.clear()
         self.output = None
 
     def remove(self) -> None:
@@ -174,15 +179,65 @@ def _activation(m: nn.Module, z: Tensor, a: Tensor, t: Tensor) -> tuple[Tensor, 
     return d1.detach() * t, d2 * t * t
 
 
-def _maxpool(m: nn.Module, a: Tensor, t: Tensor) -> Tensor:
+def _maxpool(m: nn.Module, a: Tensor, out: Tensor, t: Tensor, idx: Tensor | None) -> Tensor:
+    """Return the tangent at the maxima (``idx``: the training step's argmax, recomputed when missing)."""
     pool, dims = (F.max_pool1d, 1) if isinstance(m, nn.MaxPool1d) else (F.max_pool2d, 2)
-    out, idx = pool(a, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)
+    if idx is None:
+        idx = pool(a, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)[1]
     return t.flatten(-dims).gather(-1, idx.flatten(-dims)).view_as(out)
 
 
 def _dropout_mask(m: nn.Dropout, a: Tensor, state: Tensor) -> Tensor:
     with replay_rng(state, a.device):
         return F.dropout(torch.ones_like(a), m.p, training=True)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.vdot(a.reshape(-1), b.reshape(-1))
+
+
+def _closed_form(loss_fn: LossFn, out: Tensor, targets: Tensor) -> str | None:
+    """Name the mean-reduced loss whose output derivatives are known in closed form, if ``loss_fn`` is one."""
+    if loss_fn is F.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean"):
+        return "mse" if out.shape == targets.shape else None
+    plain_ce = type(loss_fn) is nn.CrossEntropyLoss and loss_fn.reduction == "mean" and loss_fn.weight is None \
+        and loss_fn.label_smoothing == 0.0 and loss_fn.ignore_index == -100
+    if (loss_fn is F.cross_entropy or plain_ce) and out.dim() == 2 and targets.dim() == 1 \
+            and not targets.is_floating_point():
+        return "cross_entropy"
+    return None
+
+
+def _output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Return :math:`\\ell(f)`, :math:`\\nabla_f\\ell^\\top \\dot f` and :math:`\\dot f^\\top \\nabla^2_f \\ell\\, \\dot f`.
+
+    Closed forms for mean-reduced MSE, :math:`\\frac{2}{n}\\langle f - y, \\dot f\\rangle` and
+    :math:`\\frac{2}{n}\\|\\dot f\\|^2`, and cross-entropy with probabilities :math:`p`,
+    :math:`\\frac{1}{B}\\langle p - e_y, \\dot f\\rangle` and
+    :math:`\\frac{1}{B}\\sum_i [\\sum_k p_{ik}\\dot f_{ik}^2 - (\\sum_k p_{ik}\\dot f_{ik})^2]`; autograd otherwise.
+    """
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    kind = _closed_form(loss_fn, out, targets) if t is not None else None
+    if kind == "mse":
+        r = out - targets
+        n = r.numel()
+        return r.square().mean(), 2 / n * _dot(r, t), 2 / n * _dot(t, t)
+    if kind == "cross_entropy":
+        b = out.shape[0]
+        log_p = torch.log_softmax(out, dim=1)
+        p = log_p.exp()
+        pt = p * t
+        slope = (_dot(p, t) - t.gather(1, targets[:, None]).sum()) / b
+        return -log_p.gather(1, targets[:, None]).mean(), slope, (_dot(pt, t) - pt.sum(1).square().sum()) / b
+    with torch.enable_grad():
+        out = out.requires_grad_(True)
+        loss = check_loss(loss_fn(out, targets))
+        if t is None:
+            return loss.detach(), zero, zero
+        (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
+        slope = _dot(g_out, t)
+        h_t = torch.autograd.grad(slope, out)[0] if slope.requires_grad else torch.zeros_like(out)
+    return loss.detach(), slope.detach(), _dot(t, h_t)
 
 
 @torch.no_grad()
@@ -221,16 +276,11 @@ def tangent_pass(
             if m.training and m.p > 0:
                 t = t * _dropout_mask(m, a, cap.rng[i])
         elif isinstance(m, MAXPOOL):
-            t = _maxpool(m, a, t)
+            t = _maxpool(m, a, cap.outputs[i], t, cap.indices.get(i))
         else:
             t = m(t)
-    out = cap.output.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = check_loss(loss_fn(out, targets))
-        (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
-        if t is None:
-            return loss.item(), 0.0, 0.0
-        slope = torch.vdot(g_out.reshape(-1), t.reshape(-1))
-        h_t = torch.autograd.grad(slope, out)[0] if slope.requires_grad else torch.zeros_like(out)
-    curvature = torch.vdot(t.reshape(-1), h_t.reshape(-1)) + (second if exact else 0.0)
-    return loss.item(), slope.item(), float(curvature)
+    loss, slope, curvature = _output_terms(loss_fn, cap.output.detach(), targets, t)
+    if exact:
+        curvature = curvature + second
+    return loss.item(), float(slope), float(curvature)
+

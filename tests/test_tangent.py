@@ -147,3 +147,22 @@ def test_auto_path_falls_back_to_generic_and_says_so():
     x, y = torch.randn(8, 3), torch.randn(8, 1)
     F.mse_loss(model(x), y).backward()
     assert probe.path == "generic" and probe.step((x, y)).path == "generic"
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "targets"),
+    [
+        (nn.MSELoss(), lambda: torch.randn(8, 3, dtype=torch.float64)),  # closed form
+        (nn.CrossEntropyLoss(), lambda: torch.randint(0, 3, (8,))),  # closed form
+        (nn.HuberLoss(delta=0.5), lambda: torch.randn(8, 3, dtype=torch.float64)),  # autograd on the output
+        (nn.CrossEntropyLoss(label_smoothing=0.1), lambda: torch.randint(0, 3, (8,))),  # autograd on the output
+    ],
+    ids=["mse", "cross_entropy", "huber", "smoothed-ce"],
+)
+def test_fast_path_output_terms_for_any_loss(loss_fn, targets):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    batch = (torch.randn(8, 4, dtype=torch.float64), targets())
+    for rec, delta, g, hess in _probe_steps(model, loss_fn, batch):
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
+        assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
