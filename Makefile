@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: install figures test lab clean
+.PHONY: install figures test bench lab clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ test: install
 	$(BIN)/python -m pytest tests alphalib
 	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks build/nbval/
 	cd build/nbval && ../../$(BIN)/python -m pytest --nbval-lax notebooks
+
+# The probe's cost, side by side with plain training steps (about 7 minutes; run it on an idle machine).
+bench: install
+	$(BIN)/python benchmarks/overhead.py --out benchmarks/results
 
 lab: install
 	$(BIN)/jupyter lab notebooks

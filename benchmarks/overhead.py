@@ -1,0 +1,494 @@
+r"""What does probing cost? Time and peak memory of a probed training step relative to a plain one.
+
+    python benchmarks/overhead.py [--quick] [--out benchmarks/results] [--workloads seed,mlp,cnn,transformer]
+                                  [--repeats R] [--steps K] [--threads 2] [--device cpu|cuda]
+
+A *step* is ``zero_grad`` + forward + loss + backward + either ``optimizer.step()`` (plain) or
+``probe.step(batch)`` (probed). Every configuration (curvature backend × path, an ``every=4`` row, and
+Cockpit's ``Alpha`` when installed) gets its own copy of the model and optimizer, built from the same seed,
+so all of them follow the same trajectory (the probe never changes training) and share one process.
+
+**Time.** Every configuration is warmed up, then timed as blocks of K consecutive steps. Each of the R
+repeats runs the blocks interleaved with plain blocks, ``plain, c1, plain, c2, ..., plain, cN, plain``,
+with the order of ``c1..cN`` rotated from repeat to repeat; a configuration's block is paired with the mean
+of the two plain blocks around it, so slow drift (thermal, other tenants on a shared machine) hits both
+sides of each ratio alike. The overhead of a repeat is ``(probed - plain) / plain``; the table gives the
+median over the R paired ratios and their interquartile range (IQR). K is a multiple of 4 so that an
+``every=4`` block always probes exactly K/4 steps.
+
+**Memory.** Measured once per configuration, untimed. Peak = *resident* bytes (parameters, their grads,
+the optimizer's state tensors and the buffers, each storage counted once) + the largest rise of CPU
+allocations during the step. The rise comes from ``torch.profiler`` with ``profile_memory=True``: the raw
+``[memory]`` records (``prof.profiler.kineto_results.events()``, +bytes on allocation, -bytes on free) are
+summed in time order and the running maximum is taken. Caveat found while writing this: the profiler only
+reports the free of a block that was allocated *while it was recording*, so the grads that ``zero_grad``
+releases (allocated by the previous step) would be missed and the peak overstated by one set of grads.
+The profiler therefore records one extra step first and only the measured step's window (a
+``record_function`` marker) is summed; over that window allocations and frees balance to zero in steady
+state, which the script checks (it prints a warning otherwise). The ``every=4`` row is measured over a
+window of 4 steps, one of them probed. With ``--device cuda`` the rise is ``max_memory_allocated`` after
+``reset_peak_memory_stats`` minus the memory allocated before the step. The ratio is peak probed / peak
+plain; allocator caching, Python objects and the probe's small records are not counted.
+
+**Caveats.** CPU timings on a shared two-core machine are noisy; read the IQR. ``seed`` is so small that
+Python overhead dominates its step, so its ratios say little about real models. The probed step includes
+the probe's forward pre-hook (it saves the RNG state on every forward), i.e. what a user pays. Do not run
+it next to other CPU-heavy jobs: with two intra-op threads on two busy cores, OpenMP threads wait on each
+other and a 0.3 ms step can take 20 ms (the script warns when the load average is high; ``--threads 1``
+is then the better measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import alphalib
+from alphalib.models import CharTransformer, SmallCNN, mlp, sequence_cross_entropy
+
+# ----------------------------------------------------------------------------------------------------------
+# config: the defaults take ~6-7 min on 2 idle CPU cores (--quick: ~70 s); the command line overrides them
+WORKLOADS = ("seed", "mlp", "cnn", "transformer")
+OPTIMIZERS = ("adam", "adam_fused")  # torch.optim.Adam(lr=1e-3), and the same with fused=True
+CURVATURES = ("hessian", "ggn", "fd", "fd_onesided", "secant")  # combinations the library lacks become "n/a"
+PATHS = ("fast", "generic")  # passed as AlphaProbe(..., path=p); "default" = the keyword is not passed
+SAMPLED = ("hessian", "default", 4)  # one (curvature, path, every) row: sampling should cost about 1/every
+LR = 1e-3
+SEED = 0
+THREADS = 2
+REPEATS = 11  # R: paired, interleaved repeats per configuration (odd: the median is one of them)
+BLOCK_SECONDS = 0.1  # with --steps unset, K is chosen so that a block of plain steps takes about this long
+MAX_STEPS = 400  # ... but at most this many steps per block (the seed problem's step is ~0.3 ms)
+WARMUP = 8  # steps per configuration before anything is timed
+QUICK = dict(repeats=3, steps=4, warmup=2)
+OUT = "benchmarks/results"
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    make_model: Callable[[], nn.Module]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    batch: tuple[Tensor, Tensor]
+
+
+@dataclass
+class Config:
+    """One column of the benchmark: a model/optimizer copy and the step that trains it."""
+
+    backend: str  # "plain", a curvature backend, or "cockpit"
+    path: str = "-"  # the path requested
+    every: int = 1
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    step: Callable[[], object] | None = None  # one full training step; None when the combination is n/a
+    probe: alphalib.AlphaProbe | None = None
+    note: str = ""
+    times: list[float] = field(default_factory=list)  # seconds per block of K steps, one per repeat
+    paired_plain: list[float] = field(default_factory=list)  # the plain time each block is compared with
+
+    @property
+    def label(self) -> str:
+        if self.backend in ("plain", "cockpit"):
+            return self.backend
+        return self.backend + ("" if self.path == "default" else f" · {self.path}") + (
+            f" · every={self.every}" if self.every > 1 else ""
+        )
+
+    @property
+    def path_ran(self) -> str:
+        if self.probe is None or not self.probe.records:
+            return "-"
+        return getattr(self.probe.records[-1], "path", "generic")
+
+
+def make_workload(name: str, device: torch.device) -> Workload:
+    g = torch.Generator().manual_seed(SEED)
+    if name == "seed":  # SimpleNet 10→5→1, batch 32, MSE
+        batch = torch.randn(32, 10, generator=g), torch.randn(32, 1, generator=g)
+        make, loss = alphalib.SimpleNet, nn.MSELoss()
+    elif name == "mlp":  # 784-512-512-10 ReLU, batch 128, cross-entropy
+        batch = torch.randn(128, 784, generator=g), torch.randint(10, (128,), generator=g)
+        make, loss = (lambda: mlp([784, 512, 512, 10], "relu")), nn.CrossEntropyLoss()
+    elif name == "cnn":  # SmallCNN on 3x32x32, batch 64, 10 classes
+        batch = torch.randn(64, 3, 32, 32, generator=g), torch.randint(10, (64,), generator=g)
+        make, loss = (lambda: SmallCNN(in_channels=3, n_classes=10, input_size=32)), nn.CrossEntropyLoss()
+    elif name == "transformer":  # 2 layers, d_model 128, 4 heads, sequence 64, batch 16, vocabulary 96
+        tokens = torch.randint(96, (16, 65), generator=g)
+        batch = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        make = lambda: CharTransformer(vocab_size=96, d_model=128, n_heads=4, n_layers=2, block=64)  # noqa: E731
+        loss = sequence_cross_entropy
+    else:
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}.")
+    return Workload(name, make, loss, (batch[0].to(device), batch[1].to(device)))
+
+
+def make_optimizer(model: nn.Module, variant: str) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=LR, fused=True if variant == "adam_fused" else None)
+
+
+def why(exc: Exception) -> str:
+    """The note of an unavailable row: "n/a: " and the first line of the error."""
+    return "n/a: " + (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def make_config(w: Workload, variant: str, backend: str, path: str = "-", every: int = 1,
+                device: torch.device = torch.device("cpu")) -> Config:
+    """Build a fresh, seeded model + optimizer and the training step of one configuration."""
+    torch.manual_seed(SEED)
+    model = w.make_model().to(device)
+    optimizer = make_optimizer(model, variant)
+    cfg = Config(backend, path, every, model, optimizer)
+    x, y = w.batch
+    if backend == "plain":
+        finish: Callable[[], object] = optimizer.step
+    elif backend == "cockpit":
+        return cockpit_config(cfg, w)
+    else:
+        kwargs = {"curvature": backend, "every": every} | ({} if path == "default" else {"path": path})
+        try:
+            cfg.probe = probe = alphalib.AlphaProbe(model, w.loss_fn, optimizer, **kwargs)
+        except (TypeError, ValueError) as exc:
+            cfg.note = why(exc)
+            return cfg
+        finish = lambda: probe.step((x, y))  # noqa: E731
+
+    def step() -> object:
+        optimizer.zero_grad()
+        w.loss_fn(model(x), y).backward()
+        return finish()
+
+    cfg.step = step
+    return cfg
+
+
+def cockpit_config(cfg: Config, w: Workload) -> Config:
+    """Cockpit's ``Alpha`` (a noisy quadratic fit from two consecutive steps) as a peer; n/a when it fails."""
+    try:
+        from backpack import extend
+        from cockpit import Cockpit, quantities
+
+        if not isinstance(w.loss_fn, (nn.MSELoss, nn.CrossEntropyLoss)):
+            raise ValueError("Cockpit needs a BackPACK-extendable loss module (MSELoss or CrossEntropyLoss)")
+        model, optimizer, (x, y) = extend(cfg.model), cfg.optimizer, w.batch
+        loss_fn, individual = extend(type(w.loss_fn)(reduction="mean")), type(w.loss_fn)(reduction="none")
+        cockpit = Cockpit(model.parameters(), quantities=[quantities.Alpha(lambda t: True)])
+        counter = [0]
+
+        def step() -> object:
+            optimizer.zero_grad()
+            out = model(x)
+            loss, losses = loss_fn(out, y), individual(out, y).detach()
+            info = {"batch_size": x.shape[0], "individual_losses": losses, "loss": loss, "optimizer": optimizer}
+            with cockpit(counter[0], info=info):
+                loss.backward(create_graph=cockpit.create_graph(counter[0]))
+            optimizer.step()
+            counter[0] += 1
+
+        step()  # fail here, not in the timing loop
+        cfg.step = step
+    except Exception as exc:  # a third-party peer: any failure makes the row n/a, never the run
+        cfg.note = why(exc)
+    return cfg
+
+
+def run_steps(step: Callable[[], object], k: int, device: torch.device) -> float:
+    """Return the wall time of ``k`` consecutive training steps (the one timing loop for every config)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(k):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held between steps: parameters, grads, optimizer state and buffers, each storage once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def step_rise_bytes(cfg: Config, device: torch.device) -> int:
+    """The largest rise of allocated memory above its level at the start of ``cfg.every`` steps."""
+    assert cfg.step is not None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(cfg.every):
+            cfg.step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        cfg.step()  # lets the profiler see the allocations that the measured step frees
+        with record_function("measured"):
+            for _ in range(cfg.every):
+                cfg.step()
+    events = list(prof.profiler.kineto_results.events())
+    mark = next(e for e in events if e.name() == "measured")
+    deltas = [
+        (e.start_ns(), e.nbytes()) for e in events
+        if e.name() == "[memory]" and mark.start_ns() <= e.start_ns() <= mark.end_ns()
+    ]
+    level = peak = 0
+    for _, nbytes in sorted(deltas):
+        level += nbytes
+        peak = max(peak, level)
+    if level != 0:
+        warnings.warn(f"{cfg.label}: allocations and frees do not balance over the step ({level} bytes)")
+    return peak
+
+
+def peak_bytes(cfg: Config, device: torch.device) -> int:
+    rise = step_rise_bytes(cfg, device)
+    assert cfg.model is not None and cfg.optimizer is not None
+    return resident_bytes(cfg.model, cfg.optimizer) + rise
+
+
+def calibrate_steps(plain: Config, device: torch.device) -> int:
+    """K: a multiple of 4 such that a block of K plain steps takes about ``BLOCK_SECONDS``."""
+    assert plain.step is not None
+    per_step = run_steps(plain.step, 5, device) / 5
+    k = min(MAX_STEPS, max(4, round(BLOCK_SECONDS / per_step)))
+    return 4 * math.ceil(k / 4)
+
+
+def time_interleaved(plain: Config, configs: list[Config], repeats: int, k: int, device: torch.device) -> None:
+    """Fill ``times`` and ``paired_plain``: ``plain, c1, plain, c2, ..., cN, plain``, order rotated per repeat."""
+    assert plain.step is not None
+    for r in range(repeats):
+        gc.collect()
+        order = configs[r % len(configs):] + configs[: r % len(configs)]
+        before = run_steps(plain.step, k, device)
+        plain.times.append(before)
+        for cfg in order:
+            assert cfg.step is not None
+            cfg.times.append(run_steps(cfg.step, k, device))
+            after = run_steps(plain.step, k, device)
+            plain.times.append(after)
+            cfg.paired_plain.append((before + after) / 2)
+            before = after
+
+
+def benchmark(w: Workload, variant: str, args: argparse.Namespace, have_cockpit: bool) -> list[dict]:
+    """Time and measure every configuration of one workload and optimizer variant; one row per config."""
+    device = torch.device(args.device)
+    specs = [("plain", "-", 1)] + [(c, p, 1) for c in CURVATURES for p in PATHS] + [SAMPLED]
+    specs += [("cockpit", "-", 1)] if have_cockpit else []
+    configs = [make_config(w, variant, *spec, device=device) for spec in specs]
+    live = [c for c in configs if c.step is not None]
+    for cfg in live:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a failing backend warns once and flags "error"; reported below
+            for _ in range(args.warmup):
+                cfg.step()
+        flag = cfg.probe.records[-1].flag if cfg.probe is not None and cfg.probe.records else "ok"
+        if "error" in flag:
+            cfg.note = "the backend failed: records flagged 'error'"
+    plain, probed = live[0], live[1:]
+    k = args.steps or calibrate_steps(plain, device)
+    if probed:
+        time_interleaved(plain, probed, args.repeats, k, device)
+    plain_peak = peak_bytes(plain, device)
+    rows = []
+    for cfg in configs:
+        row = dict(
+            workload=w.name, optimizer=variant, config=cfg.label, backend=cfg.backend, path=cfg.path,
+            path_ran=cfg.path_ran, every=cfg.every, steps=k, repeats=args.repeats,
+        )
+        if cfg.step is None:
+            rows.append(row | dict(note=cfg.note))
+            continue
+        if cfg is plain:
+            ratios = np.zeros(1)
+            row["ms_per_step"] = 1e3 * float(np.median(plain.times)) / k
+        else:
+            ratios = np.array(cfg.times) / np.array(cfg.paired_plain) - 1
+            row["ms_per_step"] = 1e3 * float(np.median(cfg.times)) / k
+        row["time_ratio"] = float(np.median(ratios))
+        row["iqr_lo"], row["iqr_hi"] = (float(q) for q in np.percentile(ratios, [25, 75]))
+        row["peak_mb"] = (plain_peak if cfg is plain else peak_bytes(cfg, device)) / 2**20
+        row["mem_ratio"] = row["peak_mb"] * 2**20 / plain_peak
+        row["note"] = cfg.note
+        rows.append(row | {"_ratios": ratios.tolist()})
+        if cfg.probe is not None:
+            cfg.probe.remove()
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, {datetime.date.today().isoformat()}")
+
+
+def fmt_ratio(row: pd.Series) -> str:
+    if pd.isna(row.get("time_ratio")):
+        return "n/a"
+    if row["backend"] == "plain":
+        return "0 (reference)"
+    return f"{row['time_ratio']:+.2f} [{row['iqr_lo']:+.2f}, {row['iqr_hi']:+.2f}]"
+
+
+def display(df: pd.DataFrame) -> pd.DataFrame:
+    """The human-readable table: one formatted string column per quantity."""
+    return pd.DataFrame({
+        "workload": df["workload"],
+        "optimizer": df["optimizer"],
+        "backend": df["backend"],
+        "path (asked → ran)": [f"{a} → {b}" if b != "-" else a for a, b in zip(df["path"], df["path_ran"])],
+        "every": df["every"],
+        "ms/step": [f"{v:.2f}" if pd.notna(v) else "" for v in df.get("ms_per_step", np.nan)],
+        "time overhead [IQR]": df.apply(fmt_ratio, axis=1),
+        "peak memory": [f"{v:.2f}×" if pd.notna(v) else "" for v in df.get("mem_ratio", np.nan)],
+        "note": [short(v) for v in df["note"].fillna("")],
+    })
+
+
+def short(note: str, width: int = 90) -> str:
+    """The first sentence of a note, cut to ``width`` characters."""
+    note = note.split(". ")[0]
+    return note if len(note) <= width else note[: width - 1] + "…"
+
+
+def write_markdown(df: pd.DataFrame, path: Path, header: str, repeats: int) -> None:
+    table = display(df)
+    lines = [
+        f"Machine: {header}. Time overhead = (probed − plain) / plain step time, the median of {repeats} "
+        "paired, interleaved repeats of K steps (K per workload in overhead.csv) [IQR]; peak memory = peak of "
+        "a probed step / peak of a plain step.",
+        "",
+        "| " + " | ".join(table.columns) + " |",
+        "|" + "|".join("---" for _ in table.columns) + "|",
+    ]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    probed = df[df["backend"].ne("plain") & df["time_ratio"].notna()]
+    raw = probed.explode("_ratios").astype({"_ratios": float})
+    hue_order = [lab for lab in labels if lab in set(probed["config"])]
+    pairs = iter(sns.color_palette("Paired", 12))  # light = fast, dark = generic, one hue per backend
+    colors = {lab: ("0.55" if "every" in lab else "0.15" if lab == "cockpit" else next(pairs)) for lab in labels[1:]}
+    workloads = list(dict.fromkeys(df["workload"]))
+    variants = list(dict.fromkeys(df["optimizer"]))
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(2, len(variants), figsize=(6.5 * len(variants), 8), sharey="row", squeeze=False)
+    for j, variant in enumerate(variants):
+        common = dict(x="workload", hue="config", order=workloads, hue_order=hue_order, palette=colors)
+        ax = axes[0, j]
+        sns.barplot(data=raw[raw["optimizer"] == variant], y="_ratios", estimator="median",
+                    errorbar=("pi", 50), capsize=0.1, err_kws={"linewidth": 1}, ax=ax, **common)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set(title={"adam": "Adam", "adam_fused": "Adam, fused=True"}.get(variant, variant), xlabel="",
+               ylabel="time overhead, (probed − plain) / plain")
+        ax = axes[1, j]
+        sns.barplot(data=probed[probed["optimizer"] == variant], y="mem_ratio", ax=ax, **common)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set(xlabel="workload", ylabel="peak memory, probed / plain")
+    for ax in axes.flat:
+        if ax.get_legend():
+            ax.get_legend().remove()
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], color="black", linestyle="--", linewidth=1))
+    names.append("1.0: time of one extra\nplain step / no extra memory")
+    fig.legend(handles, names, title="curvature · path", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.suptitle(f"Cost of AlphaProbe: median of paired interleaved repeats, IQR bars\n{header}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"tiny run (about a minute): {QUICK}")
+    parser.add_argument("--out", default=OUT, help="folder for overhead.csv, overhead.md, overhead.png")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
+    parser.add_argument("--repeats", type=int, default=None, help=f"R (default {REPEATS})")
+    parser.add_argument("--steps", type=int, default=None, help=f"K (default: a ~{BLOCK_SECONDS}s plain block)")
+    parser.add_argument("--warmup", type=int, default=None, help=f"warm-up steps per config (default {WARMUP})")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args()
+    quick = QUICK if args.quick else {}
+    args.repeats = args.repeats or quick.get("repeats", REPEATS)
+    args.steps = args.steps or quick.get("steps")
+    args.warmup = args.warmup or quick.get("warmup", WARMUP)
+    if args.steps:
+        args.steps = 4 * math.ceil(args.steps / 4)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    torch.set_num_threads(args.threads)
+    header = machine()
+    print(f"# overhead benchmark: {header}")
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1) - 0.5:
+        print(f"# WARNING: load average {load:.1f} on {os.cpu_count()} cores: other processes compete, timings are "
+              "unreliable (oversubscribed intra-op threads can slow small steps many-fold; try --threads 1)")
+    print(f"# R={args.repeats} repeats, K={args.steps or 'auto'} steps per block, warm-up {args.warmup}, "
+          f"device {args.device}")
+    try:
+        import cockpit  # noqa: F401
+
+        have_cockpit = True
+    except ImportError:
+        have_cockpit = False
+        print("# cockpit (cockpit-for-pytorch) is not installed: no Cockpit peer row")
+
+    start, rows = time.perf_counter(), []
+    for name in args.workloads.split(","):
+        w = make_workload(name.strip(), torch.device(args.device))
+        for variant in OPTIMIZERS:
+            t0 = time.perf_counter()
+            rows += benchmark(w, variant, args, have_cockpit)
+            print(f"  {name} / {variant}: {time.perf_counter() - t0:.1f} s", flush=True)
+    df = pd.DataFrame(rows)
+    labels = list(dict.fromkeys(df["config"]))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with pd.option_context("display.width", 250, "display.max_colwidth", 60, "display.max_rows", 500):
+        print(display(df).to_string(index=False))
+    df.drop(columns="_ratios").to_csv(out / "overhead.csv", index=False)
+    write_markdown(df, out / "overhead.md", header, args.repeats)
+    plot(df, out / "overhead.png", header, labels)
+    print(f"# wrote {out}/overhead.csv, overhead.md, overhead.png in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
