@@ -134,7 +134,7 @@ class AlphaProbe:
             step_norm = math.sqrt(dot(delta, delta).item())
         if self._capture is not None:
             self._capture.active = False  # the probe's own forward passes are not the training step's
-        path, error = "generic", False
+        path, error = self.path, False
         try:
             res, path = self._measure(batch, targets, theta, delta)
         except RuntimeError as exc:
@@ -149,7 +149,9 @@ class AlphaProbe:
         self.records.append(rec)
         return rec
 
-    def _measure(self, batch: object, targets: Tensor, theta: list[Tensor], delta: list[Tensor]) -> tuple[Directional, str]:
+    def _measure(
+        self, batch: object, targets: Tensor, theta: list[Tensor], delta: list[Tensor]
+    ) -> tuple[Directional, str]:
         """Return loss, slope and curvature along the realized step, and the path that computed them."""
         cap = self._capture
         if cap is not None and cap.output is not None:  # the training step was captured

@@ -140,7 +140,8 @@ class Capture:
 
     def clear(self) -> None:
         """Drop the references to the last step's tensors."""
-        self.inputs.clear(), self.outputs.clear(), self.errors.clear(), self.rng.clear(), self.indices.clear()
+        for kept in (self.inputs, self.outputs, self.errors, self.rng, self.indices):
+            kept.clear()
         self.output = None
 
     def remove(self) -> None:
