@@ -84,8 +84,13 @@ def _grad(out: Tensor, inputs: Sequence[Tensor], **kw) -> tuple[Tensor, ...]:
     return torch.autograd.grad(out, inputs, allow_unused=True, materialize_grads=True, **kw)
 
 
-#: loss and gradient at theta that the training step already computed, when a backend may reuse them
-Known = tuple[float, Sequence[Tensor]]
+@dataclass(frozen=True)
+class Known:
+    """What the training step already computed at ``theta``, for backends that can reuse it."""
+
+    loss: float  #: :math:`L_B(\\theta)`
+    grad: Sequence[Tensor]  #: :math:`\\nabla L_B(\\theta)`
+    endpoint: Sequence[Tensor] | None = None  #: the parameters after the step, :math:`\\theta + v`
 
 
 def _hessian(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
@@ -116,10 +121,10 @@ def _grad_at(fn: BatchLoss, theta: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return _grad(fn(theta), theta)
 
 
-def _known(fn: BatchLoss, theta: Sequence[Tensor], known: Known | None) -> Known:
+def _known(fn: BatchLoss, theta: Sequence[Tensor], known: Known | None) -> tuple[float, Sequence[Tensor]]:
     """Return loss and gradient at ``theta``: the training step's when given, else computed."""
     if known is not None:
-        return known
+        return known.loss, known.grad
     leaves = _leaves(theta)
     loss = fn(leaves)
     return loss.item(), _grad(loss, leaves)
@@ -157,7 +162,8 @@ def _secant(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: 
     loss, g = _known(fn, theta, known)
     slope = dot(g, v)
     with torch.no_grad():
-        loss_next = fn([p + vi for p, vi in zip(theta, v)])
+        end = known.endpoint if known is not None else None
+        loss_next = fn(end if end is not None else [p + vi for p, vi in zip(theta, v)])
     return Directional(loss, slope.item(), 2 * (loss_next.item() - loss - slope.item()))
 
 
@@ -186,7 +192,8 @@ def directional(
 ) -> Directional:
     """Return loss, :math:`v^\\top g` and :math:`v^\\top H v` of ``fn`` at ``theta`` (``secant``: over ``theta + v``).
 
-    ``known`` (loss and gradient at ``theta``) lets ``fd``, ``fd_onesided`` and ``secant`` skip recomputing them.
+    ``known`` (loss and gradient at ``theta``, and the endpoint ``theta + v``) lets ``fd``, ``fd_onesided`` and
+    ``secant`` skip recomputing them.
     """
     return _BACKENDS[check_backend(curvature)](fn, theta, v, known)
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ._checks import check_batch, check_loss, trainable
 from ._function import BatchLoss, LossFn, dot, rng_state
-from .curvature import Backend, Directional, check_backend, directional
+from .curvature import Backend, Directional, Known, check_backend, directional
 from .records import Record, make_record, to_frame
 from .tangent import Capture, chain, tangent_pass
 
@@ -162,7 +162,8 @@ class AlphaProbe:
             loss = check_loss(self.loss_fn(cap.output.detach(), targets)).item()
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
             fn = BatchLoss(self.model, self.loss_fn, batch, rng=self._rng)
-            return directional(fn, theta, delta, self.curvature, known=(loss, grads)), "fast"
+            known = Known(loss, grads, endpoint=[p.detach() for p in self._params])
+            return directional(fn, theta, delta, self.curvature, known=known), "fast"
         fn = BatchLoss(self.model, self.loss_fn, batch, rng=self._rng)
         return directional(fn, theta, delta, self.curvature), "generic"
 
