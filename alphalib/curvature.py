@@ -234,7 +234,8 @@ def alpha_star(
         >>> import torch
         >>> model = torch.nn.Linear(3, 1).double()
         >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
-        >>> d = tuple(-p for p in torch.autograd.grad(torch.nn.functional.mse_loss(model(x), y), list(model.parameters())))
+        >>> loss = torch.nn.functional.mse_loss(model(x), y)
+        >>> d = tuple(-g for g in torch.autograd.grad(loss, list(model.parameters())))
         >>> res = alpha_star(model, torch.nn.functional.mse_loss, (x, y), d)
         >>> res.alpha_star > 0
         True
@@ -244,7 +245,9 @@ def alpha_star(
     fn = BatchLoss(model, loss_fn, batch)
     check_backend(curvature)
     if curvature == "secant" and lr is None:
-        raise ValueError("the 'secant' backend evaluates the loss at theta + lr * d: pass lr=<the step's learning rate>.")
+        raise ValueError(
+            "the 'secant' backend evaluates the loss at theta + lr * d: pass lr=<the step's learning rate>."
+        )
     scale = 1.0 if lr is None else float(lr)
     if scale <= 0:
         raise ValueError(f"lr must be positive, got {lr}.")

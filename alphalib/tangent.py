@@ -210,7 +210,9 @@ def _closed_form(loss_fn: LossFn, out: Tensor, targets: Tensor) -> str | None:
 
 
 def _output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Return :math:`\\ell(f)`, :math:`\\nabla_f\\ell^\\top \\dot f` and :math:`\\dot f^\\top \\nabla^2_f \\ell\\, \\dot f`.
+    """Return the loss :math:`\\ell(f)`, the slope and the curvature at the output along :math:`\\dot f`.
+
+    Slope :math:`\\nabla_f\\ell^\\top \\dot f`, curvature :math:`\\dot f^\\top \\nabla^2_f \\ell\\, \\dot f`.
 
     Closed forms for mean-reduced MSE, :math:`\\frac{2}{n}\\langle f - y, \\dot f\\rangle` and
     :math:`\\frac{2}{n}\\|\\dot f\\|^2`, and cross-entropy with probabilities :math:`p`,
@@ -245,7 +247,7 @@ def _output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | Non
 def tangent_pass(
     cap: Capture, loss_fn: LossFn, targets: Tensor, deltas: dict[int, Tensor], *, exact: bool
 ) -> tuple[float, float, float]:
-    """Return loss, :math:`\\Delta^\\top g` and :math:`\\Delta^\\top H\\Delta` (GGN if not ``exact``) at :math:`\\theta_t`.
+    """Return loss, :math:`\\Delta^\\top g` and :math:`\\Delta^\\top H\\Delta` (GGN unless ``exact``) at θ_t.
 
     ``deltas`` maps ``id(parameter)`` to the parameter's step :math:`\\Delta`; the parameters themselves
     already hold :math:`\\theta_{t+1}`.

@@ -81,10 +81,6 @@ def flat(v) -> Tensor:
     return torch.cat([t.reshape(-1) for t in v])
 
 
-def unflat(x: Tensor, like) -> tuple[Tensor, ...]:
-    return tuple(t.view_as(p) for t, p in zip(x.split([p.numel() for p in like]), like))
-
-
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()

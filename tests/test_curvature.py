@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Case, dense_hessian, flat, rel_err, unflat
+from conftest import Case, dense_hessian, flat, rel_err
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
