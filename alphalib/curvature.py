@@ -88,9 +88,9 @@ def _grad(out: Tensor, inputs: Sequence[Tensor], **kw) -> tuple[Tensor, ...]:
 class Known:
     """What the training step already computed at ``theta``, for backends that can reuse it."""
 
-    loss: float  #: :math:`L_B(\\theta)`
-    grad: Sequence[Tensor]  #: :math:`\\nabla L_B(\\theta)`
-    endpoint: Sequence[Tensor] | None = None  #: the parameters after the step, :math:`\\theta + v`
+    loss: float  #: :math:`L_B(\theta)`
+    grad: Sequence[Tensor]  #: :math:`\nabla L_B(\theta)`
+    endpoint: Sequence[Tensor] | None = None  #: the parameters after the step, :math:`\theta + v`
 
 
 def _hessian(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
@@ -130,17 +130,18 @@ def _known(fn: BatchLoss, theta: Sequence[Tensor], known: Known | None) -> tuple
     return loss.item(), _grad(loss, leaves)
 
 
-def _fd_step(theta: Sequence[Tensor], v: Sequence[Tensor], order: int) -> float:
+def _fd_step(theta: Sequence[Tensor], v_norm: float, order: int) -> float:
     """Return the step :math:`\\epsilon` along ``v``: :math:`\\epsilon\\|v\\| = u^{1/(order+1)}(1 + \\|\\theta\\|)`."""
     roundoff = torch.finfo(theta[0].dtype).eps
-    return roundoff ** (1 / (order + 1)) * (1.0 + math.sqrt(dot(theta, theta).item())) / math.sqrt(dot(v, v).item())
+    return roundoff ** (1 / (order + 1)) * (1.0 + math.sqrt(dot(theta, theta).item())) / v_norm
 
 
 def _fd(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
     loss, g = _known(fn, theta, known)
-    if dot(v, v).item() == 0.0:
+    v_norm = math.sqrt(dot(v, v).item())
+    if v_norm == 0.0:
         return Directional(loss, 0.0, 0.0)
-    eps = _fd_step(theta, v, order=2)
+    eps = _fd_step(theta, v_norm, order=2)
     g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v)])
     g_minus = _grad_at(fn, [p - eps * vi for p, vi in zip(theta, v)])
     return Directional(loss, dot(g, v).item(), (dot(g_plus, v) - dot(g_minus, v)).item() / (2 * eps))
@@ -150,9 +151,10 @@ def _fd_onesided(
     fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None
 ) -> Directional:
     loss, g = _known(fn, theta, known)
-    if dot(v, v).item() == 0.0:
+    v_norm = math.sqrt(dot(v, v).item())
+    if v_norm == 0.0:
         return Directional(loss, 0.0, 0.0)
-    eps = _fd_step(theta, v, order=1)
+    eps = _fd_step(theta, v_norm, order=1)
     g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v)])
     slope = dot(g, v)
     return Directional(loss, slope.item(), (dot(g_plus, v) - slope).item() / eps)

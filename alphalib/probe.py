@@ -154,18 +154,18 @@ class AlphaProbe:
     ) -> tuple[Directional, str]:
         """Return loss, slope and curvature along the realized step, and the path that computed them."""
         cap = self._capture
-        if cap is not None and cap.output is not None:  # the training step was captured
-            if self.curvature in ("hessian", "ggn"):
-                deltas = {id(p): d for p, d in zip(self._params, delta)}
-                exact = self.curvature == "hessian"
-                return Directional(*tangent_pass(cap, self.loss_fn, targets, deltas, exact=exact)), "fast"
-            loss = check_loss(self.loss_fn(cap.output.detach(), targets)).item()
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
-            fn = BatchLoss(self.model, self.loss_fn, batch, rng=self._rng)
-            known = Known(loss, grads, endpoint=[p.detach() for p in self._params])
-            return directional(fn, theta, delta, self.curvature, known=known), "fast"
+        captured = cap is not None and cap.output is not None  # the training step was captured
+        if captured and self.curvature in ("hessian", "ggn"):
+            deltas = {id(p): d for p, d in zip(self._params, delta)}
+            exact = self.curvature == "hessian"
+            return Directional(*tangent_pass(cap, self.loss_fn, targets, deltas, exact=exact)), "fast"
         fn = BatchLoss(self.model, self.loss_fn, batch, rng=self._rng)
-        return directional(fn, theta, delta, self.curvature), "generic"
+        if not captured:
+            return directional(fn, theta, delta, self.curvature), "generic"
+        loss = check_loss(self.loss_fn(cap.output.detach(), targets)).item()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
+        known = Known(loss, grads, endpoint=[p.detach() for p in self._params])
+        return directional(fn, theta, delta, self.curvature, known=known), "fast"
 
     def _warn(self, exc: Exception) -> None:
         if not self._warned:

@@ -265,8 +265,7 @@ def tangent_pass(
             if t is not None:
                 u = _affine(m, t, m.weight.detach(), None)
                 if exact:
-                    second += 2 * (torch.vdot(cap.errors[i].reshape(-1), u.reshape(-1))
-                                   - torch.vdot(cap.errors[i - 1].reshape(-1), t.reshape(-1)))
+                    second += 2 * (_dot(cap.errors[i], u) - _dot(cap.errors[i - 1], t))
                 step = step + u
             t = step
         elif t is None:
@@ -274,7 +273,7 @@ def tangent_pass(
         elif isinstance(m, CLOSED_FORM + ELEMENTWISE):
             t, curv = _activation(m, a, cap.outputs[i].detach(), t)
             if exact and curv is not None:
-                second += torch.vdot(cap.errors[i].reshape(-1), curv.reshape(-1))
+                second += _dot(cap.errors[i], curv)
         elif isinstance(m, nn.Dropout):
             if m.training and m.p > 0:
                 t = t * _dropout_mask(m, a, cap.rng[i])
