@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from . import tangent
+from .tangent import Sweep, plus
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -98,6 +102,46 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
+@tangent.register(CausalSelfAttention, children={"qkv": {"output"}}, check=lambda m: (
+    "attention dropout draws its mask inside the fused kernel, where the fast path cannot replay it"
+    if m.dropout > 0 else None))
+def _attention_tangent(sw: Sweep, m: CausalSelfAttention, t: Tensor | None) -> Tensor | None:
+    r"""Causal attention :math:`O = PV`, :math:`P = \mathrm{softmax}(S)`, :math:`S = s\,QK^\top` (masked).
+
+    Along the tangents :math:`\dot Q, \dot K, \dot V` of the ``qkv`` projection:
+    :math:`\dot S = s(\dot Q K^\top + Q \dot K^\top)`, :math:`\dot P = P \odot (\dot S - \langle P, \dot S\rangle_{\mathrm{row}})`,
+    :math:`\dot O = \dot P V + P \dot V`. With the error :math:`\delta_O` (the one at ``proj``'s input),
+    :math:`\delta_P = \delta_O V^\top` and :math:`\delta_S = P \odot (\delta_P - \langle P, \delta_P\rangle_{\mathrm{row}})`,
+    the module adds :math:`2\langle \delta_O \dot V^\top, \dot P\rangle + \langle \delta_P, \ddot P\rangle
+    + 2s\langle \delta_S \dot K, \dot Q\rangle` with the softmax's own
+    :math:`\ddot P = \dot P \odot (\dot S - \langle P, \dot S\rangle_{\mathrm{row}}) - P \langle \dot P, \dot S\rangle_{\mathrm{row}}`.
+    P is recomputed from the kept :math:`Q, K` (the fused kernel keeps no copy).
+    """
+    qkv, t_qkv = sw.cap.outputs.pop(m.qkv).detach(), sw(m.qkv, t)
+    if t_qkv is None:
+        return sw(m.proj, None)
+    b, n, d = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+
+    def heads(z: Tensor) -> tuple[Tensor, ...]:
+        return tuple(h.view(b, n, m.n_heads, -1).transpose(1, 2) for h in z.split(d, dim=-1))
+
+    (q, k, v), (tq, tk, tv) = heads(qkv), heads(t_qkv)
+    scale = q.shape[-1] ** -0.5
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    p = torch.softmax((q @ k.mT * scale).masked_fill(causal, -math.inf), dim=-1)
+    ts = (tq @ k.mT + q @ tk.mT) * scale
+    centred = ts - (p * ts).sum(-1, keepdim=True)
+    tp = p * centred
+    t_out = tp @ v + p @ tv
+    if sw.exact:
+        err = sw.cap.errors_in[m.proj].view(b, n, m.n_heads, -1).transpose(1, 2)
+        err_p = err @ v.mT
+        err_s = p * (err_p - (err_p * p).sum(-1, keepdim=True))
+        tpp = tp * centred - p * (tp * ts).sum(-1, keepdim=True)
+        sw.add(2 * tangent.inner(err @ tv.mT, tp) + tangent.inner(err_p, tpp) + 2 * scale * tangent.inner(err_s @ tk, tq))
+    return sw(m.proj, t_out.transpose(1, 2).reshape(b, n, d))
+
+
 class Block(nn.Module):
     """A pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))`` with a GELU MLP."""
 
@@ -113,6 +157,13 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop(self.attn(self.ln1(x)))
         return x + self.mlp(self.ln2(x))
+
+
+@tangent.register(Block)
+def _block_tangent(sw: Sweep, m: Block, t: Tensor | None) -> Tensor | None:
+    """Mirror :meth:`Block.forward` on tangents: residual connections add them."""
+    t = plus(t, sw(m.drop, sw(m.attn, sw(m.ln1, t))))
+    return plus(t, sw(m.mlp, sw(m.ln2, t)))
 
 
 class CharTransformer(nn.Module):
@@ -152,6 +203,13 @@ class CharTransformer(nn.Module):
             raise ValueError(f"sequence length {t} exceeds the model's block size {self.block}.")
         h = self.drop(self.tok(x) + self.pos(torch.arange(t, device=x.device)))
         return self.head(self.ln(self.blocks(h)))
+
+
+@tangent.register(CharTransformer)
+def _char_transformer_tangent(sw: Sweep, m: CharTransformer, t: Tensor | None) -> Tensor | None:
+    """Mirror :meth:`CharTransformer.forward` on tangents (the token ids have none)."""
+    h = sw(m.drop, plus(sw(m.tok, None), sw(m.pos, None)))
+    return sw(m.head, sw(m.ln, sw(m.blocks, h)))
 
 
 def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

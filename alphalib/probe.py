@@ -41,7 +41,7 @@ from ._checks import check_batch, check_loss, trainable
 from ._function import BatchLoss, LossFn, dot, rng_state
 from .curvature import Backend, Directional, Known, check_backend, directional
 from .records import Record, make_record, to_frame
-from .tangent import Capture, chain, tangent_pass
+from .tangent import Capture, covers, tangent_pass
 
 Path = Literal["auto", "fast", "generic"]
 
@@ -93,12 +93,13 @@ class AlphaProbe:
         self._hook = model.register_forward_pre_hook(self._remember_rng)
         self._capture: Capture | None = None
         if path != "generic":
-            layers = chain(model) if self.curvature in ("hessian", "ggn") else []
-            if isinstance(layers, list):
-                self._capture = Capture(model, layers, errors=self.curvature == "hessian")
+            sweep = self.curvature in ("hessian", "ggn")
+            reason = covers(model) if sweep else None
+            if reason is None:
+                self._capture = Capture(model, sweep=sweep, errors=self.curvature == "hessian")
             elif path == "fast":
                 self._hook.remove()
-                raise ValueError(f"path='fast' is not available: {layers}. Use path='auto' (it falls back to the "
+                raise ValueError(f"path='fast' is not available: {reason}. Use path='auto' (it falls back to the "
                                  "generic path) or path='generic'.")
         self.path = "generic" if self._capture is None else "fast"
 
@@ -154,11 +155,11 @@ class AlphaProbe:
     ) -> tuple[Directional, str]:
         """Return loss, slope and curvature along the realized step, and the path that computed them."""
         cap = self._capture
-        captured = cap is not None and cap.output is not None  # the training step was captured
+        captured = cap is not None and cap.output is not None and not cap.reused  # the training step, unambiguous
         if captured and self.curvature in ("hessian", "ggn"):
             deltas = {id(p): d for p, d in zip(self._params, delta)}
             exact = self.curvature == "hessian"
-            return Directional(*tangent_pass(cap, self.loss_fn, targets, deltas, exact=exact)), "fast"
+            return Directional(*tangent_pass(self.model, cap, self.loss_fn, targets, deltas, exact=exact)), "fast"
         fn = BatchLoss(self.model, self.loss_fn, batch, rng=self._rng)
         if not captured:
             return directional(fn, theta, delta, self.curvature), "generic"

@@ -1,38 +1,44 @@
 r"""The fast path: exact :math:`\Delta^\top H \Delta` from the training step's own activations and errors.
 
-For a chain of layers (an ``nn.Sequential`` of the modules in :data:`SUPPORTED`) the probe keeps, from the
-training step, each layer's input :math:`a_{l-1}`, output :math:`z_l` and backpropagated error
-:math:`\delta_{z_l} = \partial L/\partial z_l` (references to what the step computed anyway, no recompute).
-After ``optimizer.step()``, with :math:`\Delta` the realized step and :math:`W` the *new* weights, one
-forward-mode sweep along :math:`\Delta` at :math:`\theta_t` gives, for an affine layer
-:math:`z = \mathrm{op}(a, W_{\mathrm{old}}) + b` (linear or convolution),
+The probe keeps, from the training step, what each module's derivatives need (its input or output, and for
+``"hessian"`` the backpropagated errors :math:`\delta = \partial L/\partial(\cdot)` at its output and input):
+references to tensors the step computed anyway, no recompute. After ``optimizer.step()``, with
+:math:`\Delta` the realized step, one forward-mode sweep along :math:`\Delta` at :math:`\theta_t` maps each
+module's input tangent to its output tangent and adds the module's own second-order term, its second
+directional derivative contracted with the error at its output. Summed over modules this is the whole
+second directional derivative (the errors carry every downstream term back), so for the loss
+:math:`\ell` at the model's output :math:`f`,
+
+.. math::
+
+    \Delta^\top H \Delta = \sum_{\text{modules}} \langle \delta_{\text{out}}, \ddot{\text{out}}\rangle
+    + \dot f^\top \nabla^2_f \ell\, \dot f, \qquad \Delta^\top g = \nabla_f \ell^\top \dot f,
+
+and the generalised Gauss-Newton keeps only the last term. For an affine layer
+:math:`z = \mathrm{op}(a, W_{\mathrm{old}}) + b` (linear or convolution), with :math:`W` the *new* weights,
 
 .. math::
 
     U = \mathrm{op}(\dot a, W), \qquad
     \dot z = U + \mathrm{op}(a - \dot a, \Delta_W) + \Delta_b, \qquad
-    c_l = 2\,\big(\langle \delta_z, U\rangle - \langle \delta_a, \dot a\rangle\big),
+    \langle \delta_z, \ddot z\rangle = 2\,\big(\langle \delta_z, U\rangle - \langle \delta_a, \dot a\rangle\big),
 
-where :math:`\delta_a = \partial L/\partial a` is the error at the layer's input and :math:`c_l` equals
-:math:`2\langle\delta_z, \mathrm{op}(\dot a, \Delta_W)\rangle`, the mixed weight-input term (two products per
-layer, and no copy of the old weights). An elementwise activation :math:`a = \sigma(z)` maps
-:math:`\dot a = \sigma'(z)\dot z` and adds :math:`\langle \delta_a, \sigma''(z)\dot z^2\rangle`; dropout multiplies
-by the training step's own mask, pooling and flattening act linearly. At the output :math:`f`,
+where :math:`\delta_a` is the error at the layer's input; the last form equals
+:math:`2\langle\delta_z, \mathrm{op}(\dot a, \Delta_W)\rangle` and needs two products per layer and no copy of
+the old weights (it requires that the layer's input feeds only this layer). An activation
+:math:`a = \sigma(z)` adds :math:`\langle \delta_a, \sigma''(z)\dot z^2\rangle`; dropout reuses the step's mask;
+pooling and flattening act linearly; LayerNorm and attention have the closed forms in their rules.
+Exact in exact arithmetic; in float32 the two-product form cancels (relative error around 1e-5 measured).
 
-.. math::
-
-    \Delta^\top H \Delta = \sum_l c_l + \sum_{\sigma} \langle \delta_a, \sigma''(z)\dot z^2\rangle
-    + \dot f^\top \nabla^2_f \ell\, \dot f, \qquad
-    \Delta^\top g = \nabla_f \ell^\top \dot f,
-
-and the generalised Gauss-Newton keeps only the last term. Exact in exact arithmetic; in float32 the
-two-product form cancels (relative error around 1e-5 measured in :math:`\Delta^\top H \Delta`).
+Rules exist for the modules in :data:`LAYERS` and for nested plain ``nn.Sequential`` chains;
+:func:`register` adds one for a module class of your own (see :mod:`alphalib.models` for a transformer).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -41,108 +47,140 @@ from torch.nn import functional as F
 from ._checks import check_loss
 from ._function import LossFn, replay_rng, rng_state
 
-AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
-#: elementwise activations with closed-form derivatives
-CLOSED_FORM = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU)
-#: elementwise activations whose derivatives come from autograd on the layer's input
-ELEMENTWISE = (nn.Softplus, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softsign, nn.Hardtanh, nn.LogSigmoid)
-#: linear, parameter-free modules: the tangent goes through the module itself
-LINEAR = (nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d)
-SUPPORTED = AFFINE + CLOSED_FORM + ELEMENTWISE + LINEAR + MAXPOOL + (nn.Dropout,)
+Keep = frozenset[str]  # what the training step must leave: "input", "output", "error_out", "error_in", "rng"
+TangentFn = Callable[["Sweep", nn.Module, "Tensor | None"], "Tensor | None"]
 
 
-def _plain_sequential(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-            and "forward" not in vars(module))
+@dataclass(frozen=True)
+class Rule:
+    """How the sweep maps a module's input tangent to its output tangent, and what it needs to keep."""
+
+    tangent: TangentFn
+    keep: Keep = frozenset()
+    children: dict[str, Keep] = field(default_factory=dict)  # what to keep of named submodules as well
+    check: Callable[[nn.Module], str | None] = lambda m: None  # why a module of this class is not covered
 
 
-def _leaves(module: nn.Module) -> Iterator[nn.Module]:
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            yield from _leaves(child)
-    else:
-        yield module
+RULES: dict[type, Rule] = {}
 
 
-def chain(model: nn.Module) -> list[nn.Module] | str:
-    """Return the model's layers if the fast path covers it, else a sentence saying what it does not cover."""
-    if not isinstance(model, nn.Sequential):
-        return f"{type(model).__name__} is not an nn.Sequential (the fast path follows a chain of layers)"
-    for m in model.modules():
-        if isinstance(m, nn.Sequential) and not _plain_sequential(m):
-            return f"{type(m).__name__} overrides Sequential.forward (the fast path follows the plain chain)"
-    leaves = list(_leaves(model))
-    for m in leaves:
-        if not isinstance(m, SUPPORTED):
-            return f"layer {type(m).__name__} is not supported by the fast path"
-        if getattr(m, "inplace", False) and not isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.Dropout)):
-            return f"in-place {type(m).__name__} overwrites the input its derivatives need"
-        if isinstance(m, nn.LeakyReLU) and m.negative_slope < 0:
-            return "LeakyReLU with a negative slope is not supported by the fast path"
-        if isinstance(m, nn.GELU) and m.approximate not in ("none", "tanh"):
-            return f"GELU(approximate={m.approximate!r}) is not supported by the fast path"
-    return leaves
+def register(
+    cls: type,
+    *,
+    keep: Iterable[str] = (),
+    children: dict[str, Iterable[str]] | None = None,
+    check: Callable[[nn.Module], str | None] | None = None,
+) -> Callable[[TangentFn], TangentFn]:
+    """Register ``fn(sweep, module, t) -> t_out`` as the fast-path rule for modules of class ``cls``.
+
+    ``t`` is the tangent of the module's input along :math:`\\Delta` (``None`` for zero); the rule returns
+    the output's tangent and adds the module's own second-order term with :meth:`Sweep.add`. A composite
+    rule calls ``sweep(child, t)`` for its submodules, mirroring ``forward``. ``keep`` names what the module
+    must keep from the training step (``"input"``, ``"output"``, ``"error_out"``, ``"error_in"``),
+    ``children`` the same for submodules by attribute name, ``check`` returns why a module is not covered.
+    """
+
+    def deco(fn: TangentFn) -> TangentFn:
+        kids = {k: frozenset(v) for k, v in (children or {}).items()}
+        RULES[cls] = Rule(fn, frozenset(keep), kids, check or (lambda m: None))
+        return fn
+
+    return deco
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """Return the rule for ``module``: that of its class, or of a base class whose ``forward`` it keeps."""
+    if "forward" in vars(module):
+        return None
+    for cls in type(module).__mro__:
+        if cls in RULES and type(module).forward is cls.forward:
+            return RULES[cls]
+    return None
+
+
+def covers(model: nn.Module) -> str | None:
+    """Return ``None`` if the fast path covers ``model``, else a sentence saying what it does not cover."""
+    for name, m in model.named_modules():
+        rule = rule_for(m)
+        if rule is None:
+            what = "overrides forward" if "forward" in vars(m) or isinstance(m, nn.Sequential) else "is not supported"
+            return f"{type(m).__name__}{f' ({name})' if name else ''} {what} by the fast path"
+        reason = rule.check(m)
+        if reason:
+            return reason
+    return None
 
 
 class Capture:
-    """Hooks that keep what the training step computed: each layer's input, output and output error."""
+    """Hooks that keep, from the training step, what the rules of ``model``'s modules need.
 
-    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], *, errors: bool):
+    With ``sweep=False`` only the model's output is kept (what the backends that reuse the training loss need).
+    """
+
+    def __init__(self, model: nn.Module, *, sweep: bool = True, errors: bool = False):
         self.active = True
-        self.layers = list(layers)
-        self.inputs: dict[int, Tensor] = {}
-        self.outputs: dict[int, Tensor] = {}
-        self.errors: dict[int, Tensor] = {}
-        self.rng: dict[int, Tensor] = {}
-        self.indices: dict[int, Tensor] = {}  # max-pooling argmax, as autograd saved it for the backward
-        self.output: Tensor | None = None
-        self._need_error = set()
-        if errors:  # hessian: errors at affine outputs, at their inputs, and at activation outputs
-            for i, m in enumerate(self.layers):
-                if isinstance(m, AFFINE):
-                    self._need_error |= {i, i - 1}
-                elif isinstance(m, CLOSED_FORM + ELEMENTWISE):
-                    self._need_error.add(i)
-        self._handles = [model.register_forward_hook(self._keep_output)]
-        for i, m in enumerate(self.layers):
-            self._handles.append(m.register_forward_hook(self._keep(i)))
-            if isinstance(m, nn.Dropout):
-                self._handles.append(m.register_forward_pre_hook(self._keep_rng(i)))
+        self.rules: dict[nn.Module, Rule] = {m: rule_for(m) for m in model.modules()} if sweep else {}
+        self.inputs: dict[nn.Module, Tensor] = {}
+        self.outputs: dict[nn.Module, Tensor] = {}
+        self.errors_out: dict[nn.Module, Tensor] = {}
+        self.errors_in: dict[nn.Module, Tensor] = {}
+        self.rng: dict[nn.Module, Tensor] = {}
+        self.output: Tensor | None = None  # the model's output
+        self.reused = False  # a module ran twice in one forward: its tensors are ambiguous
+        needs: dict[nn.Module, set[str]] = {m: set(r.keep) for m, r in self.rules.items()}
+        for m, r in self.rules.items():
+            for name, keep in r.children.items():
+                needs[getattr(m, name)] |= keep
+        if not errors:
+            needs = {m: {k for k in n if not k.startswith("error")} for m, n in needs.items()}
+        self._handles = [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._keep_output)]
+        for m, need in needs.items():
+            if need - {"rng"}:
+                self._handles.append(m.register_forward_hook(self._keeper(need)))
+            if "rng" in need:
+                self._handles.append(m.register_forward_pre_hook(self._keep_rng))
 
     def _on(self) -> bool:
         return self.active and torch.is_grad_enabled()
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        if self._on():  # a new forward pass of the whole model: keep only its tensors
+            self.clear()
 
     def _keep_output(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if self._on():
             self.output = output
 
-    def _keep_rng(self, i: int) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            if self._on():
-                self.rng[i] = rng_state(args[0].device)
+    def _keep_rng(self, module: nn.Module, args: tuple) -> None:
+        if self._on():
+            self.rng[module] = rng_state(args[0].device)
 
-        return hook
-
-    def _keep(self, i: int) -> Callable:
+    def _keeper(self, need: set[str]) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if not self._on():
                 return
-            self.inputs[i], self.outputs[i] = args[0], output
-            if isinstance(module, MAXPOOL) and output.grad_fn is not None:
-                idx = getattr(output.grad_fn, "_saved_result1", None)  # max_pool*_with_indices' indices
-                if isinstance(idx, Tensor) and idx.shape == output.shape:
-                    self.indices[i] = idx
-            if i in self._need_error and output.requires_grad:
-                output.register_hook(lambda grad: self.errors.__setitem__(i, grad))
+            if module in self.inputs or module in self.outputs:
+                self.reused = True
+            x = args[0]
+            if "input" in need:
+                self.inputs[module] = x
+            if "output" in need:
+                self.outputs[module] = output
+            if "pool" in need:  # max pooling: the argmax autograd saved for the backward, else the input
+                idx = getattr(output.grad_fn, "_saved_result1", None)
+                self.outputs[module] = idx if isinstance(idx, Tensor) and idx.shape == output.shape else x
+            if "error_out" in need and output.requires_grad:
+                output.register_hook(lambda grad: self.errors_out.__setitem__(module, grad))
+            if "error_in" in need and x.requires_grad:
+                x.register_hook(lambda grad: self.errors_in.__setitem__(module, grad))
 
         return hook
 
     def clear(self) -> None:
         """Drop the references to the last step's tensors."""
-        for kept in (self.inputs, self.outputs, self.errors, self.rng, self.indices):
+        for kept in (self.inputs, self.outputs, self.errors_out, self.errors_in, self.rng):
             kept.clear()
-        self.output = None
+        self.output, self.reused = None, False
 
     def remove(self) -> None:
         """Remove the hooks."""
@@ -150,11 +188,75 @@ class Capture:
             handle.remove()
 
 
+class Sweep:
+    """One forward-mode sweep along :math:`\\Delta` over the captured step; ``sweep(module, t)`` runs a rule."""
+
+    def __init__(self, cap: Capture, deltas: dict[int, Tensor], *, exact: bool):
+        self.cap, self.deltas, self.exact = cap, deltas, exact
+        self.terms: list[Tensor] = []
+
+    def __call__(self, module: nn.Module, t: Tensor | None) -> Tensor | None:
+        return self.cap.rules[module].tangent(self, module, t)
+
+    def delta(self, param: Tensor | None) -> Tensor | None:
+        """Return the step :math:`\\Delta` of ``param`` (``None`` if it is frozen or absent)."""
+        return None if param is None else self.deltas.get(id(param))
+
+    def add(self, term: Tensor) -> None:
+        """Add a module's second-order term :math:`\\langle\\delta_{\\mathrm{out}}, \\ddot{\\mathrm{out}}\\rangle`."""
+        self.terms.append(term)
+
+    def second(self) -> Tensor:
+        """Return the sum of the second-order terms, accumulated in float64."""
+        return torch.stack(self.terms).double().sum() if self.terms else torch.zeros((), dtype=torch.float64)
+
+
+def plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """Add two tangents, ``None`` standing for zero."""
+    return b if a is None else a if b is None else a + b
+
+
+def inner(a: Tensor, b: Tensor) -> Tensor:
+    """Return the inner product :math:`\\langle a, b\\rangle` of two same-shaped tensors."""
+    return torch.vdot(a.reshape(-1), b.reshape(-1))
+
+
+# ---- layers ------------------------------------------------------------------------------------------------
+
+AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
 def _affine(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias) if isinstance(m, nn.Linear) else m._conv_forward(x, weight, bias)
 
 
-def _activation(m: nn.Module, z: Tensor, a: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+def _affine_tangent(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
+    dw, db = sw.delta(m.weight), sw.delta(m.bias)
+    if t is None and dw is None and db is None:  # frozen layer before any trained one
+        return None
+    a = sw.cap.inputs.pop(m).detach()
+    dw = torch.zeros_like(m.weight) if dw is None else dw
+    step = _affine(m, a if t is None else a - t, dw, db)
+    if t is not None:
+        u = _affine(m, t, m.weight.detach(), None)
+        if sw.exact:
+            sw.add(2 * (inner(sw.cap.errors_out.pop(m), u) - inner(sw.cap.errors_in.pop(m), t)))
+        step += u
+    return step
+
+
+for _cls in AFFINE:
+    register(_cls, keep={"input", "error_out", "error_in"})(_affine_tangent)
+
+
+@register(nn.Embedding, keep={"input"}, check=lambda m: "Embedding with max_norm renormalizes its weights in "
+          "place, which the fast path does not follow" if m.max_norm is not None else None)
+def _embedding(sw: Sweep, m: nn.Embedding, t: Tensor | None) -> Tensor | None:
+    dw, ids = sw.delta(m.weight), sw.cap.inputs.pop(m)
+    return None if dw is None else F.embedding(ids, dw)
+
+
+def _derivatives(m: nn.Module, z: Tensor | None, a: Tensor | None, t: Tensor) -> tuple[Tensor, Tensor | None]:
     """Return :math:`\\sigma'(z)\\,t` and :math:`\\sigma''(z)\\,t^2` (``None`` where :math:`\\sigma'' = 0`)."""
     if isinstance(m, nn.ReLU):  # the output decides the sign: works for in-place ReLU too
         return t * (a > 0), None
@@ -180,22 +282,107 @@ def _activation(m: nn.Module, z: Tensor, a: Tensor, t: Tensor) -> tuple[Tensor, 
     return d1.detach() * t, d2 * t * t
 
 
-def _maxpool(m: nn.Module, a: Tensor, out: Tensor, t: Tensor, idx: Tensor | None) -> Tensor:
-    """Return the tangent at the maxima (``idx``: the training step's argmax, recomputed when missing)."""
+def _activation_tangent(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
+    z, a = sw.cap.inputs.pop(m, None), sw.cap.outputs.pop(m, None)
+    if t is None:
+        return None
+    t, curv = _derivatives(m, z, a, t)
+    if sw.exact and curv is not None:
+        sw.add(inner(sw.cap.errors_out.pop(m), curv))
+    return t
+
+
+def _no_inplace(m: nn.Module) -> str | None:
+    return f"in-place {type(m).__name__} overwrites the input its derivatives need" if getattr(m, "inplace", False) \
+        else None
+
+
+register(nn.ReLU, keep={"output"})(_activation_tangent)
+register(nn.LeakyReLU, keep={"output"}, check=lambda m: "LeakyReLU with a negative slope is not supported by the "
+         "fast path" if m.negative_slope < 0 else None)(_activation_tangent)
+for _cls in (nn.Tanh, nn.Sigmoid):
+    register(_cls, keep={"output", "error_out"})(_activation_tangent)
+register(nn.GELU, keep={"input", "error_out"})(_activation_tangent)
+register(nn.SiLU, keep={"input", "error_out"}, check=_no_inplace)(_activation_tangent)
+#: elementwise activations whose derivatives come from autograd on the layer's input
+ELEMENTWISE = (nn.Softplus, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softsign, nn.Hardtanh, nn.LogSigmoid)
+for _cls in ELEMENTWISE:
+    register(_cls, keep={"input", "error_out"}, check=_no_inplace)(_activation_tangent)
+
+
+@register(nn.Dropout, keep={"input", "rng"})
+def _dropout(sw: Sweep, m: nn.Dropout, t: Tensor | None) -> Tensor | None:
+    a, state = sw.cap.inputs.pop(m), sw.cap.rng.pop(m, None)
+    if t is None or not m.training or m.p == 0:
+        return t
+    with replay_rng(state, a.device):  # the training step's own mask
+        return t * F.dropout(torch.ones_like(a), m.p, training=True)
+
+
+#: linear, parameter-free modules: the tangent goes through the module itself
+LINEAR = (nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+for _cls in LINEAR:
+    register(_cls)(lambda sw, m, t: None if t is None else m(t))
+
+
+@register(nn.MaxPool1d, keep={"pool"})
+@register(nn.MaxPool2d, keep={"pool"})
+def _maxpool(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
+    """Take the tangent at the maxima (the training step's argmax; recomputed from the input when missing)."""
+    idx = sw.cap.outputs.pop(m)
+    if t is None:
+        return None
     pool, dims = (F.max_pool1d, 1) if isinstance(m, nn.MaxPool1d) else (F.max_pool2d, 2)
-    if idx is None:
-        idx = pool(a, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)[1]
-    return t.flatten(-dims).gather(-1, idx.flatten(-dims)).view_as(out)
+    if idx.is_floating_point():
+        idx = pool(idx, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True)[1]
+    return t.flatten(-dims).gather(-1, idx.flatten(-dims)).view(idx.shape)
 
 
-def _dropout_mask(m: nn.Dropout, a: Tensor, state: Tensor) -> Tensor:
-    with replay_rng(state, a.device):
-        return F.dropout(torch.ones_like(a), m.p, training=True)
+@register(nn.LayerNorm, keep={"input", "error_out"})
+def _layer_norm(sw: Sweep, m: nn.LayerNorm, t: Tensor | None) -> Tensor | None:
+    r"""LayerNorm :math:`y = \gamma \odot \hat x + \beta` with :math:`\hat x = (x - \mu) r`, :math:`r = 1/\sigma`.
+
+    Along :math:`\dot x` with :math:`u = \dot x - \overline{\dot x}` and :math:`c = \overline{\hat x u}` (means
+    over the normalized dimensions): :math:`\dot{\hat x} = r (u - c \hat x)` and
+    :math:`\ddot{\hat x} = r^2 \big(\hat x (3c^2 - \overline{u^2}) - 2 c u\big)`, so
+    :math:`\dot y = \gamma\dot{\hat x} + \Delta_\gamma \hat x + \Delta_\beta` and the module adds
+    :math:`\langle \delta_y, 2 \Delta_\gamma \dot{\hat x} + \gamma \ddot{\hat x}\rangle`.
+    """
+    x = sw.cap.inputs.pop(m).detach()
+    dims = tuple(range(-len(m.normalized_shape), 0))
+    mean = x.mean(dims, keepdim=True)
+    r = torch.rsqrt((x - mean).square().mean(dims, keepdim=True) + m.eps)
+    x_hat = (x - mean) * r
+    dgamma, dbeta = sw.delta(m.weight), sw.delta(m.bias)
+    gamma = None if m.weight is None else m.weight.detach() if dgamma is None else m.weight.detach() - dgamma  # θ_t
+    out = None
+    if t is not None:
+        u = t - t.mean(dims, keepdim=True)
+        c = (x_hat * u).mean(dims, keepdim=True)
+        t_hat = r * (u - c * x_hat)
+        out = t_hat if gamma is None else gamma * t_hat
+        if sw.exact:
+            err = sw.cap.errors_out.pop(m)
+            second = r * r * (x_hat * (3 * c * c - u.square().mean(dims, keepdim=True)) - 2 * c * u)
+            sw.add(inner(err if gamma is None else err * gamma, second))
+            if dgamma is not None:
+                sw.add(2 * inner(err * dgamma, t_hat))
+    out = plus(out, None if dgamma is None else dgamma * x_hat)
+    return plus(out, dbeta)
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.vdot(a.reshape(-1), b.reshape(-1))
+def _sequential(sw: Sweep, m: nn.Sequential, t: Tensor | None) -> Tensor | None:
+    for child in m:
+        t = sw(child, t)
+    return t
 
+
+register(nn.Sequential)(_sequential)
+
+LAYERS = tuple(RULES)  #: the torch.nn modules the fast path covers
+
+
+# ---- the loss at the output --------------------------------------------------------------------------------
 
 def _closed_form(loss_fn: LossFn, out: Tensor, targets: Tensor) -> str | None:
     """Name the mean-reduced loss whose output derivatives are known in closed form, if ``loss_fn`` is one."""
@@ -220,69 +407,45 @@ def _output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | Non
     :math:`\\frac{1}{B}\\sum_i [\\sum_k p_{ik}\\dot f_{ik}^2 - (\\sum_k p_{ik}\\dot f_{ik})^2]`; autograd otherwise.
     """
     zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    if getattr(loss_fn, "__name__", None) == "sequence_cross_entropy" and out.dim() == 3:  # alphalib.models'
+        loss_fn, out, targets = F.cross_entropy, out.flatten(0, 1), targets.flatten()
+        t = None if t is None else t.flatten(0, 1)
     kind = _closed_form(loss_fn, out, targets) if t is not None else None
     if kind == "mse":
         r = out - targets
         n = r.numel()
-        return r.square().mean(), 2 / n * _dot(r, t), 2 / n * _dot(t, t)
+        return r.square().mean(), 2 / n * inner(r, t), 2 / n * inner(t, t)
     if kind == "cross_entropy":
         b = out.shape[0]
         log_p = torch.log_softmax(out, dim=1)
         p = log_p.exp()
         pt = p * t
-        slope = (_dot(p, t) - t.gather(1, targets[:, None]).sum()) / b
-        return -log_p.gather(1, targets[:, None]).mean(), slope, (_dot(pt, t) - pt.sum(1).square().sum()) / b
+        slope = (inner(p, t) - t.gather(1, targets[:, None]).sum()) / b
+        return -log_p.gather(1, targets[:, None]).mean(), slope, (inner(pt, t) - pt.sum(1).square().sum()) / b
     with torch.enable_grad():
         out = out.requires_grad_(True)
         loss = check_loss(loss_fn(out, targets))
         if t is None:
             return loss.detach(), zero, zero
         (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
-        slope = _dot(g_out, t)
+        slope = inner(g_out, t)
         h_t = torch.autograd.grad(slope, out)[0] if slope.requires_grad else torch.zeros_like(out)
-    return loss.detach(), slope.detach(), _dot(t, h_t)
+    return loss.detach(), slope.detach(), inner(t, h_t)
 
 
 @torch.no_grad()
 def tangent_pass(
-    cap: Capture, loss_fn: LossFn, targets: Tensor, deltas: dict[int, Tensor], *, exact: bool
+    model: nn.Module, cap: Capture, loss_fn: LossFn, targets: Tensor, deltas: dict[int, Tensor], *, exact: bool
 ) -> tuple[float, float, float]:
     """Return loss, :math:`\\Delta^\\top g` and :math:`\\Delta^\\top H\\Delta` (GGN unless ``exact``) at θ_t.
 
     ``deltas`` maps ``id(parameter)`` to the parameter's step :math:`\\Delta`; the parameters themselves
-    already hold :math:`\\theta_{t+1}`.
+    already hold :math:`\\theta_{t+1}`. Each module's kept tensors are released as the sweep passes it.
     """
-    t: Tensor | None = None  # tangent of the current activation; None stands for zero
-    second = torch.zeros((), dtype=torch.float64)
-    for i, m in enumerate(cap.layers):
-        a = cap.inputs[i].detach()
-        if isinstance(m, AFFINE):
-            dw, db = deltas.get(id(m.weight)), deltas.get(id(m.bias)) if m.bias is not None else None
-            if t is None and dw is None and db is None:  # frozen layer before any trained one
-                continue
-            dw = torch.zeros_like(m.weight) if dw is None else dw
-            step = _affine(m, a if t is None else a - t, dw, db)
-            if t is not None:
-                u = _affine(m, t, m.weight.detach(), None)
-                if exact:
-                    second += 2 * (_dot(cap.errors[i], u) - _dot(cap.errors[i - 1], t))
-                step = step + u
-            t = step
-        elif t is None:
-            continue
-        elif isinstance(m, CLOSED_FORM + ELEMENTWISE):
-            t, curv = _activation(m, a, cap.outputs[i].detach(), t)
-            if exact and curv is not None:
-                second += _dot(cap.errors[i], curv)
-        elif isinstance(m, nn.Dropout):
-            if m.training and m.p > 0:
-                t = t * _dropout_mask(m, a, cap.rng[i])
-        elif isinstance(m, MAXPOOL):
-            t = _maxpool(m, a, cap.outputs[i], t, cap.indices.get(i))
-        else:
-            t = m(t)
+    sweep = Sweep(cap, deltas, exact=exact)
+    t = sweep(model, None)
     loss, slope, curvature = _output_terms(loss_fn, cap.output.detach(), targets, t)
     if exact:
-        curvature = curvature + second
-    return loss.item(), float(slope), float(curvature)
-
+        curvature = curvature + sweep.second()
+    values = torch.stack([loss.double(), slope.double(), curvature.double()]).tolist()
+    return values[0], values[1], values[2]

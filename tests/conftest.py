@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -40,7 +41,14 @@ def _batchnorm() -> Case:
     return Case(model, F.mse_loss, (torch.randn(8, 4), torch.randn(8, 1)))
 
 
-CASES = {"mlp-mse": _mlp_mse, "mlp-ce": _mlp_ce, "cnn": _cnn, "batchnorm-train": _batchnorm}
+def _transformer() -> Case:
+    from alphalib.models import CharTransformer, sequence_cross_entropy
+
+    model = CharTransformer(5, d_model=4, n_heads=2, n_layers=1, block=4)
+    return Case(model, sequence_cross_entropy, (torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))))
+
+
+CASES = {"mlp-mse": _mlp_mse, "mlp-ce": _mlp_ce, "cnn": _cnn, "batchnorm-train": _batchnorm, "transformer": _transformer}
 
 
 @pytest.fixture(params=list(CASES))
@@ -63,7 +71,8 @@ def flat_loss(case: Case, params: list[Tensor] | None = None):
     def f(theta: Tensor) -> Tensor:
         pieces = [t.view(s) for t, s in zip(theta.split(sizes), shapes)]
         state = {**{n: b.clone() for n, b in buffers.items()}, **dict(zip([n for n, _ in named], pieces))}
-        return case.loss_fn(functional_call(case.model, state, (case.batch[0],)), case.batch[1])
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            return case.loss_fn(functional_call(case.model, state, (case.batch[0],)), case.batch[1])
 
     theta0 = torch.cat([p.detach().reshape(-1) for p in (params or [p for _, p in named])])
     return f, theta0

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import alphalib
-from alphalib.tangent import chain
+from alphalib.tangent import covers
 
 ACTIVATIONS = {
     "relu": nn.ReLU(), "relu-inplace": nn.ReLU(inplace=True), "leaky_relu": nn.LeakyReLU(0.1),
@@ -100,41 +100,55 @@ def test_backends_reusing_the_training_step_approximate_dense(curvature, tol):
         assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-12
 
 
+def _float32_mlp():
+    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 5))
+    return model, F.cross_entropy, (torch.randn(32, 6), torch.randint(0, 5, (32,)))
+
+
+def _float32_transformer():
+    model = alphalib.models.CharTransformer(7, d_model=8, n_heads=2, n_layers=1, block=8)
+    return model, alphalib.models.sequence_cross_entropy, (torch.randint(0, 7, (4, 8)), torch.randint(0, 7, (4, 8)))
+
+
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_fast_path_in_float32_within_stated_tolerance(curvature):
+@pytest.mark.parametrize("make", [_float32_mlp, _float32_transformer], ids=["mlp", "transformer"])
+def test_fast_path_in_float32_within_stated_tolerance(make, curvature):
     """float32: the two-product identity cancels; stated tolerance 1e-3 relative against float64 dense."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 5))
-    batch = (torch.randn(32, 6), torch.randint(0, 5, (32,)))
+    model, loss_fn, batch = make()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    probe = alphalib.AlphaProbe(model, F.cross_entropy, opt, curvature=curvature, path="fast")
+    probe = alphalib.AlphaProbe(model, loss_fn, opt, curvature=curvature, path="fast")
     for _ in range(3):
-        theta = [p.detach().double().clone() for p in model.parameters()]
+        ref = make()[0].double()
+        ref.load_state_dict(model.state_dict())  # θ_t in float64
         opt.zero_grad()
-        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        loss_fn(model(batch[0]), batch[1]).backward()
         rec = probe.step(batch)
-        ref = nn.Sequential(*[type(m)() if not isinstance(m, nn.Linear) else nn.Linear(m.in_features, m.out_features)
-                              for m in model]).double()
-        with torch.no_grad():
-            for p, t in zip(ref.parameters(), theta):
-                p.copy_(t)
-        delta = flat([p.detach().double() - t for p, t in zip(model.parameters(), theta)])
-        ref_case = Case(ref, F.cross_entropy, (batch[0].double(), batch[1]))
-        g, hess = dense_hessian(ref_case)
+        assert rec.path == "fast"
+        delta = flat([p.detach().double() - r.detach() for p, r in zip(model.parameters(), ref.parameters())])
+        inputs = batch[0].double() if batch[0].is_floating_point() else batch[0]
+        g, hess = dense_hessian(Case(ref, loss_fn, (inputs, batch[1])))
         if curvature == "hessian":
             assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-3
         assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-3
 
 
-def test_chain_names_what_it_does_not_cover():
-    assert isinstance(chain(nn.Sequential(nn.Linear(2, 2), nn.ReLU())), list)
-    assert "BatchNorm1d" in chain(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
-    assert "not an nn.Sequential" in chain(alphalib.models.CharTransformer(10, d_model=8, n_heads=2, n_layers=1, block=4))
-    assert "in-place" in chain(nn.Sequential(nn.Linear(2, 2), nn.ELU(inplace=True)))
+def test_covers_names_what_it_does_not_cover():
+    assert covers(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) is None
+    assert covers(alphalib.models.CharTransformer(10, d_model=8, n_heads=2, n_layers=1, block=4)) is None
+    assert "BatchNorm1d (1) is not supported" in covers(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    assert "in-place" in covers(nn.Sequential(nn.Linear(2, 2), nn.ELU(inplace=True)))
+    assert "attention dropout" in covers(alphalib.models.CharTransformer(10, d_model=8, n_heads=2, block=4, dropout=0.1))
     custom = nn.Sequential(nn.Linear(2, 2))
     custom.forward = lambda x: x
-    assert "overrides" in chain(custom)
-    with pytest.raises(ValueError, match="path='fast' is not available: layer BatchNorm1d"):
+    assert "overrides forward" in covers(custom)
+
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    assert "Residual overrides forward" in covers(Residual(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="path='fast' is not available: BatchNorm1d"):
         model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
         alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), path="fast")
 
@@ -166,3 +180,49 @@ def test_fast_path_output_terms_for_any_loss(loss_fn, targets):
     for rec, delta, g, hess in _probe_steps(model, loss_fn, batch):
         assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
         assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
+
+
+def _transformer_case():
+    torch.manual_seed(0)
+    model = alphalib.models.CharTransformer(5, d_model=4, n_heads=2, n_layers=2, block=4).double()
+    batch = (torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4)))
+    return model, batch
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_fast_path_exact_on_the_transformer(curvature):
+    """Two blocks: LayerNorm, residual connections, causal attention and embeddings against the dense Hessian."""
+    model, batch = _transformer_case()
+    loss_fn = alphalib.models.sequence_cross_entropy
+    for rec, delta, g, hess in _probe_steps(model, loss_fn, batch, curvature=curvature):
+        assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
+        if curvature == "hessian":
+            assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(6), nn.LayerNorm(6, elementwise_affine=False),
+                                  nn.LayerNorm(6, bias=False), nn.LayerNorm([2, 3])], ids=["affine", "plain", "no-bias", "2d"])
+def test_fast_path_exact_through_layer_norm(norm):
+    torch.manual_seed(0)
+    tail = [nn.Unflatten(1, (2, 3)), norm, nn.Flatten()] if len(norm.normalized_shape) == 2 else [norm]
+    model = nn.Sequential(nn.Linear(3, 6), *tail, nn.GELU(), nn.Linear(6, 2)).double()
+    batch = (torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64))
+    for rec, delta, g, hess in _probe_steps(model, F.mse_loss, batch):
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
+        assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
+
+
+def test_reused_module_falls_back_to_generic_for_the_step():
+    torch.manual_seed(0)
+    act = nn.Tanh()
+    model = nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 1)).double()
+    batch = (torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 1, dtype=torch.float64))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    g, hess = dense_hessian(Case(model, F.mse_loss, batch))
+    before = flat([p.detach().clone() for p in model.parameters()])
+    F.mse_loss(model(batch[0]), batch[1]).backward()
+    rec = probe.step(batch)
+    delta = flat([p.detach() for p in model.parameters()]) - before
+    assert rec.path == "generic"
+    assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
