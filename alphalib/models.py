@@ -108,14 +108,19 @@ class CausalSelfAttention(nn.Module):
 def _attention_tangent(sw: Sweep, m: CausalSelfAttention, t: Tensor | None) -> Tensor | None:
     r"""Causal attention :math:`O = PV`, :math:`P = \mathrm{softmax}(S)`, :math:`S = s\,QK^\top` (masked).
 
-    Along the tangents :math:`\dot Q, \dot K, \dot V` of the ``qkv`` projection:
-    :math:`\dot S = s(\dot Q K^\top + Q \dot K^\top)`, :math:`\dot P = P \odot (\dot S - \langle P, \dot S\rangle_{\mathrm{row}})`,
-    :math:`\dot O = \dot P V + P \dot V`. With the error :math:`\delta_O` (the one at ``proj``'s input),
-    :math:`\delta_P = \delta_O V^\top` and :math:`\delta_S = P \odot (\delta_P - \langle P, \delta_P\rangle_{\mathrm{row}})`,
-    the module adds :math:`2\langle \delta_O \dot V^\top, \dot P\rangle + \langle \delta_P, \ddot P\rangle
-    + 2s\langle \delta_S \dot K, \dot Q\rangle` with the softmax's own
-    :math:`\ddot P = \dot P \odot (\dot S - \langle P, \dot S\rangle_{\mathrm{row}}) - P \langle \dot P, \dot S\rangle_{\mathrm{row}}`.
-    P is recomputed from the kept :math:`Q, K` (the fused kernel keeps no copy).
+    With the softmax Jacobian :math:`J_P x = P \odot (x - \langle P, x\rangle_{\mathrm{row}})` and the tangents
+    :math:`\dot Q, \dot K, \dot V` of the ``qkv`` projection: :math:`\dot S = s(\dot Q K^\top + Q \dot K^\top)`,
+    :math:`\dot P = J_P \dot S`, :math:`\dot O = \dot P V + P \dot V`. With the error :math:`\delta_O` (at ``proj``'s
+    input), :math:`\delta_P = \delta_O V^\top` and :math:`\delta_S = J_P \delta_P`, the module adds
+
+    .. math::
+
+        2\langle \delta_O \dot V^\top, \dot P\rangle + 2s\langle \delta_S \dot K, \dot Q\rangle
+        + \langle \delta_S \odot \dot S, \dot S\rangle - 2 \sum_{\mathrm{rows}}
+        \langle P, \dot S\rangle \langle \delta_S, \dot S\rangle,
+
+    the last two being :math:`\langle \delta_P, \ddot P\rangle` for the softmax's own second derivative.
+    :math:`P` is recomputed from the kept :math:`Q, K` (the fused kernel keeps no copy).
     """
     qkv, t_qkv = sw.cap.outputs.pop(m.qkv).detach(), sw(m.qkv, t)
     if t_qkv is None:
@@ -127,18 +132,17 @@ def _attention_tangent(sw: Sweep, m: CausalSelfAttention, t: Tensor | None) -> T
 
     (q, k, v), (tq, tk, tv) = heads(qkv), heads(t_qkv)
     scale = q.shape[-1] ** -0.5
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-    p = torch.softmax((q @ k.mT * scale).masked_fill(causal, -math.inf), dim=-1)
-    ts = (tq @ k.mT + q @ tk.mT) * scale
-    centred = ts - (p * ts).sum(-1, keepdim=True)
-    tp = p * centred
-    t_out = tp @ v + p @ tv
+    causal = torch.full((n, n), -math.inf, dtype=q.dtype, device=q.device).triu(1)
+    p = torch.softmax((q @ k.mT).mul_(scale).add_(causal), dim=-1)
+    ts = (tq @ k.mT).add_(q @ tk.mT).mul_(scale)
+    tp = torch.ops.aten._softmax_backward_data(ts, p, -1, p.dtype)
+    t_out = (tp @ v).add_(p @ tv)
     if sw.exact:
         err = sw.cap.errors_in[m.proj].view(b, n, m.n_heads, -1).transpose(1, 2)
-        err_p = err @ v.mT
-        err_s = p * (err_p - (err_p * p).sum(-1, keepdim=True))
-        tpp = tp * centred - p * (tp * ts).sum(-1, keepdim=True)
-        sw.add(2 * tangent.inner(err @ tv.mT, tp) + tangent.inner(err_p, tpp) + 2 * scale * tangent.inner(err_s @ tk, tq))
+        err_s = torch.ops.aten._softmax_backward_data(err @ v.mT, p, -1, p.dtype)
+        along = err_s * ts
+        softmax = tangent.inner(along, ts) - 2 * tangent.inner((p * ts).sum(-1), along.sum(-1))
+        sw.add(2 * tangent.inner(err @ tv.mT, tp) + 2 * scale * tangent.inner(err_s @ tk, tq) + softmax)
     return sw(m.proj, t_out.transpose(1, 2).reshape(b, n, d))
 
 

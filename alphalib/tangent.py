@@ -256,39 +256,49 @@ def _embedding(sw: Sweep, m: nn.Embedding, t: Tensor | None) -> Tensor | None:
     return None if dw is None else F.embedding(ids, dw)
 
 
-def _derivatives(m: nn.Module, z: Tensor | None, a: Tensor | None, t: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Return :math:`\\sigma'(z)\\,t` and :math:`\\sigma''(z)\\,t^2` (``None`` where :math:`\\sigma'' = 0`)."""
+def _derivatives(
+    m: nn.Module, z: Tensor | None, a: Tensor | None, t: Tensor, err: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    r"""Return :math:`\sigma'(z)\,t` and, given the error, :math:`\langle \delta_a, \sigma''(z)\,t^2\rangle`."""
     if isinstance(m, nn.ReLU):  # the output decides the sign: works for in-place ReLU too
         return t * (a > 0), None
     if isinstance(m, nn.LeakyReLU):
         return torch.where(a > 0, t, m.negative_slope * t), None
     if isinstance(m, nn.Tanh):
-        d1 = 1 - a * a
-        return d1 * t, -2 * a * d1 * t * t
+        t1 = (1 - a * a) * t
+        return t1, None if err is None else -2 * inner(err * a, t1 * t)
     if isinstance(m, nn.Sigmoid):
         d1 = a * (1 - a)
-        return d1 * t, d1 * (1 - 2 * a) * t * t
-    if isinstance(m, nn.GELU) and m.approximate == "none":
-        phi = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-        cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-        return (cdf + z * phi) * t, phi * (2 - z * z) * t * t
+        t1 = d1 * t
+        return t1, None if err is None else inner(err * (1 - 2 * a), t1 * t)
+    if isinstance(m, nn.GELU) and m.approximate == "none":  # gelu'' = φ(z)(2 - z²)
+        t1 = torch.ops.aten.gelu_backward(t, z)
+        if err is None:
+            return t1, None
+        z2 = z.square()
+        curv = (z2 * -0.5).exp_().mul_(2 - z2)
+        return t1, inner(err * t, curv.mul_(t)) / math.sqrt(2 * math.pi)
     if isinstance(m, nn.SiLU):
+        t1 = torch.ops.aten.silu_backward(t, z)
+        if err is None:
+            return t1, None
         s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s)) * t, s * (1 - s) * (2 + z * (1 - 2 * s)) * t * t
+        return t1, inner(err * t * t, s * (1 - s) * (2 + z * (1 - 2 * s)))
     with torch.enable_grad():  # elementwise: the gradient of the sum is the derivative at each entry
         x = z.detach().requires_grad_(True)
-        (d1,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
-        (d2,) = torch.autograd.grad(d1.sum(), x)
-    return d1.detach() * t, d2 * t * t
+        (d1,) = torch.autograd.grad(m(x).sum(), x, create_graph=err is not None)
+        d2 = None if err is None else torch.autograd.grad(d1.sum(), x)[0]
+    return d1.detach() * t, None if err is None else inner(err, d2 * t * t)
 
 
 def _activation_tangent(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
     z, a = sw.cap.inputs.pop(m, None), sw.cap.outputs.pop(m, None)
+    err = sw.cap.errors_out.pop(m, None) if sw.exact else None
     if t is None:
         return None
-    t, curv = _derivatives(m, z, a, t)
-    if sw.exact and curv is not None:
-        sw.add(inner(sw.cap.errors_out.pop(m), curv))
+    t, term = _derivatives(m, z, a, t, err)
+    if term is not None:
+        sw.add(term)
     return t
 
 
@@ -343,30 +353,33 @@ def _layer_norm(sw: Sweep, m: nn.LayerNorm, t: Tensor | None) -> Tensor | None:
     r"""LayerNorm :math:`y = \gamma \odot \hat x + \beta` with :math:`\hat x = (x - \mu) r`, :math:`r = 1/\sigma`.
 
     Along :math:`\dot x` with :math:`u = \dot x - \overline{\dot x}` and :math:`c = \overline{\hat x u}` (means
-    over the normalized dimensions): :math:`\dot{\hat x} = r (u - c \hat x)` and
+    over the :math:`n` normalized entries of a row): :math:`\dot{\hat x} = r (u - c \hat x)` (LayerNorm's own
+    backward, its Jacobian being symmetric) and
     :math:`\ddot{\hat x} = r^2 \big(\hat x (3c^2 - \overline{u^2}) - 2 c u\big)`, so
     :math:`\dot y = \gamma\dot{\hat x} + \Delta_\gamma \hat x + \Delta_\beta` and the module adds
-    :math:`\langle \delta_y, 2 \Delta_\gamma \dot{\hat x} + \gamma \ddot{\hat x}\rangle`.
+    :math:`\langle \delta_y, 2 \Delta_\gamma \dot{\hat x} + \gamma \ddot{\hat x}\rangle`, summed row by row
+    from :math:`\langle \delta_y\gamma, \hat x\rangle` and :math:`\langle \delta_y\gamma, u\rangle`.
     """
-    x = sw.cap.inputs.pop(m).detach()
-    dims = tuple(range(-len(m.normalized_shape), 0))
-    mean = x.mean(dims, keepdim=True)
-    r = torch.rsqrt((x - mean).square().mean(dims, keepdim=True) + m.eps)
-    x_hat = (x - mean) * r
+    x, shape = sw.cap.inputs.pop(m).detach(), m.normalized_shape
+    x_hat, mean, r = torch.native_layer_norm(x, shape, None, None, m.eps)
     dgamma, dbeta = sw.delta(m.weight), sw.delta(m.bias)
     gamma = None if m.weight is None else m.weight.detach() if dgamma is None else m.weight.detach() - dgamma  # θ_t
     out = None
     if t is not None:
-        u = t - t.mean(dims, keepdim=True)
-        c = (x_hat * u).mean(dims, keepdim=True)
-        t_hat = r * (u - c * x_hat)
-        out = t_hat if gamma is None else gamma * t_hat
+        out = torch.ops.aten.native_layer_norm_backward(t, x, shape, mean, r, None, None, [True, False, False])[0]
         if sw.exact:
-            err = sw.cap.errors_out.pop(m)
-            second = r * r * (x_hat * (3 * c * c - u.square().mean(dims, keepdim=True)) - 2 * c * u)
-            sw.add(inner(err if gamma is None else err * gamma, second))
+            err, rows = sw.cap.errors_out.pop(m), tuple(range(-len(shape), 0))
             if dgamma is not None:
-                sw.add(2 * inner(err * dgamma, t_hat))
+                sw.add(2 * inner(err * dgamma, out))
+            err = err if gamma is None else err * gamma
+            u = t - t.mean(rows, keepdim=True)
+            n = x_hat[0].numel() if len(shape) == x.dim() else math.prod(shape)
+            c = (x_hat * u).sum(rows, keepdim=True) / n
+            u2 = (u * u).sum(rows, keepdim=True) / n
+            along_x, along_u = (err * x_hat).sum(rows, keepdim=True), (err * u).sum(rows, keepdim=True)
+            sw.add((r * r * ((3 * c * c - u2) * along_x - 2 * c * along_u)).sum())
+        if gamma is not None:
+            out = out.mul_(gamma)
     out = plus(out, None if dgamma is None else dgamma * x_hat)
     return plus(out, dbeta)
 
