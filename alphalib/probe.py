@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_batch, check_loss, trainable
-from ._function import BatchLoss, LossFn, dot, rng_state
+from ._function import BatchLoss, LossFn, rng_state
 from .curvature import Backend, Directional, Known, check_backend, directional
 from .records import Record, make_record, to_frame
 from .tangent import Capture, covers, tangent_pass
@@ -125,19 +125,35 @@ class AlphaProbe:
             self.optimizer.step()
             self._arm(t + 1)
             return None
-        theta = [p.detach().clone() for p in self._params]
+        cap = self._capture
+        captured = cap is not None and cap.output is not None and not cap.reused  # the training step, unambiguous
+        sweep = captured and self.curvature in ("hessian", "ggn")
+        params = [p.detach() for p in self._params]
+        theta = [p.clone() for p in params]
         grads = [p.grad for p in self._params if p.grad is not None]
-        grad_norm = math.sqrt(dot(grads, grads).item()) if grads else 0.0
+        norms = torch._foreach_norm(grads) if grads else []
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         with torch.no_grad():
-            delta = [p.detach() - p0 for p, p0 in zip(self._params, theta)]
-            step_norm = math.sqrt(dot(delta, delta).item())
-        if self._capture is not None:
-            self._capture.active = False  # the probe's own forward passes are not the training step's
+            if sweep:  # θ_t is not needed again: turn its copy into Δ in place
+                torch._foreach_sub_(theta, params)
+                torch._foreach_neg_(theta)
+                delta, theta = theta, []
+            else:
+                delta = torch._foreach_sub(params, theta)
+            norms = [torch.linalg.vector_norm(torch.stack(v)).double().cpu() if v else torch.zeros((), dtype=torch.float64)
+                     for v in (norms, torch._foreach_norm(delta))]
+            grad_norm, step_norm = torch.stack(norms).tolist()
+        if cap is not None:
+            cap.active = False  # the probe's own forward passes are not the training step's
         path, error = self.path, False
         try:
-            res, path = self._measure(batch, targets, theta, delta)
+            if sweep:
+                deltas = {id(p): d for p, d in zip(self._params, delta)}
+                exact = self.curvature == "hessian"
+                res = Directional(*tangent_pass(self.model, cap, self.loss_fn, targets, deltas, exact=exact))
+            else:
+                res, path = self._measure(batch, targets, theta, delta, captured)
         except RuntimeError as exc:
             self._warn(exc)
             res, error = Directional(math.nan, math.nan, math.nan), True
@@ -151,19 +167,13 @@ class AlphaProbe:
         return rec
 
     def _measure(
-        self, batch: object, targets: Tensor, theta: list[Tensor], delta: list[Tensor]
+        self, batch: object, targets: Tensor, theta: list[Tensor], delta: list[Tensor], captured: bool
     ) -> tuple[Directional, str]:
-        """Return loss, slope and curvature along the realized step, and the path that computed them."""
-        cap = self._capture
-        captured = cap is not None and cap.output is not None and not cap.reused  # the training step, unambiguous
-        if captured and self.curvature in ("hessian", "ggn"):
-            deltas = {id(p): d for p, d in zip(self._params, delta)}
-            exact = self.curvature == "hessian"
-            return Directional(*tangent_pass(self.model, cap, self.loss_fn, targets, deltas, exact=exact)), "fast"
+        """Return loss, slope and curvature along the realized step from a backend, and the path that ran."""
         fn = BatchLoss(self.model, self.loss_fn, batch, rng=self._rng)
         if not captured:
             return directional(fn, theta, delta, self.curvature), "generic"
-        loss = check_loss(self.loss_fn(cap.output.detach(), targets)).item()
+        loss = check_loss(self.loss_fn(self._capture.output.detach(), targets)).item()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
         known = Known(loss, grads, endpoint=[p.detach() for p in self._params])
         return directional(fn, theta, delta, self.curvature, known=known), "fast"

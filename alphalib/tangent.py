@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from ._checks import check_loss
 from ._function import LossFn, replay_rng, rng_state
 
-Keep = frozenset[str]  # what the training step must leave: "input", "output", "error_out", "error_in", "rng"
+Keep = frozenset[str]  # what the training step leaves: "input", "output", "error_out", "error_in", "rng", ...
 TangentFn = Callable[["Sweep", nn.Module, "Tensor | None"], "Tensor | None"]
 
 
@@ -124,7 +124,7 @@ class Capture:
         self.outputs: dict[nn.Module, Tensor] = {}
         self.errors_out: dict[nn.Module, Tensor] = {}
         self.errors_in: dict[nn.Module, Tensor] = {}
-        self.rng: dict[nn.Module, Tensor] = {}
+        self.rng: dict[nn.Module, tuple[Tensor, torch.Size]] = {}
         self.output: Tensor | None = None  # the model's output
         self.reused = False  # a module ran twice in one forward: its tensors are ambiguous
         needs: dict[nn.Module, set[str]] = {m: set(r.keep) for m, r in self.rules.items()}
@@ -152,8 +152,8 @@ class Capture:
             self.output = output
 
     def _keep_rng(self, module: nn.Module, args: tuple) -> None:
-        if self._on():
-            self.rng[module] = rng_state(args[0].device)
+        if self._on() and module.training and module.p > 0:  # dropout: the state its mask is drawn from
+            self.rng[module] = rng_state(args[0].device), args[0].shape
 
     def _keeper(self, need: set[str]) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -166,6 +166,8 @@ class Capture:
                 self.inputs[module] = x
             if "output" in need:
                 self.outputs[module] = output
+            if "sign" in need:  # (leaky) ReLU: one byte per entry instead of the output
+                self.outputs[module] = output > 0
             if "pool" in need:  # max pooling: the argmax autograd saved for the backward, else the input
                 idx = getattr(output.grad_fn, "_saved_result1", None)
                 self.outputs[module] = idx if isinstance(idx, Tensor) and idx.shape == output.shape else x
@@ -236,13 +238,13 @@ def _affine_tangent(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
         return None
     a = sw.cap.inputs.pop(m).detach()
     dw = torch.zeros_like(m.weight) if dw is None else dw
-    step = _affine(m, a if t is None else a - t, dw, db)
-    if t is not None:
-        u = _affine(m, t, m.weight.detach(), None)
-        if sw.exact:
-            sw.add(2 * (inner(sw.cap.errors_out.pop(m), u) - inner(sw.cap.errors_in.pop(m), t)))
-        step += u
-    return step
+    if t is None:
+        return _affine(m, a, dw, db)
+    u = _affine(m, t, m.weight.detach(), None)
+    if sw.exact:  # the errors are released here, before the second product
+        sw.add(2 * (inner(sw.cap.errors_out.pop(m), u) - inner(sw.cap.errors_in.pop(m), t)))
+    u += _affine(m, a - t, dw, db)
+    return u
 
 
 for _cls in AFFINE:
@@ -260,10 +262,10 @@ def _derivatives(
     m: nn.Module, z: Tensor | None, a: Tensor | None, t: Tensor, err: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     r"""Return :math:`\sigma'(z)\,t` and, given the error, :math:`\langle \delta_a, \sigma''(z)\,t^2\rangle`."""
-    if isinstance(m, nn.ReLU):  # the output decides the sign: works for in-place ReLU too
-        return t * (a > 0), None
+    if isinstance(m, nn.ReLU):  # a: where the output was positive (works for in-place ReLU too)
+        return t.masked_fill(~a, 0), None
     if isinstance(m, nn.LeakyReLU):
-        return torch.where(a > 0, t, m.negative_slope * t), None
+        return torch.where(a, t, m.negative_slope * t), None
     if isinstance(m, nn.Tanh):
         t1 = (1 - a * a) * t
         return t1, None if err is None else -2 * inner(err * a, t1 * t)
@@ -307,8 +309,8 @@ def _no_inplace(m: nn.Module) -> str | None:
         else None
 
 
-register(nn.ReLU, keep={"output"})(_activation_tangent)
-register(nn.LeakyReLU, keep={"output"}, check=lambda m: "LeakyReLU with a negative slope is not supported by the "
+register(nn.ReLU, keep={"sign"})(_activation_tangent)
+register(nn.LeakyReLU, keep={"sign"}, check=lambda m: "LeakyReLU with a negative slope is not supported by the "
          "fast path" if m.negative_slope < 0 else None)(_activation_tangent)
 for _cls in (nn.Tanh, nn.Sigmoid):
     register(_cls, keep={"output", "error_out"})(_activation_tangent)
@@ -320,13 +322,14 @@ for _cls in ELEMENTWISE:
     register(_cls, keep={"input", "error_out"}, check=_no_inplace)(_activation_tangent)
 
 
-@register(nn.Dropout, keep={"input", "rng"})
+@register(nn.Dropout, keep={"rng"})
 def _dropout(sw: Sweep, m: nn.Dropout, t: Tensor | None) -> Tensor | None:
-    a, state = sw.cap.inputs.pop(m), sw.cap.rng.pop(m, None)
-    if t is None or not m.training or m.p == 0:
+    kept = sw.cap.rng.pop(m, None)
+    if t is None or kept is None:
         return t
-    with replay_rng(state, a.device):  # the training step's own mask
-        return t * F.dropout(torch.ones_like(a), m.p, training=True)
+    state, shape = kept
+    with replay_rng(state, t.device):  # the training step's own mask
+        return t * F.dropout(torch.ones(shape, dtype=t.dtype, device=t.device), m.p, training=True)
 
 
 #: linear, parameter-free modules: the tangent goes through the module itself
@@ -419,7 +422,6 @@ def _output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | Non
     :math:`\\frac{1}{B}\\langle p - e_y, \\dot f\\rangle` and
     :math:`\\frac{1}{B}\\sum_i [\\sum_k p_{ik}\\dot f_{ik}^2 - (\\sum_k p_{ik}\\dot f_{ik})^2]`; autograd otherwise.
     """
-    zero = torch.zeros((), dtype=out.dtype, device=out.device)
     if getattr(loss_fn, "__name__", None) == "sequence_cross_entropy" and out.dim() == 3:  # alphalib.models'
         loss_fn, out, targets = F.cross_entropy, out.flatten(0, 1), targets.flatten()
         t = None if t is None else t.flatten(0, 1)
@@ -439,6 +441,7 @@ def _output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | Non
         out = out.requires_grad_(True)
         loss = check_loss(loss_fn(out, targets))
         if t is None:
+            zero = torch.zeros((), dtype=out.dtype, device=out.device)
             return loss.detach(), zero, zero
         (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
         slope = inner(g_out, t)
