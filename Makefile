@@ -29,8 +29,10 @@ test: install
 	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks build/nbval/
 	cd build/nbval && ../../$(BIN)/python -m pytest --nbval-lax notebooks
 
-# The probe's cost, side by side with plain training steps (about 7 minutes; run it on an idle machine).
+# The probe's cost, side by side with plain training steps (about 8 minutes; run it on an idle machine).
+# Cockpit, the peer row, is installed when it can be; without it the table just lacks that row.
 bench: install
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]" || echo "cockpit-for-pytorch not installed: no peer row"
 	$(BIN)/python benchmarks/overhead.py --out benchmarks/results
 
 lab: install

@@ -13,8 +13,9 @@ repeats runs the blocks interleaved with plain blocks, ``plain, c1, plain, c2, .
 with the order of ``c1..cN`` rotated from repeat to repeat; a configuration's block is paired with the mean
 of the two plain blocks around it, so slow drift (thermal, other tenants on a shared machine) hits both
 sides of each ratio alike. The overhead of a repeat is ``(probed - plain) / plain``; the table gives the
-median over the R paired ratios and their interquartile range (IQR). K is a multiple of 4 so that an
-``every=4`` block always probes exactly K/4 steps.
+median over the R paired ratios and their interquartile range (IQR), each ratio taken per step. K is a
+multiple of 4 so that an ``every=4`` block always probes exactly K/4 steps. Cockpit, whose step can take a
+hundred plain ones, runs shorter blocks of about ``BLOCK_SECONDS`` (its K is in overhead.csv).
 
 **Memory.** Measured once per configuration, untimed. Peak = *resident* bytes (parameters, their grads,
 the optimizer's state tensors and the buffers, each storage counted once) + the largest rise of CPU
@@ -100,7 +101,8 @@ class Config:
     step: Callable[[], object] | None = None  # one full training step; None when the combination is n/a
     probe: alphalib.AlphaProbe | None = None
     note: str = ""
-    times: list[float] = field(default_factory=list)  # seconds per block of K steps, one per repeat
+    steps: int = 0  # steps per timed block; 0: the workload's K (a slow peer gets fewer)
+    times: list[float] = field(default_factory=list)  # seconds per step, one per repeat (a block's mean)
     paired_plain: list[float] = field(default_factory=list)  # the plain time each block is compared with
 
     @property
@@ -181,14 +183,16 @@ def make_config(w: Workload, variant: str, backend: str, path: str = "-", every:
 def cockpit_config(cfg: Config, w: Workload) -> Config:
     """Cockpit's ``Alpha`` (a noisy quadratic fit from two consecutive steps) as a peer; n/a when it fails."""
     try:
-        from backpack import extend
-        from cockpit import Cockpit, quantities
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cockpit imports pkg_resources, deprecated
+            from backpack import extend
+            from cockpit import Cockpit, quantities
 
         if not isinstance(w.loss_fn, (nn.MSELoss, nn.CrossEntropyLoss)):
             raise ValueError("Cockpit needs a BackPACK-extendable loss module (MSELoss or CrossEntropyLoss)")
         model, optimizer, (x, y) = extend(cfg.model), cfg.optimizer, w.batch
         loss_fn, individual = extend(type(w.loss_fn)(reduction="mean")), type(w.loss_fn)(reduction="none")
-        cockpit = Cockpit(model.parameters(), quantities=[quantities.Alpha(lambda t: True)])
+        cockpit = Cockpit(model.parameters(), quantities=[quantities.Alpha(lambda t: t >= 0)])  # every step
         counter = [0]
 
         def step() -> object:
@@ -196,7 +200,8 @@ def cockpit_config(cfg: Config, w: Workload) -> Config:
             out = model(x)
             loss, losses = loss_fn(out, y), individual(out, y).detach()
             info = {"batch_size": x.shape[0], "individual_losses": losses, "loss": loss, "optimizer": optimizer}
-            with cockpit(counter[0], info=info):
+            with cockpit(counter[0], info=info), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about create_graph=True, which Cockpit needs
                 loss.backward(create_graph=cockpit.create_graph(counter[0]))
             optimizer.step()
             counter[0] += 1
@@ -280,12 +285,13 @@ def time_interleaved(plain: Config, configs: list[Config], repeats: int, k: int,
     for r in range(repeats):
         gc.collect()
         order = configs[r % len(configs):] + configs[: r % len(configs)]
-        before = run_steps(plain.step, k, device)
+        before = run_steps(plain.step, k, device) / k
         plain.times.append(before)
         for cfg in order:
             assert cfg.step is not None
-            cfg.times.append(run_steps(cfg.step, k, device))
-            after = run_steps(plain.step, k, device)
+            steps = cfg.steps or k
+            cfg.times.append(run_steps(cfg.step, steps, device) / steps)
+            after = run_steps(plain.step, k, device) / k
             plain.times.append(after)
             cfg.paired_plain.append((before + after) / 2)
             before = after
@@ -308,6 +314,9 @@ def benchmark(w: Workload, variant: str, args: argparse.Namespace, have_cockpit:
             cfg.note = "the backend failed: records flagged 'error'"
     plain, probed = live[0], live[1:]
     k = args.steps or calibrate_steps(plain, device)
+    for cfg in probed:
+        if cfg.backend == "cockpit":  # about BLOCK_SECONDS per block: Cockpit's step can take 100x a plain one
+            cfg.steps = min(k, max(1, round(BLOCK_SECONDS / run_steps(cfg.step, 1, device))))
     if probed:
         time_interleaved(plain, probed, args.repeats, k, device)
     plain_peak = peak_bytes(plain, device)
@@ -315,17 +324,16 @@ def benchmark(w: Workload, variant: str, args: argparse.Namespace, have_cockpit:
     for cfg in configs:
         row = dict(
             workload=w.name, optimizer=variant, config=cfg.label, backend=cfg.backend, path=cfg.path,
-            path_ran=cfg.path_ran, every=cfg.every, steps=k, repeats=args.repeats,
+            path_ran=cfg.path_ran, every=cfg.every, steps=cfg.steps or k, repeats=args.repeats,
         )
         if cfg.step is None:
             rows.append(row | dict(note=cfg.note))
             continue
         if cfg is plain:
             ratios = np.zeros(1)
-            row["ms_per_step"] = 1e3 * float(np.median(plain.times)) / k
         else:
             ratios = np.array(cfg.times) / np.array(cfg.paired_plain) - 1
-            row["ms_per_step"] = 1e3 * float(np.median(cfg.times)) / k
+        row["ms_per_step"] = 1e3 * float(np.median(cfg.times))
         row["time_ratio"] = float(np.median(ratios))
         row["iqr_lo"], row["iqr_hi"] = (float(q) for q in np.percentile(ratios, [25, 75]))
         row["peak_mb"] = (plain_peak if cfg is plain else peak_bytes(cfg, device)) / 2**20
@@ -399,6 +407,7 @@ def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib import ticker
 
     probed = df[df["backend"].ne("plain") & df["time_ratio"].notna()]
     raw = probed.explode("_ratios").astype({"_ratios": float})
@@ -415,11 +424,18 @@ def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
         sns.barplot(data=raw[raw["optimizer"] == variant], y="_ratios", estimator="median",
                     errorbar=("pi", 50), capsize=0.1, err_kws={"linewidth": 1}, ax=ax, **common)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_yscale("symlog", linthresh=1.0)  # linear up to 1, then logarithmic: Cockpit's row is ~100x
+        ax.yaxis.set_major_locator(ticker.FixedLocator([0, 0.25, 0.5, 0.75, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500]))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.set(title={"adam": "Adam", "adam_fused": "Adam, fused=True"}.get(variant, variant), xlabel="",
                ylabel="time overhead, (probed − plain) / plain")
         ax = axes[1, j]
         sns.barplot(data=probed[probed["optimizer"] == variant], y="mem_ratio", ax=ax, **common)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.FixedLocator([1, 1.5, 2, 3, 5, 10, 20, 50, 100]))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g×"))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
         ax.set(xlabel="workload", ylabel="peak memory, probed / plain")
     for ax in axes.flat:
         if ax.get_legend():
@@ -463,7 +479,9 @@ def main() -> None:
     print(f"# R={args.repeats} repeats, K={args.steps or 'auto'} steps per block, warm-up {args.warmup}, "
           f"device {args.device}")
     try:
-        import cockpit  # noqa: F401
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cockpit imports pkg_resources, deprecated
+            import cockpit  # noqa: F401
 
         have_cockpit = True
     except ImportError:
