@@ -9,8 +9,8 @@ optimizer, and with several param groups at different learning rates the ``ratio
 minimum) stays defined; ``alpha_star`` is then ``ratio`` times the *first* group's learning rate.
 
 **Two paths.** The *fast* path reuses what the training step computed: for ``"hessian"`` and ``"ggn"`` a
-layer-wise tangent pass over the step's saved activations and errors (:mod:`alphalib.tangent`, for chains of
-layers it covers); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and the gradient in
+tangent pass over the step's saved activations and errors (:mod:`alphalib.tangent`, for models whose
+modules all have a tangent rule); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and the gradient in
 ``.grad``. The *generic* path recomputes everything at :math:`\theta_t` from a fresh forward pass and works for
 any model. ``path="auto"`` (default) takes the fast path where it applies; every record says which ran. The
 fast path reads :math:`g_t` from ``.grad``, so with gradient clipping, accumulation or penalties written into

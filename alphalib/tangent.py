@@ -76,8 +76,26 @@ def register(
     ``t`` is the tangent of the module's input along :math:`\\Delta` (``None`` for zero); the rule returns
     the output's tangent and adds the module's own second-order term with :meth:`Sweep.add`. A composite
     rule calls ``sweep(child, t)`` for its submodules, mirroring ``forward``. ``keep`` names what the module
-    must keep from the training step (``"input"``, ``"output"``, ``"error_out"``, ``"error_in"``),
-    ``children`` the same for submodules by attribute name, ``check`` returns why a module is not covered.
+    must keep from the training step, found by the rule in ``sweep.cap``: ``"input"`` and ``"output"``
+    (``cap.inputs``/``cap.outputs``), ``"error_out"`` and ``"error_in"`` (the backpropagated
+    :math:`\\partial L/\\partial` output and input, ``cap.errors_out``/``cap.errors_in``, kept for
+    ``"hessian"`` only; the input's error is only this module's if its input feeds nothing else);
+    ``children`` the same for submodules by attribute name; ``check`` returns why a module is not covered.
+
+    Example:
+        >>> class Residual(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.body = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+        ...     def forward(self, x):
+        ...         return x + self.body(x)
+        >>> covers(Residual()) is None
+        False
+        >>> @register(Residual)
+        ... def _residual(sweep, m, t):
+        ...     return plus(t, sweep(m.body, t))
+        >>> covers(Residual()) is None
+        True
     """
 
     def deco(fn: TangentFn) -> TangentFn:
