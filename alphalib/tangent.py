@@ -440,7 +440,9 @@ def _output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | Non
     :math:`\\frac{1}{B}\\langle p - e_y, \\dot f\\rangle` and
     :math:`\\frac{1}{B}\\sum_i [\\sum_k p_{ik}\\dot f_{ik}^2 - (\\sum_k p_{ik}\\dot f_{ik})^2]`; autograd otherwise.
     """
-    if getattr(loss_fn, "__name__", None) == "sequence_cross_entropy" and out.dim() == 3:  # alphalib.models'
+    from .models import sequence_cross_entropy  # imported here: models registers its rules with this module
+
+    if loss_fn is sequence_cross_entropy and out.dim() == 3:  # cross-entropy over all positions
         loss_fn, out, targets = F.cross_entropy, out.flatten(0, 1), targets.flatten()
         t = None if t is None else t.flatten(0, 1)
     kind = _closed_form(loss_fn, out, targets) if t is not None else None

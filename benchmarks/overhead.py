@@ -63,7 +63,7 @@ import alphalib
 from alphalib.models import CharTransformer, SmallCNN, mlp, sequence_cross_entropy
 
 # ----------------------------------------------------------------------------------------------------------
-# config: the defaults take ~6-7 min on 2 idle CPU cores (--quick: ~70 s); the command line overrides them
+# config: the defaults take ~8 min on 2 idle CPU cores (--quick: ~90 s); the command line overrides them
 WORKLOADS = ("seed", "mlp", "cnn", "transformer")
 OPTIMIZERS = ("adam", "adam_fused")  # torch.optim.Adam(lr=1e-3), and the same with fused=True
 CURVATURES = ("hessian", "ggn", "fd", "fd_onesided", "secant")  # combinations the library lacks become "n/a"
