@@ -23,9 +23,10 @@ and the generalised Gauss-Newton keeps only the last term. For an affine layer
     \dot z = U + \mathrm{op}(a - \dot a, \Delta_W) + \Delta_b, \qquad
     \langle \delta_z, \ddot z\rangle = 2\,\big(\langle \delta_z, U\rangle - \langle \delta_a, \dot a\rangle\big),
 
-where :math:`\delta_a` is the error at the layer's input; the last form equals
+where :math:`\delta_a` is the error at the layer's input through this layer alone (the layer gets a view of
+its input to keep it apart from other consumers, such as a residual connection); the last form equals
 :math:`2\langle\delta_z, \mathrm{op}(\dot a, \Delta_W)\rangle` and needs two products per layer and no copy of
-the old weights (it requires that the layer's input feeds only this layer). An activation
+the old weights. An activation
 :math:`a = \sigma(z)` adds :math:`\langle \delta_a, \sigma''(z)\dot z^2\rangle`; dropout reuses the step's mask;
 pooling and flattening act linearly; LayerNorm and attention have the closed forms in their rules.
 Exact in exact arithmetic; in float32 the two-product form cancels (relative error around 1e-5 measured).
@@ -79,7 +80,7 @@ def register(
     must keep from the training step, found by the rule in ``sweep.cap``: ``"input"`` and ``"output"``
     (``cap.inputs``/``cap.outputs``), ``"error_out"`` and ``"error_in"`` (the backpropagated
     :math:`\\partial L/\\partial` output and input, ``cap.errors_out``/``cap.errors_in``, kept for
-    ``"hessian"`` only; the input's error is only this module's if its input feeds nothing else);
+    ``"hessian"`` only; the input's error is the part that flows through this module);
     ``children`` the same for submodules by attribute name; ``check`` returns why a module is not covered.
 
     Example:
@@ -153,10 +154,12 @@ class Capture:
             needs = {m: {k for k in n if not k.startswith("error")} for m, n in needs.items()}
         self._handles = [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._keep_output)]
         for m, need in needs.items():
-            if need - {"rng"}:
+            if need - {"rng", "error_in"}:
                 self._handles.append(m.register_forward_hook(self._keeper(need)))
             if "rng" in need:
                 self._handles.append(m.register_forward_pre_hook(self._keep_rng))
+            if "error_in" in need:
+                self._handles.append(m.register_forward_pre_hook(self._own_input))
 
     def _on(self) -> bool:
         return self.active and torch.is_grad_enabled()
@@ -172,6 +175,17 @@ class Capture:
     def _keep_rng(self, module: nn.Module, args: tuple) -> None:
         if self._on() and module.training and module.p > 0:  # dropout: the state its mask is drawn from
             self.rng[module] = rng_state(args[0].device), args[0].shape
+
+    def _own_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Hand the module a view of its input, so that the error kept there flows through this module alone.
+
+        The input may feed other consumers too (a residual connection); the view is this module's own.
+        """
+        if not (self._on() and args and isinstance(args[0], Tensor) and args[0].requires_grad):
+            return None
+        x = args[0].view_as(args[0])
+        x.register_hook(lambda grad: self.errors_in.__setitem__(module, grad))
+        return (x, *args[1:])
 
     def _keeper(self, need: set[str]) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -191,8 +205,6 @@ class Capture:
                 self.outputs[module] = idx if isinstance(idx, Tensor) and idx.shape == output.shape else x
             if "error_out" in need and output.requires_grad:
                 output.register_hook(lambda grad: self.errors_out.__setitem__(module, grad))
-            if "error_in" in need and x.requires_grad:
-                x.register_hook(lambda grad: self.errors_in.__setitem__(module, grad))
 
         return hook
 

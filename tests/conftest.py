@@ -11,6 +11,8 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from alphalib import tangent
+
 
 @dataclass
 class Case:
@@ -46,6 +48,27 @@ def _transformer() -> Case:
 
     model = CharTransformer(5, d_model=4, n_heads=2, n_layers=1, block=4)
     return Case(model, sequence_cross_entropy, (torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))))
+
+
+class Residual(nn.Module):
+    """``x + fc2(tanh(fc1(x)))``: ``fc1``'s input also feeds the residual connection."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+@tangent.register(Residual)
+def _residual_tangent(sweep, m, t):
+    return tangent.plus(t, sweep(m.fc2, sweep(m.act, sweep(m.fc1, t))))
+
+
+def residual_net() -> nn.Module:
+    """Two residual blocks with a registered fast-path rule between two linear layers."""
+    return nn.Sequential(nn.Linear(3, 4), Residual(4), Residual(4), nn.Linear(4, 2))
 
 
 CASES = {"mlp-mse": _mlp_mse, "mlp-ce": _mlp_ce, "cnn": _cnn, "batchnorm-train": _batchnorm, "transformer": _transformer}

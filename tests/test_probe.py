@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import Case, dense_hessian, flat, rel_err
+from conftest import Case, dense_hessian, flat, rel_err, residual_net
 from torch import nn
 from torch.nn import functional as F
 
@@ -39,17 +39,18 @@ def _noisy_net(path: str) -> nn.Module:
                          nn.Dropout(0.2), nn.Linear(8, 1))
 
 
+@pytest.mark.parametrize("net", ["noisy", "residual"])
 @pytest.mark.parametrize("path", ["fast", "generic"])
 @pytest.mark.parametrize("backend", alphalib.BACKENDS)
-def test_probe_is_a_pure_observer(backend, path):
+def test_probe_is_a_pure_observer(backend, path, net):
     """Parameters, buffers, .grad, optimizer state and the RNG stream end bit-identical to an unprobed run."""
     runs = []
     for probed in (False, True):
         torch.manual_seed(0)
-        model = _noisy_net(path)
+        model = _noisy_net(path) if net == "noisy" else residual_net().float()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         probe = alphalib.AlphaProbe(model, F.mse_loss, opt, curvature=backend, path=path) if probed else None
-        records = _run(model, opt, _batches(dtype=torch.float32), probe)
+        records = _run(model, opt, _batches(d_out=1 if net == "noisy" else 2, d_in=4 if net == "noisy" else 3, dtype=torch.float32), probe)
         assert not probed or all(r.path == path and r.flag != "error" for r in records)
         runs.append((model, opt, torch.get_rng_state()))
     (m0, o0, rng0), (m1, o1, rng1) = runs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Case, dense_hessian, flat, rel_err
+from conftest import Case, dense_hessian, flat, rel_err, residual_net
 from torch import nn
 from torch.nn import functional as F
 
@@ -226,3 +226,14 @@ def test_reused_module_falls_back_to_generic_for_the_step():
     delta = flat([p.detach() for p in model.parameters()]) - before
     assert rec.path == "generic"
     assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
+
+
+
+def test_registered_rule_with_a_residual_around_a_layer_is_exact():
+    """A layer whose input feeds other consumers too still gets the error through itself alone."""
+    torch.manual_seed(0)
+    model = residual_net().double()
+    batch = (torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64))
+    for rec, delta, g, hess in _probe_steps(model, F.mse_loss, batch):
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
+        assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
