@@ -293,9 +293,9 @@ def _derivatives(
 ) -> tuple[Tensor, Tensor | None]:
     r"""Return :math:`\sigma'(z)\,t` and, given the error, :math:`\langle \delta_a, \sigma''(z)\,t^2\rangle`."""
     if isinstance(m, nn.ReLU):  # a: where the output was positive (works for in-place ReLU too)
-        return t.masked_fill(~a, 0), None
+        return t * a.view(torch.uint8), None  # as bytes: several times faster than a boolean mask on CPU
     if isinstance(m, nn.LeakyReLU):
-        return torch.where(a, t, m.negative_slope * t), None
+        return t * (a.to(t.dtype) * (1 - m.negative_slope) + m.negative_slope), None
     if isinstance(m, nn.Tanh):
         t1 = (1 - a * a) * t
         return t1, None if err is None else -2 * inner(err * a, t1 * t)
