@@ -406,7 +406,7 @@ def _layer_norm(sw: Sweep, m: nn.LayerNorm, t: Tensor | None) -> Tensor | None:
                 sw.add(2 * inner(err * dgamma, out))
             err = err if gamma is None else err * gamma
             u = t - t.mean(rows, keepdim=True)
-            n = x_hat[0].numel() if len(shape) == x.dim() else math.prod(shape)
+            n = math.prod(shape)
             c = (x_hat * u).sum(rows, keepdim=True) / n
             u2 = (u * u).sum(rows, keepdim=True) / n
             along_x, along_u = (err * x_hat).sum(rows, keepdim=True), (err * u).sum(rows, keepdim=True)
