@@ -42,6 +42,7 @@ The backends differ only in how they obtain :math:`d^\top H d` (the *curvature*)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -137,27 +138,20 @@ def _fd_step(theta: Sequence[Tensor], v_norm: float, order: int) -> float:
     return roundoff ** (1 / (order + 1)) * (1.0 + math.sqrt(dot(theta, theta).item())) / v_norm
 
 
-def _fd(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
-    loss, g = _known(fn, theta, known)
-    v_norm = math.sqrt(dot(v, v).item())
-    if v_norm == 0.0:
-        return Directional(loss, 0.0, 0.0)
-    eps = _fd_step(theta, v_norm, order=2)
-    g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v)])
-    g_minus = _grad_at(fn, [p - eps * vi for p, vi in zip(theta, v)])
-    return Directional(loss, dot(g, v).item(), (dot(g_plus, v) - dot(g_minus, v)).item() / (2 * eps))
-
-
-def _fd_onesided(
-    fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None
+def _differences(
+    fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None, *, central: bool
 ) -> Directional:
+    """Differences of gradients along ``v``: central at θ ± εv, or one-sided against the gradient at θ."""
     loss, g = _known(fn, theta, known)
     v_norm = math.sqrt(dot(v, v).item())
     if v_norm == 0.0:
         return Directional(loss, 0.0, 0.0)
-    eps = _fd_step(theta, v_norm, order=1)
-    g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v)])
+    eps = _fd_step(theta, v_norm, order=2 if central else 1)
     slope = dot(g, v)
+    g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v)])
+    if central:
+        g_minus = _grad_at(fn, [p - eps * vi for p, vi in zip(theta, v)])
+        return Directional(loss, slope.item(), (dot(g_plus, v) - dot(g_minus, v)).item() / (2 * eps))
     return Directional(loss, slope.item(), (dot(g_plus, v) - slope).item() / eps)
 
 
@@ -173,8 +167,8 @@ def _secant(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: 
 _BACKENDS: dict[str, Callable[..., Directional]] = {
     "hessian": _hessian,
     "ggn": _ggn,
-    "fd": _fd,
-    "fd_onesided": _fd_onesided,
+    "fd": functools.partial(_differences, central=True),
+    "fd_onesided": functools.partial(_differences, central=False),
     "secant": _secant,
 }
 

@@ -10,11 +10,11 @@ minimum) stays defined; ``alpha_star`` is then ``ratio`` times the *first* group
 
 **Two paths.** The *fast* path reuses what the training step computed: for ``"hessian"`` and ``"ggn"`` a
 tangent pass over the step's saved activations and errors (:mod:`alphalib.tangent`, for models whose
-modules all have a tangent rule); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and the gradient in
-``.grad``. The *generic* path recomputes everything at :math:`\theta_t` from a fresh forward pass and works for
-any model. ``path="auto"`` (default) takes the fast path where it applies; every record says which ran. The
-fast path reads :math:`g_t` from ``.grad``, so with gradient clipping, accumulation or penalties written into
-``.grad`` use ``path="generic"``.
+modules all have a tangent rule); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and the
+gradient in ``.grad``. The *generic* path recomputes everything at :math:`\theta_t` from a fresh forward pass
+and works for any model. ``path="auto"`` (default) takes the fast path where it applies; every record says
+which ran. The fast path reads :math:`g_t` from ``.grad``, so with gradient clipping, accumulation or
+penalties written into ``.grad`` use ``path="generic"``.
 
 **The function that is probed.** Slope and curvature come from one function: the training loss on the
 same batch, evaluated in the model's current mode with the random draws of the model's last forward pass
@@ -131,7 +131,7 @@ class AlphaProbe:
         params = [p.detach() for p in self._params]
         theta = [p.clone() for p in params]
         grads = [p.grad for p in self._params if p.grad is not None]
-        norms = torch._foreach_norm(grads) if grads else []
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         with torch.no_grad():
@@ -141,9 +141,8 @@ class AlphaProbe:
                 delta, theta = theta, []
             else:
                 delta = torch._foreach_sub(params, theta)
-            norms = [torch.linalg.vector_norm(torch.stack(v)).double().cpu() if v else torch.zeros((), dtype=torch.float64)
-                     for v in (norms, torch._foreach_norm(delta))]
-            grad_norm, step_norm = torch.stack(norms).tolist()
+            step_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(delta)))
+            grad_norm, step_norm = torch.stack([grad_norm.double().cpu(), step_norm.double().cpu()]).tolist()
         if cap is not None:
             cap.active = False  # the probe's own forward passes are not the training step's
         path, error = self.path, False

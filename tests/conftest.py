@@ -71,7 +71,9 @@ def residual_net() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), Residual(4), Residual(4), nn.Linear(4, 2))
 
 
-CASES = {"mlp-mse": _mlp_mse, "mlp-ce": _mlp_ce, "cnn": _cnn, "batchnorm-train": _batchnorm, "transformer": _transformer}
+CASES = {
+    "mlp-mse": _mlp_mse, "mlp-ce": _mlp_ce, "cnn": _cnn, "batchnorm-train": _batchnorm, "transformer": _transformer,
+}
 
 
 @pytest.fixture(params=list(CASES))

@@ -50,7 +50,8 @@ def test_probe_is_a_pure_observer(backend, path, net):
         model = _noisy_net(path) if net == "noisy" else residual_net().float()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         probe = alphalib.AlphaProbe(model, F.mse_loss, opt, curvature=backend, path=path) if probed else None
-        records = _run(model, opt, _batches(d_out=1 if net == "noisy" else 2, d_in=4 if net == "noisy" else 3, dtype=torch.float32), probe)
+        shape = dict(d_in=4, d_out=1) if net == "noisy" else dict(d_in=3, d_out=2)
+        records = _run(model, opt, _batches(**shape, dtype=torch.float32), probe)
         assert not probed or all(r.path == path and r.flag != "error" for r in records)
         runs.append((model, opt, torch.get_rng_state()))
     (m0, o0, rng0), (m1, o1, rng1) = runs
