@@ -28,7 +28,7 @@ its input to keep it apart from other consumers, such as a residual connection);
 :math:`2\langle\delta_z, \mathrm{op}(\dot a, \Delta_W)\rangle` and needs two products per layer and no copy of
 the old weights. An activation
 :math:`a = \sigma(z)` adds :math:`\langle \delta_a, \sigma''(z)\dot z^2\rangle`; dropout reuses the step's mask;
-pooling and flattening act linearly; LayerNorm and attention have the closed forms in their rules.
+pooling and flattening act linearly; normalization layers and attention have the closed forms in their rules.
 Exact in exact arithmetic; in float32 the two-product form cancels (relative error around 1e-5 measured).
 
 Rules exist for the modules in :data:`LAYERS` and for nested plain ``nn.Sequential`` chains;
@@ -404,15 +404,67 @@ def _layer_norm(sw: Sweep, m: nn.LayerNorm, t: Tensor | None) -> Tensor | None:
             err, rows = sw.cap.errors_out.pop(m), tuple(range(-len(shape), 0))
             if dgamma is not None:
                 sw.add(2 * inner(err * dgamma, out))
-            err = err if gamma is None else err * gamma
-            u = t - t.mean(rows, keepdim=True)
-            n = math.prod(shape)
-            c = (x_hat * u).sum(rows, keepdim=True) / n
-            u2 = (u * u).sum(rows, keepdim=True) / n
-            along_x, along_u = (err * x_hat).sum(rows, keepdim=True), (err * u).sum(rows, keepdim=True)
-            sw.add((r * r * ((3 * c * c - u2) * along_x - 2 * c * along_u)).sum())
+            sw.add(_normalization_term(err if gamma is None else err * gamma, x_hat, r, t, rows))
         if gamma is not None:
             out = out.mul_(gamma)
+    out = plus(out, None if dgamma is None else dgamma * x_hat)
+    return plus(out, dbeta)
+
+
+def _normalization_term(err: Tensor, x_hat: Tensor, r: Tensor, t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    r"""Return :math:`\langle \delta, \ddot{\hat x}\rangle` for :math:`\hat x = (x - \mu) r` normalized over ``dims``.
+
+    With :math:`u = t - \bar t`, :math:`c = \overline{\hat x u}` and :math:`n` entries per group:
+    :math:`\sum_{\mathrm{groups}} r^2 \big((3c^2 - \overline{u^2}) \langle\delta, \hat x\rangle
+    - 2c \langle\delta, u\rangle\big)`.
+    """
+    n = x_hat.numel() // r.numel()
+    u = t - t.mean(dims, keepdim=True)
+    c = (x_hat * u).sum(dims, keepdim=True) / n
+    u2 = (u * u).sum(dims, keepdim=True) / n
+    along_x, along_u = (err * x_hat).sum(dims, keepdim=True), (err * u).sum(dims, keepdim=True)
+    return (r * r * ((3 * c * c - u2) * along_x - 2 * c * along_u)).sum()
+
+
+def _batch_stats(m: nn.Module) -> bool:
+    return m.training or m.running_mean is None
+
+
+@register(nn.BatchNorm1d, keep={"input", "error_out"})
+@register(nn.BatchNorm2d, keep={"input", "error_out"})
+def _batch_norm(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
+    r"""BatchNorm per channel: with batch statistics (training) as LayerNorm over the batch and spatial axes.
+
+    With running statistics (evaluation) it is affine in its input: :math:`\dot y = \gamma r \dot x +
+    \Delta_\gamma \hat x + \Delta_\beta` and the module adds :math:`2\langle \delta_y, \Delta_\gamma r \dot x\rangle`.
+    """
+    x = sw.cap.inputs.pop(m).detach()
+    dims = (0, *range(2, x.dim()))  # every axis but the channels
+    channel = (1, -1) + (1,) * (x.dim() - 2)
+    if _batch_stats(m):
+        mean = x.mean(dims, keepdim=True)
+        r = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + m.eps)
+    else:
+        mean, r = m.running_mean.view(channel), torch.rsqrt(m.running_var.view(channel) + m.eps)
+    x_hat = (x - mean) * r
+    dgamma, dbeta = sw.delta(m.weight), sw.delta(m.bias)
+    gamma = None if m.weight is None else (m.weight.detach() if dgamma is None else m.weight.detach() - dgamma)
+    gamma, dgamma, dbeta = (None if v is None else v.view(channel) for v in (gamma, dgamma, dbeta))
+    out = None
+    if t is not None:
+        if _batch_stats(m):
+            u = t - t.mean(dims, keepdim=True)
+            out = r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat)
+        else:
+            out = r * t
+        if sw.exact:
+            err = sw.cap.errors_out.pop(m)
+            if dgamma is not None:
+                sw.add(2 * inner(err * dgamma, out))
+            if _batch_stats(m):
+                sw.add(_normalization_term(err if gamma is None else err * gamma, x_hat, r, t, dims))
+        if gamma is not None:
+            out = out * gamma
     out = plus(out, None if dgamma is None else dgamma * x_hat)
     return plus(out, dbeta)
 

@@ -46,7 +46,8 @@ def test_fast_path_exact_for_every_activation(name):
 
 def _conv_net() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
         nn.SiLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(16, 3),
     )
 
@@ -136,7 +137,7 @@ def test_fast_path_in_float32_within_stated_tolerance(make, curvature):
 def test_covers_names_what_it_does_not_cover():
     assert covers(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) is None
     assert covers(alphalib.models.CharTransformer(10, d_model=8, n_heads=2, n_layers=1, block=4)) is None
-    assert "BatchNorm1d (1) is not supported" in covers(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    assert "GroupNorm (1) is not supported" in covers(nn.Sequential(nn.Linear(2, 2), nn.GroupNorm(1, 2)))
     assert "in-place" in covers(nn.Sequential(nn.Linear(2, 2), nn.ELU(inplace=True)))
     noisy = alphalib.models.CharTransformer(10, d_model=8, n_heads=2, block=4, dropout=0.1)
     assert "attention dropout" in covers(noisy)
@@ -149,14 +150,14 @@ def test_covers_names_what_it_does_not_cover():
             return x + super().forward(x)
 
     assert "Residual overrides forward" in covers(Residual(nn.Linear(2, 2)))
-    with pytest.raises(ValueError, match="path='fast' is not available: BatchNorm1d"):
-        model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with pytest.raises(ValueError, match="path='fast' is not available: GroupNorm"):
+        model = nn.Sequential(nn.Linear(2, 2), nn.GroupNorm(1, 2))
         alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), path="fast")
 
 
 def test_auto_path_falls_back_to_generic_and_says_so():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    model = nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4), nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
@@ -237,6 +238,22 @@ def test_registered_rule_with_a_residual_around_a_layer_is_exact():
     """A layer whose input feeds other consumers too still gets the error through itself alone."""
     torch.manual_seed(0)
     model = residual_net().double()
+    batch = (torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64))
+    for rec, delta, g, hess in _probe_steps(model, F.mse_loss, batch):
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
+        assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "no-running-stats"])
+def test_fast_path_exact_through_batch_norm(mode):
+    """Batch statistics couple the samples (train), running statistics make the layer affine (eval)."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(5, track_running_stats=mode != "no-running-stats")
+    model = nn.Sequential(nn.Linear(3, 5), norm, nn.GELU(), nn.Linear(5, 2)).double()
+    if mode == "eval":
+        with torch.no_grad():
+            norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2.0)
+        model.eval()
     batch = (torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64))
     for rec, delta, g, hess in _probe_steps(model, F.mse_loss, batch):
         assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
