@@ -391,7 +391,9 @@ def _layer_norm(sw: Sweep, m: nn.LayerNorm, t: Tensor | None) -> Tensor | None:
     :math:`\ddot{\hat x} = r^2 \big(\hat x (3c^2 - \overline{u^2}) - 2 c u\big)`, so
     :math:`\dot y = \gamma\dot{\hat x} + \Delta_\gamma \hat x + \Delta_\beta` and the module adds
     :math:`\langle \delta_y, 2 \Delta_\gamma \dot{\hat x} + \gamma \ddot{\hat x}\rangle`, summed row by row
-    from :math:`\langle \delta_y\gamma, \hat x\rangle` and :math:`\langle \delta_y\gamma, u\rangle`.
+    from :math:`\langle \delta_y\gamma, \hat x\rangle` and :math:`\langle \delta_y\gamma, u\rangle`. (Nested
+    forward mode through ``F.layer_norm`` returns a wrong second derivative in torch 2.13, pytorch/pytorch#196700;
+    this closed form is tested against the dense Hessian.)
     """
     x, shape = sw.cap.inputs.pop(m).detach(), m.normalized_shape
     x_hat, mean, r = torch.native_layer_norm(x, shape, None, None, m.eps)
