@@ -150,7 +150,11 @@ class AlphaProbe:
             if sweep:
                 deltas = {id(p): d for p, d in zip(self._params, delta)}
                 exact = self.curvature == "hessian"
-                res = Directional(*tangent_pass(self.model, cap, self.loss_fn, targets, deltas, exact=exact))
+                try:
+                    res = Directional(*tangent_pass(self.model, cap, self.loss_fn, targets, deltas, exact=exact))
+                except KeyError:  # the step did not leave what a rule needs (say, a layer called by keyword)
+                    theta = torch._foreach_sub(params, delta)
+                    res, path = self._measure(batch, targets, theta, delta, captured=False)
             else:
                 res, path = self._measure(batch, targets, theta, delta, captured)
         except RuntimeError as exc:

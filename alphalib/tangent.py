@@ -173,7 +173,7 @@ class Capture:
             self.output = output
 
     def _keep_rng(self, module: nn.Module, args: tuple) -> None:
-        if self._on() and module.training and module.p > 0:  # dropout: the state its mask is drawn from
+        if self._on() and args and module.training and module.p > 0:  # dropout: the state its mask is drawn from
             self.rng[module] = rng_state(args[0].device), args[0].shape
 
     def _own_input(self, module: nn.Module, args: tuple) -> tuple | None:
@@ -189,7 +189,7 @@ class Capture:
 
     def _keeper(self, need: set[str]) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not self._on():
+            if not (self._on() and args and isinstance(output, Tensor)):  # else keep nothing: the step goes generic
                 return
             if module in self.inputs or module in self.outputs:
                 self.reused = True
@@ -545,7 +545,7 @@ def tangent_pass(
     already hold :math:`\\theta_{t+1}`. Each module's kept tensors are released as the sweep passes it.
     """
     sweep = Sweep(cap, deltas, exact=exact)
-    t = sweep(model, None)
+    t = sweep(model, None)  # KeyError: a module did not leave what its rule needs (it ran otherwise than expected)
     loss, slope, curvature = _output_terms(loss_fn, cap.output.detach(), targets, t)
     if exact:
         curvature = curvature + sweep.second()

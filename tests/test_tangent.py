@@ -258,3 +258,36 @@ def test_fast_path_exact_through_batch_norm(mode):
     for rec, delta, g, hess in _probe_steps(model, F.mse_loss, batch):
         assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
         assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
+
+
+class _KeywordCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(input=x))  # hooks see no positional input
+
+
+@alphalib.tangent.register(_KeywordCall)
+def _keyword_call_tangent(sweep, m, t):  # a wrong rule too: it forgets the tanh
+    return sweep(m.fc, t)
+
+
+def test_a_step_the_rules_cannot_follow_is_measured_generically():
+    """A layer called by keyword leaves nothing for its rule: that step goes generic, exact, and says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _KeywordCall(), nn.Linear(4, 1)).double()
+    batch = (torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 1, dtype=torch.float64))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    assert probe.path == "fast"  # every module has a rule
+    for _ in range(2):
+        before = flat([p.detach().clone() for p in model.parameters()])
+        g, hess = dense_hessian(Case(model, F.mse_loss, batch))
+        opt.zero_grad()
+        F.mse_loss(model(batch[0]), batch[1]).backward()
+        rec = probe.step(batch)
+        delta = flat([p.detach() for p in model.parameters()]) - before
+        assert rec.path == "generic" and rec.flag == "ok"
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
