@@ -38,7 +38,7 @@ Rules exist for the modules in :data:`LAYERS` and for nested plain ``nn.Sequenti
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -397,31 +397,45 @@ def _layer_norm(sw: Sweep, m: nn.LayerNorm, t: Tensor | None) -> Tensor | None:
     """
     x, shape = sw.cap.inputs.pop(m).detach(), m.normalized_shape
     x_hat, mean, r = torch.native_layer_norm(x, shape, None, None, m.eps)
+    if t is None:
+        return _scaled(sw, m, x_hat, r, None, None, (), shape)
+    t_hat = torch.ops.aten.native_layer_norm_backward(t, x, shape, mean, r, None, None, [True, False, False])[0]
+    rows = tuple(range(-len(shape), 0))
+    return _scaled(sw, m, x_hat, r, t_hat, t - t.mean(rows, keepdim=True) if sw.exact else None, rows, shape)
+
+
+def _scaled(
+    sw: Sweep, m: nn.Module, x_hat: Tensor, r: Tensor, t_hat: Tensor | None, u: Tensor | None,
+    dims: tuple[int, ...], shape: Sequence[int],
+) -> Tensor | None:
+    r"""Finish a normalization layer :math:`y = \gamma \odot \hat x + \beta` (``shape``: how γ and β broadcast).
+
+    :math:`\dot y = \gamma \dot{\hat x} + \Delta_\gamma \hat x + \Delta_\beta` with γ at :math:`\theta_t`; the layer
+    adds :math:`2\langle\delta_y, \Delta_\gamma \dot{\hat x}\rangle` and, where its statistics depend on the input
+    (``u``, the input's tangent centred over ``dims``, given), :math:`\langle\delta_y \gamma, \ddot{\hat x}\rangle`.
+    """
     dgamma, dbeta = sw.delta(m.weight), sw.delta(m.bias)
-    gamma = None if m.weight is None else m.weight.detach() if dgamma is None else m.weight.detach() - dgamma  # θ_t
-    out = None
-    if t is not None:
-        out = torch.ops.aten.native_layer_norm_backward(t, x, shape, mean, r, None, None, [True, False, False])[0]
-        if sw.exact:
-            err, rows = sw.cap.errors_out.pop(m), tuple(range(-len(shape), 0))
-            if dgamma is not None:
-                sw.add(2 * inner(err * dgamma, out))
-            sw.add(_normalization_term(err if gamma is None else err * gamma, x_hat, r, t, rows))
-        if gamma is not None:
-            out = out.mul_(gamma)
-    out = plus(out, None if dgamma is None else dgamma * x_hat)
-    return plus(out, dbeta)
+    gamma = None if m.weight is None else m.weight.detach() if dgamma is None else m.weight.detach() - dgamma
+    gamma, dgamma, dbeta = (None if v is None else v.view(shape) for v in (gamma, dgamma, dbeta))
+    if t_hat is not None and sw.exact:
+        err = sw.cap.errors_out.pop(m)
+        if dgamma is not None:
+            sw.add(2 * inner(err * dgamma, t_hat))
+        if u is not None:
+            sw.add(_normalization_term(err if gamma is None else err * gamma, x_hat, r, u, dims))
+    if t_hat is not None and gamma is not None:
+        t_hat = t_hat.mul_(gamma)  # the rules' own tensor
+    return plus(plus(t_hat, None if dgamma is None else dgamma * x_hat), dbeta)
 
 
-def _normalization_term(err: Tensor, x_hat: Tensor, r: Tensor, t: Tensor, dims: tuple[int, ...]) -> Tensor:
+def _normalization_term(err: Tensor, x_hat: Tensor, r: Tensor, u: Tensor, dims: tuple[int, ...]) -> Tensor:
     r"""Return :math:`\langle \delta, \ddot{\hat x}\rangle` for :math:`\hat x = (x - \mu) r` normalized over ``dims``.
 
-    With :math:`u = t - \bar t`, :math:`c = \overline{\hat x u}` and :math:`n` entries per group:
-    :math:`\sum_{\mathrm{groups}} r^2 \big((3c^2 - \overline{u^2}) \langle\delta, \hat x\rangle
+    With the centred tangent :math:`u = t - \bar t`, :math:`c = \overline{\hat x u}` and :math:`n` entries per
+    group: :math:`\sum_{\mathrm{groups}} r^2 \big((3c^2 - \overline{u^2}) \langle\delta, \hat x\rangle
     - 2c \langle\delta, u\rangle\big)`.
     """
     n = x_hat.numel() // r.numel()
-    u = t - t.mean(dims, keepdim=True)
     c = (x_hat * u).sum(dims, keepdim=True) / n
     u2 = (u * u).sum(dims, keepdim=True) / n
     along_x, along_u = (err * x_hat).sum(dims, keepdim=True), (err * u).sum(dims, keepdim=True)
@@ -437,8 +451,8 @@ def _batch_stats(m: nn.Module) -> bool:
 def _batch_norm(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
     r"""BatchNorm per channel: with batch statistics (training) as LayerNorm over the batch and spatial axes.
 
-    With running statistics (evaluation) it is affine in its input: :math:`\dot y = \gamma r \dot x +
-    \Delta_\gamma \hat x + \Delta_\beta` and the module adds :math:`2\langle \delta_y, \Delta_\gamma r \dot x\rangle`.
+    With running statistics (evaluation) it is affine in its input: :math:`\dot{\hat x} = r \dot x`, and only
+    :math:`2\langle \delta_y, \Delta_\gamma r \dot x\rangle` is added.
     """
     x = sw.cap.inputs.pop(m).detach()
     dims = (0, *range(2, x.dim()))  # every axis but the channels
@@ -449,26 +463,13 @@ def _batch_norm(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
     else:
         mean, r = m.running_mean.view(channel), torch.rsqrt(m.running_var.view(channel) + m.eps)
     x_hat = (x - mean) * r
-    dgamma, dbeta = sw.delta(m.weight), sw.delta(m.bias)
-    gamma = None if m.weight is None else (m.weight.detach() if dgamma is None else m.weight.detach() - dgamma)
-    gamma, dgamma, dbeta = (None if v is None else v.view(channel) for v in (gamma, dgamma, dbeta))
-    out = None
-    if t is not None:
-        if _batch_stats(m):
-            u = t - t.mean(dims, keepdim=True)
-            out = r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat)
-        else:
-            out = r * t
-        if sw.exact:
-            err = sw.cap.errors_out.pop(m)
-            if dgamma is not None:
-                sw.add(2 * inner(err * dgamma, out))
-            if _batch_stats(m):
-                sw.add(_normalization_term(err if gamma is None else err * gamma, x_hat, r, t, dims))
-        if gamma is not None:
-            out = out * gamma
-    out = plus(out, None if dgamma is None else dgamma * x_hat)
-    return plus(out, dbeta)
+    t_hat = u = None
+    if t is not None and _batch_stats(m):
+        u = t - t.mean(dims, keepdim=True)
+        t_hat = r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat)
+    elif t is not None:
+        t_hat = r * t
+    return _scaled(sw, m, x_hat, r, t_hat, u, dims, channel)
 
 
 def _sequential(sw: Sweep, m: nn.Sequential, t: Tensor | None) -> Tensor | None:
