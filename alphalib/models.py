@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import tangent
+from . import _ops, tangent
 from .tangent import Sweep, plus
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -135,11 +135,11 @@ def _attention_tangent(sw: Sweep, m: CausalSelfAttention, t: Tensor | None) -> T
     causal = torch.full((n, n), -math.inf, dtype=q.dtype, device=q.device).triu(1)
     p = torch.softmax((q @ k.mT).mul_(scale).add_(causal), dim=-1)
     ts = (tq @ k.mT).add_(q @ tk.mT).mul_(scale)
-    tp = torch.ops.aten._softmax_backward_data(ts, p, -1, p.dtype)
+    tp = _ops.softmax_backward(ts, p, -1)
     t_out = (tp @ v).add_(p @ tv)
     if sw.exact:
         err = sw.cap.errors_in[m.proj].view(b, n, m.n_heads, -1).transpose(1, 2)
-        err_s = torch.ops.aten._softmax_backward_data(err @ v.mT, p, -1, p.dtype)
+        err_s = _ops.softmax_backward(err @ v.mT, p, -1)
         along = err_s * ts
         softmax = tangent.inner(along, ts) - 2 * tangent.inner((p * ts).sum(-1), along.sum(-1))
         sw.add(2 * tangent.inner(err @ tv.mT, tp) + 2 * scale * tangent.inner(err_s @ tk, tq) + softmax)

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from . import _ops
 from ._checks import check_loss
 from ._function import LossFn, replay_rng, rng_state
 
@@ -201,8 +202,8 @@ class Capture:
             if "sign" in need:  # (leaky) ReLU: one byte per entry instead of the output
                 self.outputs[module] = output > 0
             if "pool" in need:  # max pooling: the argmax autograd saved for the backward, else the input
-                idx = getattr(output.grad_fn, "_saved_result1", None)
-                self.outputs[module] = idx if isinstance(idx, Tensor) and idx.shape == output.shape else x
+                idx = _ops.pool_indices(output)
+                self.outputs[module] = x if idx is None else idx
             if "error_out" in need and output.requires_grad:
                 output.register_hook(lambda grad: self.errors_out.__setitem__(module, grad))
 
@@ -259,7 +260,7 @@ AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _affine(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(x, weight, bias) if isinstance(m, nn.Linear) else m._conv_forward(x, weight, bias)
+    return F.linear(x, weight, bias) if isinstance(m, nn.Linear) else _ops.conv(m, x, weight, bias)
 
 
 def _affine_tangent(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
@@ -304,14 +305,14 @@ def _derivatives(
         t1 = d1 * t
         return t1, None if err is None else inner(err * (1 - 2 * a), t1 * t)
     if isinstance(m, nn.GELU) and m.approximate == "none":  # gelu'' = φ(z)(2 - z²)
-        t1 = torch.ops.aten.gelu_backward(t, z)
+        t1 = _ops.gelu_backward(t, z)
         if err is None:
             return t1, None
         z2 = z.square()
         curv = (z2 * -0.5).exp_().mul_(2 - z2)
         return t1, inner(err * t, curv.mul_(t)) / math.sqrt(2 * math.pi)
     if isinstance(m, nn.SiLU):
-        t1 = torch.ops.aten.silu_backward(t, z)
+        t1 = _ops.silu_backward(t, z)
         if err is None:
             return t1, None
         s = torch.sigmoid(z)
@@ -396,10 +397,10 @@ def _layer_norm(sw: Sweep, m: nn.LayerNorm, t: Tensor | None) -> Tensor | None:
     this closed form is tested against the dense Hessian.)
     """
     x, shape = sw.cap.inputs.pop(m).detach(), m.normalized_shape
-    x_hat, mean, r = torch.native_layer_norm(x, shape, None, None, m.eps)
+    x_hat, mean, r = _ops.layer_norm(x, shape, m.eps)
     if t is None:
         return _scaled(sw, m, x_hat, r, None, None, (), shape)
-    t_hat = torch.ops.aten.native_layer_norm_backward(t, x, shape, mean, r, None, None, [True, False, False])[0]
+    t_hat = _ops.layer_norm_backward(t, x, shape, mean, r)
     rows = tuple(range(-len(shape), 0))
     return _scaled(sw, m, x_hat, r, t_hat, t - t.mean(rows, keepdim=True) if sw.exact else None, rows, shape)
 

@@ -1,0 +1,251 @@
+r"""The private torch ops the fast path uses, each checked once against autograd before its first use.
+
+The fast path (:mod:`alphalib.tangent` and the attention rule in :mod:`alphalib.models`) calls a few private
+torch ops because they are the cheapest exact form of what it needs: ``aten.gelu_backward`` and
+``aten.silu_backward`` (:math:`\sigma'(z)\,t`), ``native_layer_norm`` and its backward (:math:`\hat x` and its
+Jacobian), ``aten._softmax_backward_data`` (the softmax Jacobian :math:`J_P`), the argmax that max pooling's
+``grad_fn`` saves, and ``Conv._conv_forward`` (a convolution with other weights). Private ops carry no promise:
+a torch upgrade may remove them or change their arguments or meaning silently. So each wrapper here, the first
+time it is called in a process, compares its op on a tiny fixed float64 case with plain autograd (or the public
+op it stands for) and from then on either calls the op or raises :class:`Unverified`, whose message names the
+op and what went wrong; the probe then measures the step on the generic path. :func:`pool_indices` returns
+``None`` instead: the max-pool rule recomputes the indices from the input, exactly. The checks draw no random
+numbers and leave the caller's grad mode as it was.
+
+Example:
+    >>> verify_all()["gelu_backward"] is None
+    True
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+TOLERANCE = 1e-12  #: largest relative disagreement with the reference accepted, in float64
+
+_CHECKS: dict[str, tuple[str, str, str, Callable[[], float]]] = {}  # op -> (its call, reference, what is off, check)
+_verdicts: dict[str, str | None] = {}  # op -> None (verified) or why not; each op is checked once per process
+
+
+class Unverified(Exception):
+    """A private torch op the fast path needs is missing, fails or disagrees with autograd in this torch."""
+
+
+def _check(name: str, call: str, reference: str, off: str) -> Callable[[Callable[[], float]], Callable[[], float]]:
+    """Register ``fn() -> relative error against reference`` as the check of op ``name``."""
+
+    def deco(fn: Callable[[], float]) -> Callable[[], float]:
+        _CHECKS[name] = (call, reference, off, fn)
+        return fn
+
+    return deco
+
+
+def _verdict(name: str) -> str | None:
+    """Return ``None`` if op ``name`` agrees with its reference, else a sentence saying why not (checked once)."""
+    if name not in _verdicts:
+        call, reference, off, fn = _CHECKS[name]
+        where = f"in torch {torch.__version__}; {off}"
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                err = fn()
+        except Exception as exc:  # AttributeError: the op is gone
+            what = "is missing" if isinstance(exc, AttributeError) else "fails"
+            detail = (str(exc).strip().splitlines() or [""])[0][:160].rstrip(":")
+            _verdicts[name] = f"{call} {what} ({type(exc).__name__}: {detail}) {where}"
+        else:
+            _verdicts[name] = None if err <= TOLERANCE else \
+                f"{call} disagrees with {reference} (relative error {err:.1e}) {where}"
+    return _verdicts[name]
+
+
+def _require(name: str) -> None:
+    reason = _verdict(name)
+    if reason is not None:
+        raise Unverified(reason)
+
+
+def verify_all() -> dict[str, str | None]:
+    """Check every op not checked yet; return op name -> ``None`` if verified, else why not."""
+    return {name: _verdict(name) for name in _CHECKS}
+
+
+def _fixed(*shape: int, phase: float = 0.0) -> Tensor:
+    """Return fixed, distinct float64 values in [-3, 3] of ``shape`` (no random numbers drawn)."""
+    return torch.arange(math.prod(shape), dtype=torch.float64).add_(1 + phase).mul_(2.3).sin_().mul_(3).view(shape)
+
+
+def _rel(a: object, b: Tensor) -> float:
+    """Return :math:`\\|a - b\\| / \\|b\\|`, infinite if ``a`` is no tensor of ``b``'s shape or the error is NaN."""
+    if not isinstance(a, Tensor) or a.shape != b.shape:
+        return math.inf
+    err = ((a - b).norm() / b.norm()).item()
+    return math.inf if math.isnan(err) else err
+
+
+# ---- each op: its private call `_<name>_impl` (looked up when called: a test can swap it), check and wrapper ----
+
+def _gelu_backward_impl(grad: Tensor, z: Tensor) -> Tensor:
+    return torch.ops.aten.gelu_backward(grad, z)
+
+
+def _silu_backward_impl(grad: Tensor, z: Tensor) -> Tensor:
+    return torch.ops.aten.silu_backward(grad, z)
+
+
+def _derivative_error(fn: Callable[[Tensor], Tensor], impl: Callable[[Tensor, Tensor], Tensor]) -> float:
+    z, g = _fixed(2, 5).requires_grad_(True), _fixed(2, 5, phase=10)
+    (d,) = torch.autograd.grad(fn(z).sum(), z)  # elementwise: the gradient of the sum is the derivative
+    return _rel(impl(g, z.detach()), d * g)
+
+
+@_check("gelu_backward", "torch.ops.aten.gelu_backward", "autograd", "the fast path is off for GELU")
+def _check_gelu_backward() -> float:
+    return _derivative_error(F.gelu, _gelu_backward_impl)
+
+
+@_check("silu_backward", "torch.ops.aten.silu_backward", "autograd", "the fast path is off for SiLU")
+def _check_silu_backward() -> float:
+    return _derivative_error(F.silu, _silu_backward_impl)
+
+
+def gelu_backward(grad: Tensor, z: Tensor) -> Tensor:
+    r"""Return :math:`\mathrm{gelu}'(z)\,\mathrm{grad}` for the exact (erf) GELU."""
+    _require("gelu_backward")
+    return _gelu_backward_impl(grad, z)
+
+
+def silu_backward(grad: Tensor, z: Tensor) -> Tensor:
+    r"""Return :math:`\mathrm{silu}'(z)\,\mathrm{grad}`."""
+    _require("silu_backward")
+    return _silu_backward_impl(grad, z)
+
+
+def _layer_norm_impl(x: Tensor, shape: Sequence[int], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.native_layer_norm(x, shape, None, None, eps)
+
+
+def _layer_norm_backward_impl(grad: Tensor, x: Tensor, shape: Sequence[int], mean: Tensor, rstd: Tensor) -> Tensor:
+    return torch.ops.aten.native_layer_norm_backward(grad, x, shape, mean, rstd, None, None, [True, False, False])[0]
+
+
+def _moments(x: Tensor, shape: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
+    dims = tuple(range(-len(shape), 0))
+    return x.mean(dims, keepdim=True), (x.var(dims, unbiased=False, keepdim=True) + eps).rsqrt()
+
+
+@_check("layer_norm", "torch.native_layer_norm", "F.layer_norm", "the fast path is off for LayerNorm")
+def _check_layer_norm() -> float:
+    x, shape, eps = _fixed(2, 3, 4), (3, 4), 1e-5
+    out, mean, rstd = _layer_norm_impl(x, shape, eps)
+    ref_mean, ref_rstd = _moments(x, shape, eps)
+    return max(_rel(out, F.layer_norm(x, shape, eps=eps)), _rel(mean, ref_mean), _rel(rstd, ref_rstd))
+
+
+@_check("layer_norm_backward", "torch.ops.aten.native_layer_norm_backward", "autograd",
+        "the fast path is off for LayerNorm")
+def _check_layer_norm_backward() -> float:
+    x, g, shape, eps = _fixed(2, 3, 4).requires_grad_(True), _fixed(2, 3, 4, phase=30), (3, 4), 1e-5
+    (ref,) = torch.autograd.grad(F.layer_norm(x, shape, eps=eps), x, g)
+    x = x.detach()
+    return _rel(_layer_norm_backward_impl(g, x, shape, *_moments(x, shape, eps)), ref)
+
+
+def layer_norm(x: Tensor, shape: Sequence[int], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Return :math:`\hat x = (x - \mu) r`, :math:`\mu` and :math:`r = 1/\sigma` over the last dims ``shape``.
+
+    :math:`\mu` and :math:`r` keep the normalized dims with size 1, as :func:`layer_norm_backward` takes them.
+    """
+    _require("layer_norm")
+    return _layer_norm_impl(x, shape, eps)
+
+
+def layer_norm_backward(grad: Tensor, x: Tensor, shape: Sequence[int], mean: Tensor, rstd: Tensor) -> Tensor:
+    r"""Return the vector-Jacobian product of :math:`x \mapsto \hat x` (LayerNorm without affine) with ``grad``."""
+    _require("layer_norm_backward")
+    return _layer_norm_backward_impl(grad, x, shape, mean, rstd)
+
+
+def _softmax_backward_impl(grad: Tensor, p: Tensor, dim: int) -> Tensor:
+    return torch.ops.aten._softmax_backward_data(grad, p, dim, p.dtype)
+
+
+@_check("softmax_backward", "torch.ops.aten._softmax_backward_data", "autograd",
+        "the fast path is off for attention")
+def _check_softmax_backward() -> float:
+    s, g = _fixed(2, 4, 4), _fixed(2, 4, 4, phase=40)
+    causal = torch.full((4, 4), -math.inf, dtype=torch.float64).triu(1)  # masked rows, as in causal attention
+    err = 0.0
+    for z, dim in ((s + causal, -1), (s, 1)):
+        z.requires_grad_(True)
+        p = torch.softmax(z, dim)
+        (ref,) = torch.autograd.grad(p, z, g)
+        err = max(err, _rel(_softmax_backward_impl(g, p.detach(), dim), ref))
+    return err
+
+
+def softmax_backward(grad: Tensor, p: Tensor, dim: int) -> Tensor:
+    r"""Return :math:`J_P\,\mathrm{grad} = P \odot (\mathrm{grad} - \langle P, \mathrm{grad}\rangle_{dim})`."""
+    _require("softmax_backward")
+    return _softmax_backward_impl(grad, p, dim)
+
+
+def _pool_indices_impl(output: Tensor) -> object:
+    return output.grad_fn._saved_result1
+
+
+@_check("pool_indices", "the max-pool grad_fn's _saved_result1", "F.max_pool2d's indices",
+        "max pooling recomputes its indices from the input")
+def _check_pool_indices() -> float:
+    x = _fixed(1, 2, 4, 6).requires_grad_(True)
+    out, ref = F.max_pool2d(x, 2), F.max_pool2d(x.detach(), 2, return_indices=True)[1]
+    idx = _pool_indices_impl(out)
+    if not (isinstance(idx, Tensor) and idx.shape == ref.shape and torch.equal(idx, ref)):
+        return math.inf
+    return _rel(x.detach().flatten(-2).gather(-1, idx.flatten(-2)).view_as(out), out.detach())
+
+
+def pool_indices(output: Tensor) -> Tensor | None:
+    """Return the argmax autograd saved for a max pool's ``output``, or ``None`` (unverified, or none saved).
+
+    ``None`` also for a pool whose ``grad_fn`` keeps no such indices (``max_pool1d``'s), or keeps them no more.
+    """
+    if output.grad_fn is None or _verdict("pool_indices") is not None:
+        return None
+    try:
+        idx = _pool_indices_impl(output)
+    except (AttributeError, RuntimeError):
+        return None
+    ok = isinstance(idx, Tensor) and idx.shape == output.shape and idx.dtype == torch.int64
+    return idx if ok else None
+
+
+def _conv_impl(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return m._conv_forward(x, weight, bias)
+
+
+@_check("conv", "Conv._conv_forward", "the module's forward", "the fast path is off for convolutions")
+def _check_conv() -> float:
+    err = 0.0
+    for cls, mode in itertools.product((nn.Conv1d, nn.Conv2d), ("zeros", "circular")):
+        m = nn.utils.skip_init(cls, 2, 3, 3, padding=1, padding_mode=mode, dtype=torch.float64)  # no RNG drawn
+        with torch.no_grad():
+            m.weight.copy_(_fixed(*m.weight.shape))
+            m.bias.copy_(_fixed(3, phase=50))
+        x = _fixed(1, 2, *(5,) * (m.weight.dim() - 2), phase=60)
+        ref, w, b = m(x), m.weight, m.bias
+        bias = b.view(-1, *(1,) * (x.dim() - 2))
+        err = max(err, _rel(_conv_impl(m, x, 2 * w, 2 * b), 2 * ref), _rel(_conv_impl(m, x, w, None), ref - bias))
+    return err
+
+
+def conv(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Return convolution module ``m`` applied to ``x`` with ``weight`` and ``bias`` in place of its own."""
+    _require("conv")
+    return _conv_impl(m, x, weight, bias)

@@ -1,0 +1,196 @@
+"""The shim over the fast path's private torch ops: each wrapper against autograd, and a broken op caught."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+from torch.func import functional_call, vjp
+from torch.nn import functional as F
+
+from alphalib import _ops, tangent
+from alphalib.models import CausalSelfAttention
+
+OPS = ["gelu_backward", "silu_backward", "layer_norm", "layer_norm_backward", "softmax_backward", "pool_indices",
+       "conv"]
+RAISING = [name for name in OPS if name != "pool_indices"]  # pool_indices returns None instead
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """Forget the cached verdicts for this test (restored after it)."""
+    monkeypatch.setattr(_ops, "_verdicts", {})
+
+
+def test_every_op_is_verified_on_this_torch(fresh):
+    assert _ops.verify_all() == dict.fromkeys(OPS)
+
+
+def test_verification_keeps_grad_mode_and_rng(fresh):
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        _ops.verify_all()
+        assert not torch.is_grad_enabled()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_each_op_is_checked_once(fresh, monkeypatch):
+    call, reference, off, check = _ops._CHECKS["gelu_backward"]
+    runs = []
+    monkeypatch.setitem(_ops._CHECKS, "gelu_backward", (call, reference, off, lambda: runs.append(1) or check()))
+    z = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    for _ in range(3):
+        _ops.gelu_backward(z, z)
+    assert runs == [1]
+
+
+# ---- each wrapper against an independent autograd computation -----------------------------------------------
+
+@pytest.mark.parametrize("fn", [F.gelu, F.silu])
+def test_activation_backward_is_the_vjp(fn):
+    torch.manual_seed(0)
+    z, g = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    wrapper = _ops.gelu_backward if fn is F.gelu else _ops.silu_backward
+    assert rel_err(wrapper(g, z), vjp(fn, z)[1](g)[0]) < 1e-14
+
+
+@pytest.mark.parametrize("shape", [(6,), (5, 6)])
+def test_layer_norm_and_its_backward(shape):
+    torch.manual_seed(0)
+    x, g, eps = 3 * torch.randn(4, 5, 6, dtype=torch.float64) + 1, torch.randn(4, 5, 6, dtype=torch.float64), 1e-3
+    x_hat, mean, rstd = _ops.layer_norm(x, shape, eps)
+    rows = x.flatten(-len(shape)).flatten(0, -2)  # one row per normalized group
+    assert rel_err(mean.flatten(), rows.mean(-1)) < 1e-14
+    assert rel_err(rstd.flatten(), 1 / (rows.var(-1, unbiased=False) + eps).sqrt()) < 1e-14
+    assert rel_err(x_hat, F.layer_norm(x, shape, eps=eps)) < 1e-14
+    ref = vjp(lambda y: F.layer_norm(y, shape, eps=eps), x)[1](g)[0]
+    assert rel_err(_ops.layer_norm_backward(g, x, shape, mean, rstd), ref) < 1e-13
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_softmax_backward_is_the_vjp(dim):
+    torch.manual_seed(0)
+    s, g = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    if dim == -1:  # causal mask, as in attention
+        s = s + torch.full((5, 5), float("-inf"), dtype=torch.float64).triu(1)
+    p = torch.softmax(s, dim)
+    assert rel_err(_ops.softmax_backward(g, p, dim), vjp(lambda y: torch.softmax(y, dim), s)[1](g)[0]) < 1e-14
+
+
+def test_pool_indices_are_the_argmax():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    pool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+    out = pool(x)
+    idx = _ops.pool_indices(out)
+    assert torch.equal(idx, F.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)[1])
+    assert torch.equal(x.flatten(-2).gather(-1, idx.flatten(-2)).view_as(out), out)
+    assert _ops.pool_indices(pool(x.detach())) is None  # no grad_fn: nothing saved
+    assert _ops.pool_indices(F.max_pool1d(x.flatten(-2), 2)) is None  # its grad_fn keeps no indices
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular", "reflect", "replicate"])
+@pytest.mark.parametrize("cls", [nn.Conv1d, nn.Conv2d])
+def test_conv_is_the_module_with_other_weights(cls, mode):
+    torch.manual_seed(0)
+    m = cls(3, 4, 3, stride=2, padding=2, dilation=2, padding_mode=mode).double()
+    x = torch.randn(2, 3, *(9,) * (m.weight.dim() - 2), dtype=torch.float64)
+    w, b = torch.randn_like(m.weight), torch.randn_like(m.bias)
+    assert rel_err(_ops.conv(m, x, w, b), functional_call(m, {"weight": w, "bias": b}, (x,))) < 1e-14
+    zero = torch.zeros_like(b)
+    assert rel_err(_ops.conv(m, x, w, None), functional_call(m, {"weight": w, "bias": zero}, (x,))) < 1e-14
+
+
+# ---- a broken op is caught ------------------------------------------------------------------------------------
+
+_X = torch.linspace(-1, 1, 12, dtype=torch.float64).view(3, 4)
+CALLS = {  # a call of each raising wrapper
+    "gelu_backward": lambda: _ops.gelu_backward(_X, _X),
+    "silu_backward": lambda: _ops.silu_backward(_X, _X),
+    "layer_norm": lambda: _ops.layer_norm(_X, (4,), 1e-5),
+    "layer_norm_backward": lambda: _ops.layer_norm_backward(_X, _X, (4,), *_ops.layer_norm(_X, (4,), 1e-5)[1:]),
+    "softmax_backward": lambda: _ops.softmax_backward(_X, _X.softmax(-1), -1),
+    "conv": lambda: (lambda m: _ops.conv(m, _X[None], m.weight, None))(nn.Conv1d(3, 2, 3).double()),
+}
+
+
+def _off(out):
+    return tuple(_off(o) for o in out) if isinstance(out, tuple) else out * (1 + 1e-9)
+
+
+def _missing(*args):
+    return torch.ops.aten.no_such_op_in_this_torch(*args)  # AttributeError, as for an op torch removed
+
+
+def test_unverified_is_not_a_runtime_error():
+    assert not issubclass(_ops.Unverified, RuntimeError)
+
+
+@pytest.mark.parametrize("name", RAISING)
+def test_a_disagreeing_op_is_caught(fresh, monkeypatch, name):
+    impl = getattr(_ops, f"_{name}_impl")
+    monkeypatch.setattr(_ops, f"_{name}_impl", lambda *args: _off(impl(*args)))  # off by 1e-9 relative
+    call, version = re.escape(_ops._CHECKS[name][0]), re.escape(torch.__version__)
+    with pytest.raises(_ops.Unverified, match=rf"^{call} disagrees with .* in torch {version}; "):
+        CALLS[name]()
+    assert _ops.verify_all()[name].startswith(f"{_ops._CHECKS[name][0]} disagrees")
+
+
+@pytest.mark.parametrize("name", RAISING)
+def test_a_missing_op_is_caught(fresh, monkeypatch, name):
+    monkeypatch.setattr(_ops, f"_{name}_impl", _missing)
+    with pytest.raises(_ops.Unverified, match=rf"^{re.escape(_ops._CHECKS[name][0])} is missing \(AttributeError: "):
+        CALLS[name]()
+
+
+def test_gelu_backward_off_by_a_factor(fresh, monkeypatch):
+    monkeypatch.setattr(_ops, "_gelu_backward_impl", lambda g, z: 2 * g)
+    with pytest.raises(_ops.Unverified, match="torch.ops.aten.gelu_backward disagrees with autograd .* GELU$"):
+        _ops.gelu_backward(_X, _X)
+
+
+@pytest.mark.parametrize("impl", [_missing, lambda out: out.grad_fn._saved_result1.flip(-1)])
+def test_pool_indices_are_none_when_unverified(fresh, monkeypatch, impl):
+    monkeypatch.setattr(_ops, "_pool_indices_impl", impl)
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert _ops.pool_indices(F.max_pool2d(x, 2)) is None
+    assert _ops.verify_all()["pool_indices"] is not None
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(2)).double()
+    cap = tangent.Capture(model)
+    model(x)
+    assert cap.outputs[model[1]].is_floating_point()  # the rule keeps the input and recomputes the argmax
+
+
+# ---- every call site goes through the shim ----------------------------------------------------------------------
+
+def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    if name in ("gelu_backward", "silu_backward"):
+        return nn.Sequential(nn.Linear(3, 4), nn.GELU() if name == "gelu_backward" else nn.SiLU(), nn.Linear(4, 2)), \
+            torch.randn(5, 3)
+    if name in ("layer_norm", "layer_norm_backward"):
+        return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), torch.randn(5, 3)
+    if name == "softmax_backward":
+        return nn.Sequential(nn.Linear(3, 4), CausalSelfAttention(4, 2), nn.Linear(4, 2)), torch.randn(5, 3, 3)
+    return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(15, 2)), \
+        torch.randn(5, 2, 5)
+
+
+@pytest.mark.parametrize("name", RAISING)
+def test_the_tangent_pass_raises_unverified(fresh, monkeypatch, name):
+    torch.manual_seed(0)
+    model, x = _model(name)
+    model, x = model.double(), x.double()
+    cap = tangent.Capture(model, errors=True)
+    y = torch.randn_like(model(x))
+    F.mse_loss(model(x), y).backward()
+    deltas = {id(p): 1e-3 * torch.randn_like(p) for p in model.parameters()}
+    tangent.tangent_pass(model, cap, F.mse_loss, y, deltas, exact=True)  # verified: runs
+    F.mse_loss(model(x), y).backward()
+    monkeypatch.setattr(_ops, f"_{name}_impl", _missing)
+    monkeypatch.setattr(_ops, "_verdicts", {})
+    with pytest.raises(_ops.Unverified, match=re.escape(_ops._CHECKS[name][0])):
+        tangent.tangent_pass(model, cap, F.mse_loss, y, deltas, exact=True)
