@@ -8,6 +8,8 @@ on that minimum.
 
 from .curvature import BACKENDS, AlphaResult, Backend, alpha_star, hvp
 from .data import gaussian_regression, loader
+from ._checks import ParamVector
+from ._function import Objective, objective
 from .direction import direction
 from .models import SimpleNet
 from .probe import AlphaProbe
@@ -25,8 +27,11 @@ __all__ = [
     "BACKENDS",
     # the optimizer's direction
     "direction",
+    "ParamVector",
     # probing a training run
     "AlphaProbe",
+    "objective",
+    "Objective",
     "Record",
     "FLAGS",
     "to_frame",

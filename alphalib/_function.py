@@ -1,18 +1,21 @@
-"""The mini-batch loss as a pure function of the parameters.
+"""The training loss as a pure function of the parameters.
 
-Every curvature backend differentiates :math:`L_B(\\theta) = \\ell(f(\\theta, x), y)` through this one
-object, so slope and curvature always come from the same function: the same batch, the same buffers and
-the same random draws. It evaluates the model with :func:`torch.func.functional_call`, hands it clones of
-the buffers (BatchNorm's running statistics are updated on the clones, never on the model) and replays one
-fixed RNG state inside :func:`torch.random.fork_rng` on every call, so a model with dropout sees one and the
-same mask each time while the global RNG stream stays untouched. Attention runs on PyTorch's math kernel
-here (the fused CPU kernels have no double backward); training itself keeps whichever kernel it chose.
+Every curvature backend differentiates :math:`L_B(\\theta) = \\ell(f(\\theta, x), y)`, or an
+:func:`objective` ``fn(model, batch)``, through this one object, so slope and curvature always come from the
+same function: the same batch (or micro-batches, weighted as training weighted them), the same buffers and the
+same random draws. It evaluates the model with :func:`torch.func.functional_call`, hands it clones of the
+buffers (BatchNorm's running statistics are updated on the clones, never on the model) and replays a fixed
+RNG state inside :func:`torch.random.fork_rng` on every call, so a model with dropout sees one and the same
+mask each time while the global RNG stream stays untouched. Attention runs on PyTorch's math kernel here (the
+fused CPU kernels have no double backward); training itself keeps whichever kernel it chose.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,30 +51,123 @@ def replay_rng(state: Tensor, device: torch.device) -> Iterator[None]:
         yield
 
 
-class BatchLoss:
-    """:math:`\\theta \\mapsto L_B(\\theta)` for one model and one batch, with the model left untouched."""
+@dataclass(frozen=True)
+class Objective:
+    """A training objective ``fn(model, batch) -> scalar`` (see :func:`objective`)."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: object, rng: Tensor | None = None):
-        self.model, self.loss_fn = model, loss_fn
-        self.inputs, self.targets = check_batch(batch)
+    fn: Callable[[nn.Module, Any], Tensor]
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        return self.fn(model, batch)
+
+
+def objective(fn: Callable[[nn.Module, Any], Tensor]) -> Objective:
+    """Mark ``fn(model, batch) -> scalar`` as the training objective to probe, in place of a ``loss_fn``.
+
+    Use it when the loss is not ``loss_fn(model(inputs), targets)``: penalties on the parameters, models that
+    return their loss or a tuple, dict batches. ``fn`` may read ``model.parameters()``; the probe evaluates it
+    with the parameters it differentiates.
+
+    Example:
+        >>> import torch
+        >>> @objective
+        ... def ridge(model, batch):
+        ...     x, y = batch
+        ...     penalty = sum(p.square().sum() for p in model.parameters())
+        ...     return torch.nn.functional.mse_loss(model(x), y) + 1e-3 * penalty
+        >>> model = torch.nn.Linear(3, 1)
+        >>> ridge(model, (torch.randn(4, 3), torch.randn(4, 1))).shape
+        torch.Size([])
+    """
+    if isinstance(fn, Objective):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"objective(fn) needs a callable fn(model, batch) -> scalar, got {type(fn).__name__}.")
+    return Objective(fn)
+
+
+class _Call(nn.Module):
+    """``objective(model, batch)`` as a module, so that :func:`torch.func.functional_call` can swap parameters."""
+
+    def __init__(self, model: nn.Module, fn: Objective):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.fn(self.model, batch)
+
+
+class BatchLoss:
+    r""":math:`\theta \mapsto L(\theta)` for one model and one batch (or weighted micro-batches), model untouched.
+
+    ``L`` is ``loss_fn(model(x), y)`` or ``objective(model, batch)``; over micro-batches
+    :math:`B_1, \dots, B_k` with weights :math:`w_i` (summing to 1) it is :math:`\sum_i w_i L_{B_i}`, the
+    loss of their union as gradient accumulation weights it. ``rngs`` holds the RNG state to replay for each
+    batch (``None``: the current one).
+    """
+
+    def __init__(
+        self, model: nn.Module, loss: LossFn | Objective, batch: object, rng: Tensor | None = None, *,
+        batches: Sequence[object] | None = None, weights: Sequence[float] | None = None,
+        rngs: Sequence[Tensor | None] | None = None,
+    ):
+        self.model, self.loss = model, loss
+        self.batches = list(batches) if batches is not None else [batch]
+        if not isinstance(loss, Objective):
+            for b in self.batches:
+                check_batch(b)
+        k = len(self.batches)
+        self.weights = [1.0 / k] * k if weights is None else list(weights)
         named = list(model.named_parameters())
         self.names = [n for n, p in named if p.requires_grad]
         self.frozen = {n: p.detach() for n, p in named if not p.requires_grad}
         self.device = named[0][1].device if named else torch.device("cpu")
-        self.rng = rng_state(self.device) if rng is None else rng
+        given = list(rngs) if rngs is not None else [rng] * k
+        self.rngs = [rng_state(self.device) if r is None else r for r in given]
 
-    def outputs(self, params: Sequence[Tensor]) -> Tensor:
-        """Return the model's output :math:`f(\\theta, x)` at ``params`` (trainable ones, in order)."""
+    @property
+    def has_outputs(self) -> bool:
+        """Whether the loss is ``loss_fn(model(x), y)``, so that outputs (and the GGN) are defined."""
+        return not isinstance(self.loss, Objective)
+
+    def _state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         state = {n: b.clone() for n, b in self.model.named_buffers()}
         state.update(self.frozen)
         state.update(zip(self.names, params))
-        with replay_rng(self.rng, self.device), sdpa_kernel(SDPBackend.MATH):
-            return functional_call(self.model, state, (self.inputs,))
+        return state
 
-    def loss_of(self, outputs: Tensor) -> Tensor:
-        """Return the scalar loss :math:`\\ell(f, y)` of given outputs."""
-        return check_loss(self.loss_fn(outputs, self.targets))
+    def outputs(self, params: Sequence[Tensor]) -> list[Tensor]:
+        r"""Return the model's outputs :math:`f(\theta, x_i)` at ``params`` (trainable ones, in order)."""
+        state = self._state(params)
+        outs = []
+        for b, rng in zip(self.batches, self.rngs):
+            with replay_rng(rng, self.device), sdpa_kernel(SDPBackend.MATH):
+                outs.append(functional_call(self.model, state, (b[0],)))
+        return outs
+
+    def loss_of(self, outputs: Sequence[Tensor]) -> Tensor:
+        r"""Return the weighted loss :math:`\sum_i w_i \ell(f_i, y_i)` of given outputs."""
+        losses = [check_loss(self.loss(out, b[1])) for out, b in zip(outputs, self.batches)]
+        return _weighted(losses, self.weights)
 
     def __call__(self, params: Sequence[Tensor]) -> Tensor:
-        """Return :math:`L_B` at ``params``."""
-        return self.loss_of(self.outputs(params))
+        """Return :math:`L` at ``params``."""
+        if self.has_outputs:
+            return self.loss_of(self.outputs(params))
+        free = not (torch.is_grad_enabled() and all(p.requires_grad for p in params))
+        if free:  # the objective may differentiate itself (a gradient penalty): give it leaves to do so
+            params = [p.detach().requires_grad_(True) for p in params]
+        state = {f"model.{n}": t for n, t in self._state(params).items()}
+        call, losses = _Call(self.model, self.loss), []
+        with torch.enable_grad():
+            for b, rng in zip(self.batches, self.rngs):
+                with replay_rng(rng, self.device), sdpa_kernel(SDPBackend.MATH):
+                    losses.append(check_loss(functional_call(call, state, (b,)), what="the objective"))
+        loss = _weighted(losses, self.weights)
+        return loss.detach() if free else loss
+
+
+def _weighted(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    if len(losses) == 1 and weights[0] == 1.0:
+        return losses[0]
+    return sum(w * loss for w, loss in zip(weights, losses))

@@ -51,7 +51,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_vector, trainable
+from ._checks import ParamVector, Vector, check_vector, trainable
 from ._function import BatchLoss, LossFn, dot
 
 Backend = Literal["hessian", "ggn", "fd", "fd_onesided", "secant"]
@@ -65,6 +65,7 @@ class Directional:
     loss: float
     slope: float
     curvature: float
+    grad_norm: float = math.nan  #: :math:`\|g\|`, where the backend computed the gradient
 
 
 @dataclass(frozen=True)
@@ -91,31 +92,51 @@ class Known:
     """What the training step already computed at ``theta``, for backends that can reuse it."""
 
     loss: float  #: :math:`L_B(\theta)`
-    grad: Sequence[Tensor]  #: :math:`\nabla L_B(\theta)`
+    grad: Sequence[Tensor]  #: :math:`\nabla L_B(\theta)`, or ``scale`` times it (a scaled training loss)
     endpoint: Sequence[Tensor] | None = None  #: the parameters after the step, :math:`\theta + v`
+    scale: float = 1.0  #: the constant the training loss was multiplied by
+    grad_norm: float = math.nan  #: :math:`\|\nabla L_B(\theta)\|`
 
 
 def _hessian(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
     theta = _leaves(theta)
     loss = fn(theta)
-    slope = dot(_grad(loss, theta, create_graph=True), v)
+    g = _grad(loss, theta, create_graph=True)
+    slope = dot(g, v)
     hv = _grad(slope, theta) if slope.requires_grad else [torch.zeros_like(p) for p in theta]
-    return Directional(loss.item(), slope.item(), dot(hv, v).item())
+    return _values(loss, slope, dot(hv, v), g)
+
+
+def _values(loss: Tensor, slope: Tensor, curvature: Tensor, g: Sequence[Tensor]) -> Directional:
+    """Return the scalars with one synchronisation."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([gi.detach() for gi in g])))
+    values = torch.stack([t.detach().double() for t in (loss, slope, curvature, norm)]).tolist()
+    return Directional(*values)
 
 
 def _ggn(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
+    if not fn.has_outputs:
+        raise ValueError("the 'ggn' backend needs loss_fn(model(inputs), targets); an objective has no model "
+                         "output to split the loss at. Use curvature='hessian'.")
     theta = _leaves(theta)
-    out = fn.outputs(theta)
-    loss = fn.loss_of(out)
-    # J v by the double-vjp trick: J^T u is linear in u, so its gradient w.r.t. u along v is J v.
+    outs = fn.outputs(theta)
+    loss = fn.loss_of(outs)
+    jv = [_jvp(out, theta, v) for out in outs]
+    g_out = _grad(loss, outs, create_graph=True)
+    slope = dot(g_out, jv)
+    h_jv = _grad(slope, outs) if slope.requires_grad else [torch.zeros_like(o) for o in outs]
+    g = _grad(outs, theta, grad_outputs=[t.detach() for t in g_out])  # J^T ∇_f ℓ, for the gradient's norm
+    return _values(loss, slope, dot(h_jv, jv), g)
+
+
+def _jvp(out: Tensor, theta: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
+    r"""Return :math:`J v` by the double-vjp trick: :math:`J^\top u` is linear in u, its gradient along v is J v."""
     u = torch.zeros_like(out, requires_grad=True)
     jt_u = _grad(out, theta, grad_outputs=u, create_graph=True)
     pairs = [(t, vi) for t, vi in zip(jt_u, v) if t.requires_grad]
-    jv = _grad([t for t, _ in pairs], u, grad_outputs=[vi for _, vi in pairs])[0]
-    g_out = _grad(loss, out, create_graph=True)[0]
-    slope = dot([g_out], [jv])
-    h_jv = _grad(slope, out)[0] if slope.requires_grad else torch.zeros_like(out)
-    return Directional(loss.item(), slope.item(), dot([h_jv], [jv]).item())
+    if not pairs:
+        return torch.zeros_like(out)
+    return _grad([t for t, _ in pairs], u, grad_outputs=[vi for _, vi in pairs])[0]
 
 
 def _grad_at(fn: BatchLoss, theta: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -123,13 +144,14 @@ def _grad_at(fn: BatchLoss, theta: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return _grad(fn(theta), theta)
 
 
-def _known(fn: BatchLoss, theta: Sequence[Tensor], known: Known | None) -> tuple[float, Sequence[Tensor]]:
-    """Return loss and gradient at ``theta``: the training step's when given, else computed."""
+def _known(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None) -> Directional:
+    r"""Return loss, slope :math:`v^\top g` and :math:`\|g\|` at ``theta``: the training step's when given."""
     if known is not None:
-        return known.loss, known.grad
+        return Directional(known.loss, dot(known.grad, v).item() / known.scale, math.nan, known.grad_norm)
     leaves = _leaves(theta)
     loss = fn(leaves)
-    return loss.item(), _grad(loss, leaves)
+    g = _grad(loss, leaves)
+    return _values(loss, dot(g, v), torch.zeros(()), g)
 
 
 def _fd_step(theta: Sequence[Tensor], v_norm: float, order: int) -> float:
@@ -142,26 +164,26 @@ def _differences(
     fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None, *, central: bool
 ) -> Directional:
     """Differences of gradients along ``v``: central at θ ± εv, or one-sided against the gradient at θ."""
-    loss, g = _known(fn, theta, known)
+    at = _known(fn, theta, v, known)
     v_norm = math.sqrt(dot(v, v).item())
     if v_norm == 0.0:
-        return Directional(loss, 0.0, 0.0)
+        return Directional(at.loss, 0.0, 0.0, at.grad_norm)
     eps = _fd_step(theta, v_norm, order=2 if central else 1)
-    slope = dot(g, v)
     g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v)])
     if central:
         g_minus = _grad_at(fn, [p - eps * vi for p, vi in zip(theta, v)])
-        return Directional(loss, slope.item(), (dot(g_plus, v) - dot(g_minus, v)).item() / (2 * eps))
-    return Directional(loss, slope.item(), (dot(g_plus, v) - slope).item() / eps)
+        curvature = (dot(g_plus, v) - dot(g_minus, v)).item() / (2 * eps)
+    else:
+        curvature = (dot(g_plus, v).item() - at.slope) / eps
+    return Directional(at.loss, at.slope, curvature, at.grad_norm)
 
 
 def _secant(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
-    loss, g = _known(fn, theta, known)
-    slope = dot(g, v)
+    at = _known(fn, theta, v, known)
     with torch.no_grad():
         end = known.endpoint if known is not None else None
         loss_next = fn(end if end is not None else [p + vi for p, vi in zip(theta, v)])
-    return Directional(loss, slope.item(), 2 * (loss_next.item() - loss - slope.item()))
+    return Directional(at.loss, at.slope, 2 * (loss_next.item() - at.loss - at.slope), at.grad_norm)
 
 
 _BACKENDS: dict[str, Callable[..., Directional]] = {
@@ -195,36 +217,41 @@ def directional(
     return _BACKENDS[check_backend(curvature)](fn, theta, v, known)
 
 
-def hvp(model: nn.Module, loss_fn: LossFn, batch: object, v: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def hvp(model: nn.Module, loss_fn: LossFn, batch: object, v: Vector) -> ParamVector:
     """Return the Hessian-vector product :math:`H v` of the mean mini-batch loss at the model's parameters.
 
-    ``v`` and the result are tuples aligned with ``[p for p in model.parameters() if p.requires_grad]``.
-    The model, its buffers, its ``.grad`` fields and the global RNG are left as they were; a model with
-    dropout is differentiated with one fixed mask.
+    ``v`` is a tuple aligned with ``[p for p in model.parameters() if p.requires_grad]``, a dict keyed by
+    those parameters' names in ``model.named_parameters()``, or a ``ParamVector`` (what :func:`alphalib.direction`
+    and :func:`hvp` return), which is matched to the model's parameters by identity, in any order, with zeros
+    for trainable parameters it lacks. Anything that does not match is a ``ValueError``. The result is a
+    ``ParamVector`` aligned with the model's trainable parameters. The model, its buffers, its ``.grad``
+    fields and the global RNG are left as they were; a model with dropout is differentiated with one fixed mask.
     """
     params = trainable(model)
-    v = check_vector(v, params)
+    v = check_vector(v, model)
     theta = _leaves(params)
     slope = dot(_grad(BatchLoss(model, loss_fn, batch)(theta), theta, create_graph=True), v)
     if not slope.requires_grad:
-        return tuple(torch.zeros_like(p) for p in params)
-    return _grad(slope, theta)
+        return ParamVector((torch.zeros_like(p) for p in params), params)
+    return ParamVector(_grad(slope, theta), params)
 
 
 def alpha_star(
     model: nn.Module,
     loss_fn: LossFn,
     batch: object,
-    d: Sequence[Tensor],
+    d: Vector,
     *,
     curvature: Backend = "hessian",
     lr: float | None = None,
 ) -> AlphaResult:
     r"""Return :math:`\alpha^* = -d^\top g / d^\top H d` along ``d`` at the model's current parameters.
 
-    ``d`` is aligned with ``[p for p in model.parameters() if p.requires_grad]``; for an optimizer's step
-    at learning rate ``lr`` use :func:`alphalib.direction`, so that :math:`\alpha^*` is in learning-rate
-    units and :math:`\alpha^*/\mathrm{lr} = 1` means the step lands on the model's minimum. ``lr`` is needed
+    ``d`` is what :func:`hvp` takes: a tuple aligned with ``[p for p in model.parameters() if p.requires_grad]``,
+    a dict keyed by their names, or a ``ParamVector`` matched by parameter identity. For an optimizer's step
+    at learning rate ``lr`` use :func:`alphalib.direction`, whose ``ParamVector`` makes the order of the
+    optimizer's param groups irrelevant; then :math:`\alpha^*` is in learning-rate units and
+    :math:`\alpha^*/\mathrm{lr} = 1` means the step lands on the model's minimum. ``lr`` is needed
     by the ``"secant"`` backend only, which evaluates the loss at :math:`\theta + \mathrm{lr}\, d`.
 
     Example:
@@ -238,7 +265,7 @@ def alpha_star(
         True
     """
     params = trainable(model)
-    d = check_vector(d, params, name="d")
+    d = check_vector(d, model, name="d")
     fn = BatchLoss(model, loss_fn, batch)
     check_backend(curvature)
     if curvature == "secant" and lr is None:

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._checks import ParamVector
+
 __all__ = ["direction"]
 
 State = dict[str, Any]
@@ -160,13 +162,16 @@ def _check(p: Tensor) -> None:
 
 
 @torch.no_grad()
-def direction(optimizer: torch.optim.Optimizer) -> tuple[Tensor, ...]:
+def direction(optimizer: torch.optim.Optimizer) -> ParamVector:
     """Return the unit-learning-rate direction of the step ``optimizer.step()`` is about to take.
 
-    Call it after ``loss.backward()`` and before ``optimizer.step()``. The result is
-    aligned with ``[p for g in optimizer.param_groups for p in g["params"]]`` and
-    satisfies ``(theta_new - theta_old) / group["lr"] == d`` to rounding; parameters
-    without a gradient get zeros. The optimizer state is left untouched.
+    Call it after ``loss.backward()`` and before ``optimizer.step()``. The result is a
+    :class:`~alphalib._checks.ParamVector`: a tuple aligned with
+    ``[p for g in optimizer.param_groups for p in g["params"]]``, which it carries as
+    ``d.params``, so :func:`alphalib.hvp` and :func:`alphalib.alpha_star` match it to the
+    model's parameters whatever the groups' order. It satisfies
+    ``(theta_new - theta_old) / group["lr"] == d`` to rounding; parameters without a
+    gradient get zeros. The optimizer state is left untouched.
     """
     family = _FAMILIES.get(type(optimizer))
     if family is None:
@@ -196,4 +201,4 @@ def direction(optimizer: torch.optim.Optimizer) -> tuple[Tensor, ...]:
                 g = g.add(p, alpha=wd)
             d = family(g, optimizer.state.get(p, {}), group, optimizer.defaults)
             out.append(d.sub_(p, alpha=wd) if wd != 0 and decoupled else d)
-    return tuple(out)
+    return ParamVector(out, (p for group in optimizer.param_groups for p in group["params"]))

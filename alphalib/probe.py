@@ -10,35 +10,42 @@ minimum) stays defined; ``alpha_star`` is then ``ratio`` times the *first* group
 
 **Two paths.** The *fast* path reuses what the training step computed: for ``"hessian"`` and ``"ggn"`` a
 tangent pass over the step's saved activations and errors (:mod:`alphalib.tangent`, for models whose
-modules all have a tangent rule); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and the
-gradient in ``.grad``. The *generic* path recomputes everything at :math:`\theta_t` from a fresh forward pass
-and works for any model. ``path="auto"`` (default) takes the fast path where it applies; every record says
-which ran. The fast path reads :math:`g_t` from ``.grad``, so with gradient clipping, accumulation or
-penalties written into ``.grad`` use ``path="generic"``.
+modules all have a tangent rule); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and
+gradient. The *generic* path recomputes everything at :math:`\theta_t` from a fresh forward pass and works for
+any model and loss. ``path="auto"`` (default) takes the fast path only where :mod:`alphalib._proof` shows that
+what it would reuse is this step's: one forward pass on the batch handed over, one backward pass of a multiple
+of the probe's loss through the model's output, parameters unchanged since; :math:`g_t` is what reached the
+parameters through the output (so clipping or penalties on ``.grad`` do not leak in). Otherwise the generic
+path runs and the record's ``fallback`` says why; a batch that is not what training backpropagated is flagged
+``mismatch``.
 
-**The function that is probed.** Slope and curvature come from one function: the training loss on the
-same batch, evaluated in the model's current mode with the random draws of the model's last forward pass
-(the probe remembers the RNG state at each forward call and replays it), so a model with dropout is probed
-with the training step's own mask; BatchNorm in train mode uses the batch statistics, as in training.
+**The function that is probed.** Slope and curvature come from one function: ``loss_fn(model(x), y)`` (or
+the :func:`alphalib.objective`) on the same batch, or on the union of the micro-batches that built ``.grad``,
+evaluated in the model's current mode and the parameters' precision, with the random draws of the training
+forward pass replayed, so a model with dropout is probed with the training step's own mask; BatchNorm in
+train mode uses the batch statistics, as in training.
 
 **A pure observer.** Parameters, ``.grad``, optimizer state, buffers (BatchNorm running statistics) and the
-global RNG stream end up bit-for-bit as they would without the probe. Odd curvature never raises: it is
-recorded and named in ``flag`` (see :data:`alphalib.records.FLAGS`); a backend that fails (for example an
-operation without a double backward) records ``flag="error"`` and warns once.
+global RNG stream end up bit-for-bit as they would without the probe. What cannot be measured raises a
+``ValueError`` before the optimizer steps; after it nothing raises: odd curvature is recorded and named in
+``flag`` (see :data:`alphalib.records.FLAGS`), and a backend that fails (for example an operation without a
+double backward) records ``flag="error"``, its reason in ``fallback``, and warns once.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from . import _ops
 from ._checks import check_batch, check_loss, trainable
-from ._function import BatchLoss, LossFn, rng_state
+from ._function import BatchLoss, LossFn, Objective, rng_state
+from ._proof import Verdict, Witness
 from .curvature import Backend, Directional, Known, check_backend, directional
 from .records import Record, make_record, to_frame
 from .tangent import Capture, covers, tangent_pass
@@ -50,26 +57,30 @@ if TYPE_CHECKING:
 
 
 class AlphaProbe:
-    """Step ``optimizer`` and record :math:`\\alpha^*` along the realized step on every ``every``-th call.
+    r"""Step ``optimizer`` and record :math:`\alpha^*` along the realized step on every ``every``-th call.
+
+    ``loss`` is the ``loss_fn(outputs, targets)`` training minimises on ``model(inputs)``, or an
+    :func:`alphalib.objective` ``fn(model, batch) -> scalar`` for anything else (penalties, models that return
+    their loss, dict batches). Use it as a context manager, or call :meth:`remove`, to detach its hooks.
 
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        >>> probe = AlphaProbe(model, torch.nn.functional.mse_loss, opt)
         >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
-        >>> for _ in range(3):
-        ...     opt.zero_grad()
-        ...     torch.nn.functional.mse_loss(model(x), y).backward()
-        ...     rec = probe.step((x, y))
-        >>> len(probe.to_frame())
-        3
+        >>> with AlphaProbe(model, torch.nn.functional.mse_loss, opt) as probe:
+        ...     for _ in range(3):
+        ...         opt.zero_grad()
+        ...         torch.nn.functional.mse_loss(model(x), y).backward()
+        ...         rec = probe.step((x, y))
+        >>> len(probe.to_frame()), rec.path
+        (3, 'fast')
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss: LossFn | Objective,
         optimizer: torch.optim.Optimizer,
         *,
         curvature: Backend = "hessian",
@@ -77,115 +88,235 @@ class AlphaProbe:
         path: Path = "auto",
         tags: Mapping[str, Any] | None = None,
     ):
-        if not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (probe every k-th step), got {every!r}.")
         if path not in ("auto", "fast", "generic"):
             raise ValueError(f"path must be 'auto', 'fast' or 'generic', got {path!r}.")
-        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        if not callable(loss):
+            raise TypeError(f"loss must be a loss_fn(outputs, targets) or an alphalib.objective, got {type(loss).__name__}.")
+        self.model, self.loss, self.optimizer = model, loss, optimizer
         self.curvature = check_backend(curvature)
-        self.every = every
-        self.tags = dict(tags or {})
+        self.objective = isinstance(loss, Objective)
+        if self.objective and self.curvature == "ggn":
+            raise ValueError("curvature='ggn' needs loss_fn(model(inputs), targets): an objective has no model output "
+                             "to split the loss at. Use curvature='hessian', or pass the loss_fn.")
+        if self.objective and path == "fast":
+            raise ValueError("path='fast' needs loss_fn(model(inputs), targets); with an objective use path='auto' "
+                             "or 'generic' (it is measured on the generic path).")
+        trainable(model)
+        self._check_optimizer()
+        self.every, self.tags = every, dict(tags or {})
         self.records: list[Record] = []
         self.steps = 0
-        self._params = trainable(model)
-        self._rng: Tensor | None = None
-        self._warned = False
-        self._hook = model.register_forward_pre_hook(self._remember_rng)
+        self._warned = self._validated = False
         self._capture: Capture | None = None
-        if path != "generic":
-            sweep = self.curvature in ("hessian", "ggn")
-            reason = covers(model) if sweep else None
-            if reason is None:
-                self._capture = Capture(model, sweep=sweep, errors=self.curvature == "hessian")
+        self._why = "path='generic' was asked for" if path == "generic" else ""
+        if path != "generic" and not self.objective and self.curvature in ("hessian", "ggn"):
+            self._why = covers(model) or ""
+            if not self._why:
+                self._capture = Capture(model, sweep=True, errors=self.curvature == "hessian")
             elif path == "fast":
-                self._hook.remove()
-                raise ValueError(f"path='fast' is not available: {reason}. Use path='auto' (it falls back to the "
+                raise ValueError(f"path='fast' is not available: {self._why}. Use path='auto' (it falls back to the "
                                  "generic path) or path='generic'.")
-        self.path = "generic" if self._capture is None else "fast"
+        elif self.objective:
+            self._why = "the probe measures an objective(model, batch), not loss_fn(model(x), y)"
+        self._witness = Witness(model)
+        self._witness.tap = not self._why  # the fast path takes g_t from what reached .grad through the output
+        if self._capture is not None:
+            self._capture.own = self._witness.own
+        self.path = "generic" if self._why else "fast"
 
-    def _remember_rng(self, module: nn.Module, args: Any) -> None:
-        if torch.is_grad_enabled():  # the training forward, not an evaluation under no_grad
-            self._rng = rng_state(self._params[0].device)
+    # ---- hooks and housekeeping ---------------------------------------------------------------------------
+
+    def __enter__(self) -> AlphaProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Detach the probe's hooks from the model (records stay)."""
+        self._witness.remove()
+        if self._capture is not None:
+            self._capture.remove()
 
     def _arm(self, step: int) -> None:
-        """Forget the last step's tensors; keep the next training step's if ``step`` will be probed."""
+        """Forget the last step; keep what the next training step leaves if ``step`` will be probed."""
+        probed = step % self.every == 0
+        self._witness.reset(armed=probed)
         if self._capture is not None:
             self._capture.clear()
-            self._capture.active = step % self.every == 0
+            self._capture.active = probed
 
-    def step(self, batch: object, *, epoch: int | None = None) -> Record | None:
+    def _check_optimizer(self) -> None:
+        owned = {id(p) for p in self.model.parameters()}
+        held = [p for group in self.optimizer.param_groups for p in group["params"]]
+        stray = [p for p in held if id(p) not in owned]
+        if len(stray) == len(held):
+            raise ValueError("the optimizer holds none of the model's parameters, so the probe would record zero "
+                             "steps; build it from model.parameters().")
+        if stray:
+            shapes = ", ".join(str(tuple(p.shape)) for p in stray[:3])
+            raise ValueError(f"the optimizer also updates {len(stray)} tensors that are not parameters of the model "
+                             f"(shapes {shapes}), so the probe would measure only part of the step; make them "
+                             "parameters of a module that holds the model too.")
+
+    def _split(self, batch: object) -> list[object]:
+        """Return the batches that built ``.grad``: ``batch``, or the micro-batches of a list of batches."""
+        if isinstance(batch, list) and batch and all(isinstance(b, (tuple, list, Mapping)) for b in batch):
+            batches = batch
+        else:
+            batches = [batch]
+        if not self.objective:
+            for b in batches:
+                check_batch(b)
+        return batches
+
+    # ---- one step -----------------------------------------------------------------------------------------
+
+    def step(
+        self, batch: object, *, epoch: int | None = None, closure: Callable[[], Tensor] | None = None,
+    ) -> Record | None:
         """Take the optimizer step; on probed steps return its record, else ``None``.
 
-        Call after ``loss.backward()`` in place of ``optimizer.step()``; ``batch`` is the ``(inputs, targets)``
-        pair the loss was computed on.
+        Call after ``loss.backward()`` in place of ``optimizer.step()``. ``batch`` is what the loss was computed on:
+        the ``(inputs, targets)`` pair for a ``loss_fn``, the objective's batch, or a *list* of the micro-batches
+        whose backward passes accumulated into ``.grad`` (their union's loss is measured, weighted as training
+        weighted them). For optimizers that take a closure (LBFGS) pass it as ``closure``. What cannot be measured
+        raises a ``ValueError`` *before* the optimizer steps; after it, failures become records flagged ``error``.
         """
-        _, targets = check_batch(batch)
-        t, self.steps = self.steps, self.steps + 1
+        batches = self._split(batch)
+        t = self.steps
         if t % self.every:
-            self.optimizer.step()
+            self._take(closure)
+            self.steps = t + 1
             self._arm(t + 1)
             return None
+        params = trainable(self.model)
+        self._check_optimizer()
+        self._witness.watch(list(self.model.parameters()))
+        verdict = self._judge(params, batches, closure)
+        self._validate(batches)
         cap = self._capture
-        captured = cap is not None and cap.output is not None and not cap.reused  # the training step, unambiguous
-        sweep = captured and self.curvature in ("hessian", "ggn")
-        params = [p.detach() for p in self._params]
-        theta = [p.clone() for p in params]
-        grads = [p.grad for p in self._params if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        fallback = ([self._why] if self._why else verdict.reasons) + verdict.mismatch
+        sweep = verdict.fast and cap is not None and not self._why
+        if sweep and (cap.output is None or cap.reused):
+            fallback.append("a module ran twice in the forward pass" if cap.reused else "the capture is empty")
+            sweep = False
+        reuse = verdict.fast and not self._why and cap is None
+        theta = [p.detach().clone() for p in params]
         lr = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
+        rngs = verdict.rngs if closure is None else [rng_state(params[0].device)]
+        self._witness.armed = False  # what runs from here on (a closure, the probe's passes) is not training's
+        if cap is not None:
+            cap.active = False
+        try:
+            self._take(closure)
+        finally:
+            self.steps = t + 1
         with torch.no_grad():
+            current = [p.detach() for p in params]
             if sweep:  # θ_t is not needed again: turn its copy into Δ in place
-                torch._foreach_sub_(theta, params)
+                torch._foreach_sub_(theta, current)
                 torch._foreach_neg_(theta)
                 delta, theta = theta, []
             else:
-                delta = torch._foreach_sub(params, theta)
-            step_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(delta)))
-            grad_norm, step_norm = torch.stack([grad_norm.double().cpu(), step_norm.double().cpu()]).tolist()
-        if cap is not None:
-            cap.active = False  # the probe's own forward passes are not the training step's
-        path, error = self.path, False
+                delta = torch._foreach_sub(current, theta)
+            step_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(delta))).item()
+        path, error = "fast", False
         try:
-            if sweep:
-                deltas = {id(p): d for p, d in zip(self._params, delta)}
-                exact = self.curvature == "hessian"
-                try:
-                    res = Directional(*tangent_pass(self.model, cap, self.loss_fn, targets, deltas, exact=exact))
-                except KeyError:  # the step did not leave what a rule needs (say, a layer called by keyword)
-                    theta = torch._foreach_sub(params, delta)
-                    res, path = self._measure(batch, targets, theta, delta, captured=False)
-            else:
-                res, path = self._measure(batch, targets, theta, delta, captured)
-        except RuntimeError as exc:
+            with torch.autocast(params[0].device.type, enabled=False):
+                if sweep:
+                    try:
+                        res = self._sweep(params, delta, verdict, batches[0])
+                    except (KeyError, _ops.Unverified) as exc:  # the step did not leave what a rule needs
+                        fallback.append(str(exc) if isinstance(exc, _ops.Unverified) else
+                                        "the forward pass did not leave what a tangent rule needs")
+                        theta = torch._foreach_sub(current, delta)
+                        sweep = False
+                if not sweep:
+                    res, path = self._measure(batches, theta, delta, verdict, rngs, reuse)
+        except Exception as exc:  # never raise after the optimizer has stepped: record it
             self._warn(exc)
             res, error = Directional(math.nan, math.nan, math.nan), True
+            fallback.append(f"error: {type(exc).__name__}: {exc}")
         finally:
             self._arm(t + 1)
         rec = make_record(
             step=t, epoch=epoch, loss=res.loss, lr=lr, step_slope=res.slope, step_curvature=res.curvature,
-            grad_norm=grad_norm, step_norm=step_norm, backend=self.curvature, path=path, error=error,
+            grad_norm=res.grad_norm, step_norm=step_norm, backend=self.curvature, path=path, error=error,
+            mismatch=bool(verdict.mismatch), fallback="; ".join(fallback),
         )
         self.records.append(rec)
         return rec
 
+    def _take(self, closure: Callable[[], Tensor] | None) -> None:
+        if closure is None:
+            self.optimizer.step()
+        else:
+            self.optimizer.step(closure)
+
+    def _judge(self, params: list[Tensor], batches: list[object], closure: object) -> Verdict:
+        """Ask the witness what the fast path may reuse; errors in ``loss_fn`` surface here, before stepping."""
+        loss_fn = None if self.objective else self.loss
+        try:
+            return self._witness.judge(params, batches, loss_fn=loss_fn, output_grad=self._output_grad,
+                                       closure=closure is not None)
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"loss_fn(outputs, targets) failed on the model's output for this batch ({exc}); "
+                             "pass the batch the loss was computed on, or an alphalib.objective.") from exc
+
+    def _output_grad(self, out: Tensor, targets: Tensor) -> Tensor:
+        r""":math:`\partial\ell(f, y)/\partial f` at the training forward's output (one small backward)."""
+        with torch.enable_grad():
+            f = out.detach().requires_grad_(True)
+            return torch.autograd.grad(check_loss(self.loss(f, targets)), f)[0]
+
+    def _validate(self, batches: list[object]) -> None:
+        """Evaluate the loss once, before the first step, so that a loss that cannot be measured raises now."""
+        if self._validated:
+            return
+        fn = BatchLoss(self.model, self.loss, None, batches=batches)
+        try:
+            with torch.no_grad():
+                fn([p.detach() for p in trainable(self.model)])
+        except Exception as exc:
+            what = "objective(model, batch)" if self.objective else "loss_fn(model(inputs), targets)"
+            hint = "" if self.objective else (" If the model does not return the tensor loss_fn expects (a tuple, "
+                                              "a dict), wrap the whole loss in alphalib.objective(fn).")
+            raise ValueError(f"the probe cannot evaluate {what} on this batch: {exc}.{hint} Nothing was stepped.") \
+                from exc
+        self._validated = True
+
+    def _sweep(self, params: list[Tensor], delta: list[Tensor], verdict: Verdict, batch: Any) -> Directional:
+        """Exact (or GGN) slope and curvature from the captured training step, by the tangent pass."""
+        deltas = {id(p): d for p, d in zip(params, delta)}
+        loss, slope, curvature = tangent_pass(self.model, self._capture, self.loss, batch[1], deltas,
+                                              exact=self.curvature == "hessian", scale=verdict.scale)
+        return Directional(loss, slope, curvature, math.nan if verdict.grad_norm is None else verdict.grad_norm)
+
     def _measure(
-        self, batch: object, targets: Tensor, theta: list[Tensor], delta: list[Tensor], captured: bool
+        self, batches: list[object], theta: list[Tensor], delta: list[Tensor], verdict: Verdict,
+        rngs: Sequence[Tensor | None], reuse: bool,
     ) -> tuple[Directional, str]:
         """Return loss, slope and curvature along the realized step from a backend, and the path that ran."""
-        fn = BatchLoss(self.model, self.loss_fn, batch, rng=self._rng)
-        if not captured:
+        fn = BatchLoss(self.model, self.loss, None, batches=batches, weights=verdict.weights, rngs=rngs)
+        if not reuse:
             return directional(fn, theta, delta, self.curvature), "generic"
-        loss = check_loss(self.loss_fn(self._capture.output.detach(), targets)).item()
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
-        known = Known(loss, grads, endpoint=[p.detach() for p in self._params])
+        params = trainable(self.model)
+        loss = check_loss(self.loss(verdict.output, batches[0][1])).item()
+        known = Known(loss, verdict.grad, endpoint=[p.detach() for p in params], scale=verdict.scale,
+                      grad_norm=math.nan if verdict.grad_norm is None else verdict.grad_norm)
         return directional(fn, theta, delta, self.curvature, known=known), "fast"
 
     def _warn(self, exc: Exception) -> None:
         if not self._warned:
             warnings.warn(
-                f"AlphaProbe: the {self.curvature!r} backend failed ({exc}); such steps are recorded with "
-                "flag='error'. Try curvature='secant', which needs no double backward.",
+                f"AlphaProbe: measuring with the {self.curvature!r} backend failed ({type(exc).__name__}: {exc}); "
+                "such steps are recorded with flag='error' and the reason in 'fallback'. If an operation lacks a "
+                "double backward, curvature='secant' needs none.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -194,9 +325,3 @@ class AlphaProbe:
     def to_frame(self) -> pd.DataFrame:
         """Return the records as a DataFrame, one row per probed step, with the probe's ``tags`` as columns."""
         return to_frame(self.records, self.tags)
-
-    def remove(self) -> None:
-        """Detach the probe's hooks from the model."""
-        self._hook.remove()
-        if self._capture is not None:
-            self._capture.remove()

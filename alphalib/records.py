@@ -18,7 +18,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
 #: Flags, in the order they are tested; a record's ``flag`` joins those that hold with ``"|"``, or is ``"ok"``.
-FLAGS: tuple[str, ...] = ("error", "nonfinite", "zero_step", "zero_curvature", "negative_curvature", "ascent")
+#: ``mismatch``: what was handed to the probe is not what training backpropagated (another batch, a loss that is
+#: not a multiple of ``loss_fn``, fewer batches than backward passes); the numbers are those of what was handed.
+FLAGS: tuple[str, ...] = (
+    "error", "nonfinite", "mismatch", "zero_step", "zero_curvature", "negative_curvature", "ascent",
+)
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,12 @@ class Record:
     curvature: float  #: :math:`d^\top H_t d` by ``backend``
     alpha_star: float  #: :math:`-d^\top g_t / d^\top H_t d`, NaN when undefined
     ratio: float  #: ``alpha_star / lr``
-    grad_norm: float  #: :math:`\|g_t\|` of the training gradient
+    grad_norm: float  #: :math:`\|g_t\|`, the gradient of the measured loss (before any clipping)
     step_norm: float  #: :math:`\|\theta_{t+1} - \theta_t\|`
     flag: str  #: ``"ok"`` or ``"|"``-joined names from :data:`FLAGS`
     backend: str  #: curvature backend that produced ``curvature``
     path: str = "generic"  #: ``"fast"`` (reused the training step) or ``"generic"`` (recomputed at θ_t)
+    fallback: str = ""  #: why the generic path ran (empty when the fast path did); what failed, on errors
 
 
 def classify(slope: float, curvature: float, *values: float, step_norm: float = 1.0) -> str:
@@ -59,17 +64,20 @@ def classify(slope: float, curvature: float, *values: float, step_norm: float = 
 def make_record(
     *, step: int, epoch: int | None, loss: float, lr: float, step_slope: float, step_curvature: float,
     grad_norm: float, step_norm: float, backend: str, path: str = "generic", error: bool = False,
+    mismatch: bool = False, fallback: str = "",
 ) -> Record:
     """Build a record from slope and curvature along the realized step :math:`\\Delta` (not yet in lr units)."""
-    flag = "error" if error else classify(step_slope, step_curvature, loss, grad_norm, step_norm=step_norm)
-    usable = flag not in ("error", "nonfinite", "zero_step") and step_curvature != 0.0
+    flag = "error" if error else classify(step_slope, step_curvature, loss, step_norm=step_norm)
+    if mismatch and flag != "error":
+        flag = "|".join(sorted({"mismatch", *flag.split("|")} - {"ok"}, key=FLAGS.index))
+    usable = not {"error", "nonfinite", "zero_step"} & set(flag.split("|")) and step_curvature != 0.0
     ratio = -step_slope / step_curvature if usable else math.nan
     scale = lr if lr > 0 else math.nan
     return Record(
         step=step, epoch=epoch, loss=loss, lr=lr,
         slope=step_slope / scale, curvature=step_curvature / scale**2,
         alpha_star=ratio * scale, ratio=ratio,
-        grad_norm=grad_norm, step_norm=step_norm, flag=flag, backend=backend, path=path,
+        grad_norm=grad_norm, step_norm=step_norm, flag=flag, backend=backend, path=path, fallback=fallback,
     )
 
 

@@ -48,6 +48,7 @@ from torch.nn import functional as F
 from . import _ops
 from ._checks import check_loss
 from ._function import LossFn, replay_rng, rng_state
+from ._proof import Hook
 
 Keep = frozenset[str]  # what the training step leaves: "input", "output", "error_out", "error_in", "rng", ...
 TangentFn = Callable[["Sweep", nn.Module, "Tensor | None"], "Tensor | None"]
@@ -139,6 +140,8 @@ class Capture:
 
     def __init__(self, model: nn.Module, *, sweep: bool = True, errors: bool = False):
         self.active = True
+        self.foreign = False  # the current forward does not run on the model's own parameters
+        self.own: Callable[[nn.Module], bool] | None = None  #: tells such forwards apart (set by the probe)
         self.rules: dict[nn.Module, Rule] = {m: rule_for(m) for m in model.modules()} if sweep else {}
         self.inputs: dict[nn.Module, Tensor] = {}
         self.outputs: dict[nn.Module, Tensor] = {}
@@ -153,29 +156,35 @@ class Capture:
                 needs[getattr(m, name)] |= keep
         if not errors:
             needs = {m: {k for k in n if not k.startswith("error")} for m, n in needs.items()}
-        self._handles = [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._keep_output)]
+        self.needs = needs
+        self._handles = [model.register_forward_pre_hook(Hook(self, "_start")),
+                         model.register_forward_hook(Hook(self, "_keep_output"))]
         for m, need in needs.items():
             if need - {"rng", "error_in"}:
-                self._handles.append(m.register_forward_hook(self._keeper(need)))
+                self._handles.append(m.register_forward_hook(Hook(self, "_keep")))
             if "rng" in need:
-                self._handles.append(m.register_forward_pre_hook(self._keep_rng))
+                self._handles.append(m.register_forward_pre_hook(Hook(self, "_keep_rng")))
             if "error_in" in need:
-                self._handles.append(m.register_forward_pre_hook(self._own_input))
+                self._handles.append(m.register_forward_pre_hook(Hook(self, "_own_input")))
 
     def _on(self) -> bool:
-        return self.active and torch.is_grad_enabled()
+        return self.active and not self.foreign and torch.is_grad_enabled()
 
     def _start(self, module: nn.Module, args: tuple) -> None:
+        self.foreign = self.own is not None and not self.own(module)  # functional_call: not the training step
         if self._on():  # a new forward pass of the whole model: keep only its tensors
             self.clear()
 
     def _keep_output(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if self._on():
             self.output = output
+        self.foreign = False
 
     def _keep_rng(self, module: nn.Module, args: tuple) -> None:
         if self._on() and args and module.training and module.p > 0:  # dropout: the state its mask is drawn from
-            self.rng[module] = rng_state(args[0].device), args[0].shape
+            self.reused |= module in self.rng
+            x = args[0]
+            self.rng[module] = rng_state(x.device), x.shape, x.stride()  # the mask follows the input's layout
 
     def _own_input(self, module: nn.Module, args: tuple) -> tuple | None:
         """Hand the module a view of its input, so that the error kept there flows through this module alone.
@@ -184,30 +193,29 @@ class Capture:
         """
         if not (self._on() and args and isinstance(args[0], Tensor) and args[0].requires_grad):
             return None
+        self.reused |= module in self.errors_in
         x = args[0].view_as(args[0])
         x.register_hook(lambda grad: self.errors_in.__setitem__(module, grad))
         return (x, *args[1:])
 
-    def _keeper(self, need: set[str]) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not (self._on() and args and isinstance(output, Tensor)):  # else keep nothing: the step goes generic
-                return
-            if module in self.inputs or module in self.outputs:
-                self.reused = True
-            x = args[0]
-            if "input" in need:
-                self.inputs[module] = x
-            if "output" in need:
-                self.outputs[module] = output
-            if "sign" in need:  # (leaky) ReLU: one byte per entry instead of the output
-                self.outputs[module] = output > 0
-            if "pool" in need:  # max pooling: the argmax autograd saved for the backward, else the input
-                idx = _ops.pool_indices(output)
-                self.outputs[module] = x if idx is None else idx
-            if "error_out" in need and output.requires_grad:
-                output.register_hook(lambda grad: self.errors_out.__setitem__(module, grad))
-
-        return hook
+    def _keep(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not (self._on() and args and isinstance(output, Tensor)):  # else keep nothing: the step goes generic
+            return
+        need = self.needs[module]
+        if module in self.inputs or module in self.outputs:
+            self.reused = True
+        x = args[0]
+        if "input" in need:
+            self.inputs[module] = x
+        if "output" in need:
+            self.outputs[module] = output
+        if "sign" in need:  # (leaky) ReLU: one byte per entry instead of the output
+            self.outputs[module] = output > 0
+        if "pool" in need:  # max pooling: the argmax autograd saved for the backward, else the input
+            idx = _ops.pool_indices(output)
+            self.outputs[module] = x if idx is None else idx
+        if "error_out" in need and output.requires_grad:
+            output.register_hook(lambda grad: self.errors_out.__setitem__(module, grad))
 
     def clear(self) -> None:
         """Drop the references to the last step's tensors."""
@@ -358,9 +366,10 @@ def _dropout(sw: Sweep, m: nn.Dropout, t: Tensor | None) -> Tensor | None:
     kept = sw.cap.rng.pop(m, None)
     if t is None or kept is None:
         return t
-    state, shape = kept
-    with replay_rng(state, t.device):  # the training step's own mask
-        return t * F.dropout(torch.ones(shape, dtype=t.dtype, device=t.device), m.p, training=True)
+    state, shape, stride = kept
+    ones = torch.empty_strided(shape, stride, dtype=t.dtype, device=t.device).fill_(1)
+    with replay_rng(state, t.device):  # the training step's own mask, drawn in the input's memory layout
+        return t * F.dropout(ones, m.p, training=True)
 
 
 #: linear, parameter-free modules: the tangent goes through the module itself
@@ -539,17 +548,20 @@ def _output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | Non
 
 @torch.no_grad()
 def tangent_pass(
-    model: nn.Module, cap: Capture, loss_fn: LossFn, targets: Tensor, deltas: dict[int, Tensor], *, exact: bool
+    model: nn.Module, cap: Capture, loss_fn: LossFn, targets: Tensor, deltas: dict[int, Tensor], *, exact: bool,
+    scale: float = 1.0,
 ) -> tuple[float, float, float]:
     """Return loss, :math:`\\Delta^\\top g` and :math:`\\Delta^\\top H\\Delta` (GGN unless ``exact``) at θ_t.
 
     ``deltas`` maps ``id(parameter)`` to the parameter's step :math:`\\Delta`; the parameters themselves
-    already hold :math:`\\theta_{t+1}`. Each module's kept tensors are released as the sweep passes it.
+    already hold :math:`\\theta_{t+1}`. ``scale`` is the constant :math:`c` the training step backpropagated
+    :math:`c\\,\\ell` with (the kept errors carry it; the output terms do not). Each module's kept tensors are
+    released as the sweep passes it.
     """
     sweep = Sweep(cap, deltas, exact=exact)
     t = sweep(model, None)  # KeyError: a module did not leave what its rule needs (it ran otherwise than expected)
     loss, slope, curvature = _output_terms(loss_fn, cap.output.detach(), targets, t)
     if exact:
-        curvature = curvature + sweep.second()
+        curvature = curvature + sweep.second() / scale
     values = torch.stack([loss.double(), slope.double(), curvature.double()]).tolist()
     return values[0], values[1], values[2]

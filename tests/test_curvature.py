@@ -10,6 +10,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 import alphalib
+from alphalib._checks import ParamVector
 
 
 def _random_direction(model: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -186,3 +187,127 @@ def test_attention_models_get_exact_curvature():
     dv = flat(d).double()
     assert rel_err(res.curvature, dv @ hess @ dv) <= 1e-4  # float32 arithmetic
     assert rel_err(res.slope, dv @ g) <= 1e-4
+
+
+def _swapped_layers() -> tuple[Case, torch.optim.Optimizer]:
+    """Two Linear(4, 4) layers and an Adam whose param groups list them last layer first: same shapes, other order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    batch = (torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64))
+    opt = torch.optim.Adam([{"params": list(model[2].parameters())}, {"params": list(model[0].parameters())}], lr=0.01)
+    case = Case(model, F.mse_loss, batch)
+    for _ in range(3):  # nontrivial Adam moments
+        opt.zero_grad()
+        case.loss_fn(model(batch[0]), batch[1]).backward()
+        opt.step()
+    opt.zero_grad()
+    case.loss_fn(model(batch[0]), batch[1]).backward()
+    return case, opt
+
+
+def _realized_alpha(case: Case, opt: torch.optim.Optimizer) -> tuple[float, list[torch.Tensor]]:
+    """Dense reference -(d'g)/(d'Hd) at the current parameters, d = the realized step / lr in model order."""
+    g, hess = dense_hessian(case)
+    before = [p.detach().clone() for p in case.model.parameters()]
+    opt.step()
+    d = [(p.detach() - b) / opt.param_groups[0]["lr"] for p, b in zip(case.model.parameters(), before)]
+    with torch.no_grad():
+        for p, b in zip(case.model.parameters(), before):
+            p.copy_(b)
+    dv = flat(d)
+    return (-(dv @ g) / (dv @ hess @ dv)).item(), d
+
+
+def test_alpha_star_of_direction_in_another_order_matches_dense():
+    case, opt = _swapped_layers()
+    res = alphalib.alpha_star(case.model, case.loss_fn, case.batch, alphalib.direction(opt))
+    expected, _ = _realized_alpha(case, opt)
+    assert rel_err(res.alpha_star, expected) <= 1e-10
+
+
+def test_dict_keyed_vectors_give_the_same_alpha_star():
+    case, opt = _swapped_layers()
+    names = {id(p): n for n, p in case.model.named_parameters()}
+    d = alphalib.direction(opt)
+    by_name = {names[id(p)]: di for p, di in zip(d.params, d)}
+    res = alphalib.alpha_star(case.model, case.loss_fn, case.batch, by_name)
+    expected, realized = _realized_alpha(case, opt)
+    assert rel_err(res.alpha_star, expected) <= 1e-10
+    named_realized = {n: di for (n, _), di in zip(case.model.named_parameters(), realized)}
+    for v in (named_realized, tuple(realized)):  # the realized step keyed by name, and in model order
+        assert rel_err(alphalib.alpha_star(case.model, case.loss_fn, case.batch, v).alpha_star, expected) <= 1e-10
+
+
+def test_hvp_of_a_param_vector_in_another_order_matches_dense():
+    case, _ = _swapped_layers()
+    params = list(case.model.parameters())
+    v = _random_direction(case.model)
+    swapped = ParamVector(v[::-1], params[::-1])
+    _, hess = dense_hessian(case)
+    hv = alphalib.hvp(case.model, case.loss_fn, case.batch, swapped)
+    assert isinstance(hv, ParamVector) and all(a is b for a, b in zip(hv.params, params))
+    assert rel_err(flat(hv), hess @ flat(v)) <= 1e-10
+    assert rel_err(flat(alphalib.hvp(case.model, case.loss_fn, case.batch, hv)), hess @ hess @ flat(v)) <= 1e-10
+
+
+def test_param_vector_gets_zeros_for_parameters_it_lacks():
+    case, _ = _swapped_layers()
+    opt = torch.optim.SGD(case.model[2].parameters(), lr=0.1)  # never moves the first layer
+    d = alphalib.direction(opt)
+    res = alphalib.alpha_star(case.model, case.loss_fn, case.batch, d)
+    expected, realized = _realized_alpha(case, opt)
+    assert flat(realized[:2]).abs().max() == 0
+    assert rel_err(res.alpha_star, expected) <= 1e-10
+
+
+def test_frozen_parameter_in_a_param_vector_must_not_move():
+    case, _ = _swapped_layers()
+    case.model[0].weight.requires_grad_(False)
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1, weight_decay=0.1)  # holds the frozen weight, no grad
+    opt.zero_grad()
+    case.loss_fn(case.model(case.batch[0]), case.batch[1]).backward()
+    d = alphalib.direction(opt)
+    res = alphalib.alpha_star(case.model, case.loss_fn, case.batch, d)
+    trainable = [p for p in case.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    opt.step()
+    step = tuple((p.detach() - b) / 0.1 for p, b in zip(trainable, before))
+    with torch.no_grad():
+        for p, b in zip(trainable, before):
+            p.copy_(b)
+    assert rel_err(res.alpha_star, alphalib.alpha_star(case.model, case.loss_fn, case.batch, step).alpha_star) <= 1e-12
+    moved = ParamVector((torch.ones_like(d[0]), *d[1:]), d.params)
+    with pytest.raises(ValueError, match=r"d\[0\] moves the frozen parameter '0.weight'"):
+        alphalib.alpha_star(case.model, case.loss_fn, case.batch, moved)
+
+
+def test_vector_for_a_parameter_not_in_the_model_raises_before_anything_changes():
+    case, _ = _swapped_layers()
+    other = nn.Linear(4, 4).double()
+    opt = torch.optim.Adam([*other.parameters(), *case.model.parameters()], lr=0.01)
+    opt.zero_grad()
+    (case.loss_fn(case.model(case.batch[0]), case.batch[1]) + other(case.batch[0]).square().mean()).backward()
+    state = {k: v.clone() for k, v in case.model.state_dict().items()}
+    grads = [p.grad.clone() for p in case.model.parameters()]
+    d = alphalib.direction(opt)
+    for call in (alphalib.hvp, alphalib.alpha_star):
+        with pytest.raises(ValueError, match=r"\[0\] belongs to a parameter of shape \(4, 4\) that is not in the"):
+            call(case.model, case.loss_fn, case.batch, d)
+    assert all(torch.equal(v, case.model.state_dict()[k]) for k, v in state.items())
+    assert all(torch.equal(p.grad, g) for p, g in zip(case.model.parameters(), grads))
+    assert opt.state == {}
+
+
+def test_dict_with_missing_or_unknown_names_raises():
+    case, _ = _swapped_layers()
+    v = {n: torch.randn_like(p) for n, p in case.model.named_parameters()}
+    del v["2.bias"]
+    with pytest.raises(ValueError, match=r"no tensor for '2.bias'"):
+        alphalib.alpha_star(case.model, case.loss_fn, case.batch, v)
+    v["2.bias"], v["3.weight"] = torch.zeros(4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"unknown names '3.weight'"):
+        alphalib.hvp(case.model, case.loss_fn, case.batch, v)
+    del v["3.weight"]
+    v["0.bias"] = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"v\[1\] has shape \(3,\), expected \(4,\) \(parameter 1, '0.bias'\)"):
+        alphalib.hvp(case.model, case.loss_fn, case.batch, v)

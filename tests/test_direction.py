@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from alphalib._checks import ParamVector
 from alphalib.direction import direction
 
 NSTEPS = 8
@@ -248,3 +250,16 @@ def test_adagrad_param_group_added_later(foreach: bool) -> None:
     opt = O.Adagrad(params[:2], lr=0.05, initial_accumulator_value=0.3, foreach=foreach)
     opt.add_param_group({"params": params[2:], "initial_accumulator_value": 0.7})
     _assert_step_matches(opt, model, x, y)
+
+
+def test_direction_carries_the_optimizer_params_in_its_order() -> None:
+    model, _, params, x, y = _setup()
+    opt = O.Adam([{"params": params[3:]}, {"params": params[:3]}], lr=0.05)
+    _backward(opt, model, x, y)
+    d = direction(opt)
+    assert isinstance(d, ParamVector) and len(d.params) == len(d) == len(params)
+    assert all(a is b for a, b in zip(d.params, [*params[3:], *params[:3]]))
+    for copied in (pickle.loads(pickle.dumps(d)), copy.deepcopy(d)):
+        assert isinstance(copied, ParamVector) and len(copied.params) == len(d)
+        assert all(torch.equal(a, b) for a, b in zip(copied, d))
+        assert all(torch.equal(a, b) for a, b in zip(copied.params, d.params))

@@ -222,3 +222,111 @@ def test_to_frame_has_the_documented_columns_and_tags():
                 "step_norm", "flag", "backend", "optimizer", "seed"}
     assert expected <= set(frame.columns) and len(frame) == 3
     assert (frame["optimizer"] == "Adam").all()
+
+
+# ---- a good citizen: errors before stepping, hooks that do not get in the way --------------------------------
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_bad_construction_is_refused_at_once():
+    model, other = nn.Linear(4, 1), nn.Linear(4, 1)
+    with pytest.raises(ValueError, match="every"):
+        alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), every=True)
+    with pytest.raises(ValueError, match="none of the model's parameters"):
+        alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1))
+    with pytest.raises(ValueError, match="ggn"):
+        alphalib.AlphaProbe(model, alphalib.objective(lambda m, b: m(b).sum()), torch.optim.SGD(model.parameters(),
+                            lr=0.1), curvature="ggn")
+
+
+class _TupleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.lin(x), x.sum()
+
+
+@pytest.mark.parametrize("what", ["tuple-output", "non-scalar-loss"])
+def test_unmeasurable_loss_raises_before_the_step(what):
+    torch.manual_seed(0)
+    model = _TupleNet().double() if what == "tuple-output" else nn.Linear(4, 1).double()
+    loss_fn = F.mse_loss if what == "tuple-output" else (lambda out, y: (out - y).square())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = alphalib.AlphaProbe(model, loss_fn, opt)
+    x, y = _batches()[0]
+    opt.zero_grad()
+    out = model(x)
+    F.mse_loss(out[0] if isinstance(out, tuple) else out, y).backward()
+    before = _params(model)
+    with pytest.raises(ValueError, match="objective" if what == "tuple-output" else "scalar"):
+        probe.step((x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was stepped
+    assert probe.steps == 0 and not probe.records
+
+
+def test_a_model_returning_a_tuple_is_measured_through_an_objective():
+    torch.manual_seed(0)
+    model = _TupleNet().double()
+    loss = alphalib.objective(lambda m, b: F.mse_loss(m(b[0])[0], b[1]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = alphalib.AlphaProbe(model, loss, opt)
+    x, y = _batches()[0]
+    case = Case(nn.Sequential(model.lin), F.mse_loss, (x, y))
+    g, hess = dense_hessian(case)
+    before = flat(_params(model))
+    opt.zero_grad()
+    loss(model, (x, y)).backward()
+    rec = probe.step((x, y))
+    delta = flat(model.parameters()).detach() - before
+    assert rec.path == "generic" and "objective" in rec.fallback and rec.flag == "ok"
+    assert rel_err(rec.ratio, -(delta @ g) / (delta @ hess @ delta)) <= 1e-10
+
+
+def test_hooks_survive_deepcopy_and_torch_save_and_are_removed():
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.2), nn.Linear(6, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with alphalib.AlphaProbe(model, F.mse_loss, opt) as probe:
+        _run(model, opt, _batches(n=2, dtype=torch.float32), probe)
+        twin = copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        x = torch.randn(3, 4)
+        for m in (twin, loaded):  # the copies' hooks do nothing
+            m.eval()
+            assert torch.equal(m(x), model.eval()(x))
+            model.train()
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(not p._backward_hooks and not getattr(p, "_post_accumulate_grad_hooks", None)
+               for p in model.parameters())
+    assert len(probe.records) == 2
+
+
+def test_parameters_are_read_at_every_step():
+    """Unfreezing a layer mid-run: its step is measured, on both paths, against the dense Hessian."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    model[0].requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    case = Case(model, F.mse_loss, _batches()[0])
+    for step in range(3):
+        if step == 1:
+            model[0].requires_grad_(True)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        before = _params(model)
+        full_g, full_h = dense_hessian(case)
+        rec = _run(model, opt, [case.batch], probe)[0]
+        delta = flat(model.parameters()).detach() - flat(before)
+        assert names and rel_err(rec.ratio, -(delta @ full_g) / (delta @ full_h @ delta)) <= 1e-10
