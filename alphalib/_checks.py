@@ -125,9 +125,9 @@ def check_vector(v: Vector, model: nn.Module, name: str = "v") -> ParamVector:
     return ParamVector((vi.to(device=p.device, dtype=p.dtype) for vi, p in zip(v, params)), params)
 
 
-def trainable(model: torch.nn.Module) -> list[Tensor]:
-    """Return the parameters that vectors are aligned with: those that require a gradient."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def trainable(model: torch.nn.Module, params: Iterable[Tensor] | None = None) -> list[Tensor]:
+    """Return the parameters that vectors are aligned with: those that require a gradient (of ``params``)."""
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True; there is nothing to probe.")
     return params

@@ -107,15 +107,21 @@ class Witness:
             model.register_forward_pre_hook(Hook(self, "_pre")),
             model.register_forward_hook(Hook(self, "_post")),
         ]
-        self._own: set[int] = set()  # ids of the model's parameters
         self._hooked: set[int] = set()
         self.watch(list(model.parameters()))
 
     def watch(self, params: Sequence[Tensor]) -> None:
-        """Know the model's parameters; hook the trainable ones not yet hooked (unfrozen, or new)."""
-        self._own = {id(p) for p in params}
-        for p in params:
-            if p.requires_grad and id(p) not in self._hooked:
+        """Know the model's parameters (all of them, in order); hook the trainable ones not yet hooked."""
+        self._params = list(params)
+        named = next(iter(self.model.named_parameters()), None)  # where functional_call would swap the first one
+        self._first = None if named is None else (self.model.get_submodule(named[0].rpartition(".")[0]),
+                                                  named[0].rpartition(".")[2], named[1])
+        self._device = self._params[0].device if self._params else torch.device("cpu")
+        self._hook_trainable()
+
+    def _hook_trainable(self) -> None:
+        for p in self._params:
+            if p.requires_grad and id(p) not in self._hooked:  # new, or unfrozen since
                 self._hooked.add(id(p))
                 self._handles.append(p.register_hook(_ParamHook(self, p, before=True)))
                 self._handles.append(p.register_post_accumulate_grad_hook(_ParamHook(self, p, before=False)))
@@ -124,20 +130,18 @@ class Witness:
         return self.armed and torch.is_grad_enabled()
 
     def own(self, module: nn.Module) -> bool:
-        """Whether a forward of ``module`` runs on the model's own parameters (not inside ``functional_call``)."""
-        first = next(module.parameters(), None)
-        return first is None or id(first) in self._own
+        """Whether the model runs on its own parameters (not inside ``functional_call``, which swaps them)."""
+        return self._first is None or self._first[0]._parameters.get(self._first[1]) is self._first[2]
 
     def _pre(self, module: nn.Module, args: tuple) -> None:
         if not (self._on() and self.own(module)):  # a functional_call (a reference, say) cannot touch .grad
             return
-        self.watch(list(module.parameters()))  # a layer unfrozen since the last step
-        x = args[0] if args else None
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        self._hook_trainable()
+        x, device = args[0] if args else None, self._device
         cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         self.forwards.append(Forward(
             inputs=x, input_version=x._version if isinstance(x, Tensor) else None,
-            versions={id(p): p._version for p in module.parameters()}, rng=rng_state(device), autocast=cast,
+            versions={id(p): p._version for p in self._params}, rng=rng_state(device), autocast=cast,
         ))
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -156,7 +160,7 @@ class Witness:
 
         ``.grad`` may hold more than that: a penalty on the parameters added to the loss reaches them directly.
         """
-        ids = {id(p) for p in self.model.parameters() if p.requires_grad}
+        ids = {id(p) for p in self._params if p.requires_grad}
         seen, stack = set(), [root]
         while stack:
             node = stack.pop()
@@ -322,7 +326,7 @@ def _match(forwards: Sequence[Forward], inputs: Any) -> Forward | None:
 
 
 def _scale(error: Tensor, grad: Tensor) -> float | None:
-    r"""Return :math:`c` if ``error`` :math:`= c\cdot` ``grad`` to rounding (relative :math:`\sqrt{u}`), else ``None``."""
+    r"""Return :math:`c` if ``error`` :math:`= c\cdot` ``grad`` to a relative :math:`\sqrt{u}`, else ``None``."""
     e, g = error.detach().double().reshape(-1), grad.detach().to(error.device).double().reshape(-1)
     gg = torch.dot(g, g)
     c = torch.dot(e, g) / gg

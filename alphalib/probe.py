@@ -48,7 +48,7 @@ from ._function import BatchLoss, LossFn, Objective, rng_state
 from ._proof import Verdict, Witness
 from .curvature import Backend, Directional, Known, check_backend, directional
 from .records import Record, make_record, to_frame
-from .tangent import Capture, covers, tangent_pass
+from .tangent import Capture, closed_form, covers, tangent_pass
 
 Path = Literal["auto", "fast", "generic"]
 
@@ -93,7 +93,8 @@ class AlphaProbe:
         if path not in ("auto", "fast", "generic"):
             raise ValueError(f"path must be 'auto', 'fast' or 'generic', got {path!r}.")
         if not callable(loss):
-            raise TypeError(f"loss must be a loss_fn(outputs, targets) or an alphalib.objective, got {type(loss).__name__}.")
+            raise TypeError("loss must be a loss_fn(outputs, targets) or an alphalib.objective, "
+                            f"got {type(loss).__name__}.")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.curvature = check_backend(curvature)
         self.objective = isinstance(loss, Objective)
@@ -148,8 +149,8 @@ class AlphaProbe:
             self._capture.clear()
             self._capture.active = probed
 
-    def _check_optimizer(self) -> None:
-        owned = {id(p) for p in self.model.parameters()}
+    def _check_optimizer(self, everything: list[Tensor] | None = None) -> None:
+        owned = {id(p) for p in (self.model.parameters() if everything is None else everything)}
         held = [p for group in self.optimizer.param_groups for p in group["params"]]
         stray = [p for p in held if id(p) not in owned]
         if len(stray) == len(held):
@@ -192,11 +193,12 @@ class AlphaProbe:
             self.steps = t + 1
             self._arm(t + 1)
             return None
-        params = trainable(self.model)
-        self._check_optimizer()
-        self._witness.watch(list(self.model.parameters()))
+        everything = list(self.model.parameters())  # read at every step: layers may be frozen or unfrozen
+        params = trainable(self.model, everything)
+        self._check_optimizer(everything)
+        self._witness.watch(everything)
         verdict = self._judge(params, batches, closure)
-        self._validate(batches)
+        self._validate(batches, params)
         cap = self._capture
         fallback = ([self._why] if self._why else verdict.reasons) + verdict.mismatch
         sweep = verdict.fast and cap is not None and not self._why
@@ -235,7 +237,7 @@ class AlphaProbe:
                         theta = torch._foreach_sub(current, delta)
                         sweep = False
                 if not sweep:
-                    res, path = self._measure(batches, theta, delta, verdict, rngs, reuse)
+                    res, path = self._measure(params, batches, theta, delta, verdict, rngs, reuse)
         except Exception as exc:  # never raise after the optimizer has stepped: record it
             self._warn(exc)
             res, error = Directional(math.nan, math.nan, math.nan), True
@@ -269,19 +271,21 @@ class AlphaProbe:
                              "pass the batch the loss was computed on, or an alphalib.objective.") from exc
 
     def _output_grad(self, out: Tensor, targets: Tensor) -> Tensor:
-        r""":math:`\partial\ell(f, y)/\partial f` at the training forward's output (one small backward)."""
+        r""":math:`\partial\ell(f, y)/\partial f` at the training step's output (MSE in closed form, else autograd)."""
+        if closed_form(self.loss, out, targets) == "mse":
+            return (out - targets).mul_(2 / out.numel())
         with torch.enable_grad():
             f = out.detach().requires_grad_(True)
             return torch.autograd.grad(check_loss(self.loss(f, targets)), f)[0]
 
-    def _validate(self, batches: list[object]) -> None:
+    def _validate(self, batches: list[object], params: list[Tensor]) -> None:
         """Evaluate the loss once, before the first step, so that a loss that cannot be measured raises now."""
         if self._validated:
             return
         fn = BatchLoss(self.model, self.loss, None, batches=batches)
         try:
             with torch.no_grad():
-                fn([p.detach() for p in trainable(self.model)])
+                fn([p.detach() for p in params])
         except Exception as exc:
             what = "objective(model, batch)" if self.objective else "loss_fn(model(inputs), targets)"
             hint = "" if self.objective else (" If the model does not return the tensor loss_fn expects (a tuple, "
@@ -298,14 +302,13 @@ class AlphaProbe:
         return Directional(loss, slope, curvature, math.nan if verdict.grad_norm is None else verdict.grad_norm)
 
     def _measure(
-        self, batches: list[object], theta: list[Tensor], delta: list[Tensor], verdict: Verdict,
-        rngs: Sequence[Tensor | None], reuse: bool,
+        self, params: list[Tensor], batches: list[object], theta: list[Tensor], delta: list[Tensor],
+        verdict: Verdict, rngs: Sequence[Tensor | None], reuse: bool,
     ) -> tuple[Directional, str]:
         """Return loss, slope and curvature along the realized step from a backend, and the path that ran."""
         fn = BatchLoss(self.model, self.loss, None, batches=batches, weights=verdict.weights, rngs=rngs)
         if not reuse:
             return directional(fn, theta, delta, self.curvature), "generic"
-        params = trainable(self.model)
         loss = check_loss(self.loss(verdict.output, batches[0][1])).item()
         known = Known(loss, verdict.grad, endpoint=[p.detach() for p in params], scale=verdict.scale,
                       grad_norm=math.nan if verdict.grad_norm is None else verdict.grad_norm)

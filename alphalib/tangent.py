@@ -495,7 +495,7 @@ LAYERS = tuple(RULES)  #: the torch.nn modules the fast path covers
 
 # ---- the loss at the output --------------------------------------------------------------------------------
 
-def _closed_form(loss_fn: LossFn, out: Tensor, targets: Tensor) -> str | None:
+def closed_form(loss_fn: LossFn, out: Tensor, targets: Tensor) -> str | None:
     """Name the mean-reduced loss whose output derivatives are known in closed form, if ``loss_fn`` is one."""
     if loss_fn is F.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean"):
         return "mse" if out.shape == targets.shape else None
@@ -505,6 +505,10 @@ def _closed_form(loss_fn: LossFn, out: Tensor, targets: Tensor) -> str | None:
             and not targets.is_floating_point():
         return "cross_entropy"
     return None
+
+
+#: losses that are mean cross-entropy over every position of ``(B, T, V)`` logits (:mod:`alphalib.models` adds its own)
+SEQUENCE_CROSS_ENTROPY: set[Callable] = set()
 
 
 def _output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -517,12 +521,10 @@ def _output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | Non
     :math:`\\frac{1}{B}\\langle p - e_y, \\dot f\\rangle` and
     :math:`\\frac{1}{B}\\sum_i [\\sum_k p_{ik}\\dot f_{ik}^2 - (\\sum_k p_{ik}\\dot f_{ik})^2]`; autograd otherwise.
     """
-    from .models import sequence_cross_entropy  # imported here: models registers its rules with this module
-
-    if loss_fn is sequence_cross_entropy and out.dim() == 3:  # cross-entropy over all positions
+    if loss_fn in SEQUENCE_CROSS_ENTROPY and out.dim() == 3:  # cross-entropy over all positions
         loss_fn, out, targets = F.cross_entropy, out.flatten(0, 1), targets.flatten()
         t = None if t is None else t.flatten(0, 1)
-    kind = _closed_form(loss_fn, out, targets) if t is not None else None
+    kind = closed_form(loss_fn, out, targets) if t is not None else None
     if kind == "mse":
         r = out - targets
         n = r.numel()

@@ -330,3 +330,22 @@ def test_parameters_are_read_at_every_step():
         rec = _run(model, opt, [case.batch], probe)[0]
         delta = flat(model.parameters()).detach() - flat(before)
         assert names and rel_err(rec.ratio, -(delta @ full_g) / (delta @ full_h @ delta)) <= 1e-10
+
+
+def test_a_private_op_that_disagrees_after_an_upgrade_sends_the_step_generic(monkeypatch):
+    """The fast path's private kernels are checked against autograd; a wrong one costs speed, not the value."""
+    from alphalib import _ops
+
+    monkeypatch.setattr(_ops, "_verdicts", {})
+    monkeypatch.setattr(_ops, "_gelu_backward_impl", lambda grad, z: 2 * grad)  # as if torch changed its meaning
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 1)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    case = Case(model, F.mse_loss, _batches()[0])
+    before = flat(_params(model))
+    g, hess = dense_hessian(case)
+    rec = _run(model, opt, [case.batch], probe)[0]
+    delta = flat(model.parameters()).detach() - before
+    assert rec.path == "generic" and "gelu_backward disagrees" in rec.fallback and rec.flag == "ok"
+    assert rel_err(rec.ratio, -(delta @ g) / (delta @ hess @ delta)) <= 1e-10
