@@ -13,7 +13,8 @@ from ._function import Objective, objective
 from .direction import direction
 from .models import SimpleNet
 from .probe import AlphaProbe
-from .records import FLAGS, Record, epoch_summary, to_frame
+from .records import FLAGS, Record, epoch_summary, seed_summary, to_frame
+from .spectrum import AlphaScope, LineProfile, alpha_over, line_profile
 from .train import History, evaluate, make_optimizer, run, train
 
 __version__ = "0.1.0"
@@ -36,6 +37,12 @@ __all__ = [
     "FLAGS",
     "to_frame",
     "epoch_summary",
+    "seed_summary",
+    # beyond the batch: full-data and held-out α*, line profiles
+    "alpha_over",
+    "AlphaScope",
+    "line_profile",
+    "LineProfile",
     "train",
     "run",
     "History",

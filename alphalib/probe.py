@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -48,6 +48,7 @@ from ._function import BatchLoss, LossFn, Objective, rng_state
 from ._proof import Verdict, Witness
 from .curvature import Backend, Directional, Known, check_backend, directional
 from .records import Record, make_record, to_frame
+from .spectrum import along
 from .tangent import Capture, closed_form, covers, tangent_pass
 
 Path = Literal["auto", "fast", "generic"]
@@ -87,9 +88,13 @@ class AlphaProbe:
         every: int = 1,
         path: Path = "auto",
         tags: Mapping[str, Any] | None = None,
+        full_data: Iterable[object] | None = None,
+        held_out: object | None = None,
+        full_every: int = 1,
     ):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer (probe every k-th step), got {every!r}.")
+        for name, k in (("every", every), ("full_every", full_every)):
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"{name} must be a positive integer (every k-th step), got {k!r}.")
         if path not in ("auto", "fast", "generic"):
             raise ValueError(f"path must be 'auto', 'fast' or 'generic', got {path!r}.")
         if not callable(loss):
@@ -107,6 +112,9 @@ class AlphaProbe:
         trainable(model)
         self._check_optimizer()
         self.every, self.tags = every, dict(tags or {})
+        self.scopes = {name: data for name, data in (("full", full_data), ("heldout", _batches(held_out)))
+                       if data is not None}
+        self.full_every = full_every
         self.records: list[Record] = []
         self.steps = 0
         self._warned = self._validated = False
@@ -244,13 +252,25 @@ class AlphaProbe:
             fallback.append(f"error: {type(exc).__name__}: {exc}")
         finally:
             self._arm(t + 1)
+        scopes = self._scopes(current, delta, fallback) if self.scopes and t % self.full_every == 0 else {}
         rec = make_record(
             step=t, epoch=epoch, loss=res.loss, lr=lr, step_slope=res.slope, step_curvature=res.curvature,
             grad_norm=res.grad_norm, step_norm=step_norm, backend=self.curvature, path=path, error=error,
-            mismatch=bool(verdict.mismatch), fallback="; ".join(fallback),
+            mismatch=bool(verdict.mismatch), fallback="; ".join(fallback), scopes=scopes,
         )
         self.records.append(rec)
         return rec
+
+    def _scopes(self, current: list[Tensor], delta: list[Tensor], fallback: list[str]) -> dict[str, Directional]:
+        """Slope and curvature along the same step of the full-data and held-out losses (generic path, at θ_t)."""
+        theta, out = torch._foreach_sub(current, delta), {}
+        for name, data in self.scopes.items():
+            try:
+                with torch.autocast(current[0].device.type, enabled=False):
+                    out[name] = along(self.model, self.loss, data, delta, curvature=self.curvature, theta=theta)
+            except Exception as exc:  # the step is taken: record, never raise
+                fallback.append(f"{name}: {type(exc).__name__}: {exc}")
+        return out
 
     def _take(self, closure: Callable[[], Tensor] | None) -> None:
         if closure is None:
@@ -328,3 +348,11 @@ class AlphaProbe:
     def to_frame(self) -> pd.DataFrame:
         """Return the records as a DataFrame, one row per probed step, with the probe's ``tags`` as columns."""
         return to_frame(self.records, self.tags)
+
+
+def _batches(data: object | None) -> Iterable[object] | None:
+    """Return held-out data as batches: a list or loader of batches as it is, one batch as a list of one."""
+    if isinstance(data, (tuple, Mapping)) or isinstance(data, list) and not all(
+            isinstance(b, (tuple, list, Mapping)) for b in data):
+        return [data]
+    return data

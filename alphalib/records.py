@@ -10,7 +10,7 @@ lands on the minimum of the quadratic model (1 = on it, < 1 = the step overshoot
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,17 @@ class Record:
     backend: str  #: curvature backend that produced ``curvature``
     path: str = "generic"  #: ``"fast"`` (reused the training step) or ``"generic"`` (recomputed at θ_t)
     fallback: str = ""  #: why the generic path ran (empty when the fast path did); what failed, on errors
+    #: :math:`\mathrm{lr}/\alpha^* = -d^\top H d / d^\top g`: defined on odd steps too (continuous through a change
+    #: of the curvature's sign, 0 on a flat direction), NaN only when the slope is 0
+    lr_over_alpha: float = math.nan
+    full_loss: float = math.nan  #: the same along the same d for the full-data loss (when the probe is given data)
+    full_slope: float = math.nan
+    full_curvature: float = math.nan
+    full_ratio: float = math.nan
+    heldout_loss: float = math.nan  #: ... and for held-out data, which the step never saw
+    heldout_slope: float = math.nan
+    heldout_curvature: float = math.nan
+    heldout_ratio: float = math.nan
 
 
 def classify(slope: float, curvature: float, *values: float, step_norm: float = 1.0) -> str:
@@ -64,7 +75,7 @@ def classify(slope: float, curvature: float, *values: float, step_norm: float = 
 def make_record(
     *, step: int, epoch: int | None, loss: float, lr: float, step_slope: float, step_curvature: float,
     grad_norm: float, step_norm: float, backend: str, path: str = "generic", error: bool = False,
-    mismatch: bool = False, fallback: str = "",
+    mismatch: bool = False, fallback: str = "", scopes: Mapping[str, Any] | None = None,
 ) -> Record:
     """Build a record from slope and curvature along the realized step :math:`\\Delta` (not yet in lr units)."""
     flag = "error" if error else classify(step_slope, step_curvature, loss, step_norm=step_norm)
@@ -78,7 +89,20 @@ def make_record(
         slope=step_slope / scale, curvature=step_curvature / scale**2,
         alpha_star=ratio * scale, ratio=ratio,
         grad_norm=grad_norm, step_norm=step_norm, flag=flag, backend=backend, path=path, fallback=fallback,
+        lr_over_alpha=_inverse(step_slope, step_curvature) if flag != "error" else math.nan,
+        **{f"{name}_{key}": value for name, res in (scopes or {}).items()
+           for key, value in _scope(res.loss, res.slope, res.curvature, scale).items()},
     )
+
+
+def _inverse(slope: float, curvature: float) -> float:
+    r"""Return :math:`-\Delta^\top H \Delta / \Delta^\top g` (= lr/α*), NaN when the slope is 0 or not finite."""
+    return -curvature / slope if slope != 0 and math.isfinite(slope) and math.isfinite(curvature) else math.nan
+
+
+def _scope(loss: float, slope: float, curvature: float, lr: float) -> dict[str, float]:
+    ratio = -slope / curvature if curvature != 0 and math.isfinite(curvature) and math.isfinite(slope) else math.nan
+    return {"loss": loss, "slope": slope / lr, "curvature": curvature / lr**2, "ratio": ratio}
 
 
 def to_frame(records: Iterable[Record], tags: Mapping[str, Any] | None = None) -> pd.DataFrame:
@@ -93,20 +117,71 @@ def to_frame(records: Iterable[Record], tags: Mapping[str, Any] | None = None) -
 
 
 def epoch_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Return per-epoch medians of α* and α*/lr and the shares of odd steps, one row per epoch."""
+    """Return per-epoch medians of α*, α*/lr and lr/α*, the shares of odd steps, one row per epoch.
+
+    ``undefined`` counts the steps whose α* is NaN (dropped by the α* medians); ``lr/α*`` is defined on every
+    step with a nonzero slope, so ``median_lr_over_alpha`` keeps the odd steps that the α* medians drop.
+    """
     flag = frame["flag"]
-    return (
+    columns = {"lr_over_alpha": frame["lr_over_alpha"]} if "lr_over_alpha" in frame else {}
+    summary = (
         frame.assign(
             negative_curvature=flag.str.contains("negative_curvature"),
             ascent=flag.str.contains("ascent"),
+            undefined=frame["ratio"].isna(),
+            **columns,
         )
         .groupby("epoch")
-        .agg(
-            steps=("step", "size"),
-            median_alpha_star=("alpha_star", "median"),
-            median_ratio=("ratio", "median"),
-            negative_curvature=("negative_curvature", "mean"),
-            ascent=("ascent", "mean"),
-            loss=("loss", "mean"),
-        )
     )
+    extra = {"median_lr_over_alpha": ("lr_over_alpha", "median")} if columns else {}
+    return summary.agg(
+        steps=("step", "size"),
+        undefined=("undefined", "sum"),
+        median_alpha_star=("alpha_star", "median"),
+        median_ratio=("ratio", "median"),
+        **extra,
+        negative_curvature=("negative_curvature", "mean"),
+        ascent=("ascent", "mean"),
+        loss=("loss", "mean"),
+    )
+
+
+def seed_summary(
+    frame: pd.DataFrame,
+    value: str = "lr_over_alpha",
+    *,
+    by: str | Sequence[str] = "epoch",
+    runs: str = "seed",
+    level: float = 0.9,
+    boot: int = 2000,
+    random_state: int = 0,
+) -> pd.DataFrame:
+    """Return, per ``by`` group, the median over runs of each run's median ``value``, with a bootstrap interval.
+
+    Each run (a value of the ``runs`` column, e.g. the seed) is summarised by the median of ``value`` over its
+    steps in the group (NaN steps dropped and counted in ``undefined``); the result's ``median`` is the median of
+    those run medians, and ``lo``/``hi`` the ``level`` percentile-bootstrap interval of it, resampling runs
+    (equal to ``median`` with a single run).
+    """
+    import numpy as np
+
+    keys = [by] if isinstance(by, str) else list(by)
+    per_run = frame.groupby([*keys, runs])[value].agg(["median", "size", lambda s: int(s.isna().sum())])
+    per_run.columns = ["median", "steps", "undefined"]
+    rng = np.random.default_rng(random_state)
+    rows = []
+    for key, group in per_run.groupby(level=list(range(len(keys)))):
+        medians = group["median"].dropna().to_numpy()
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row.update(runs=len(group), steps=int(group["steps"].sum()), undefined=int(group["undefined"].sum()))
+        if len(medians) == 0:
+            row.update(median=math.nan, lo=math.nan, hi=math.nan)
+        else:
+            draws = np.median(rng.choice(medians, size=(boot, len(medians))), axis=1)
+            tail = (1 - level) / 2
+            row.update(median=float(np.median(medians)), lo=float(np.quantile(draws, tail)),
+                       hi=float(np.quantile(draws, 1 - tail)))
+        rows.append(row)
+    import pandas as pd
+
+    return pd.DataFrame(rows)
