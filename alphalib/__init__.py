@@ -14,7 +14,7 @@ from .direction import direction
 from .models import SimpleNet
 from .probe import AlphaProbe
 from .records import FLAGS, Record, epoch_summary, seed_summary, to_frame
-from .spectrum import AlphaScope, LineProfile, alpha_over, line_profile
+from .spectrum import AlphaScope, LineProfile, alpha_over, line_profile, next_step_profiles
 from .train import History, evaluate, make_optimizer, run, train
 
 __version__ = "0.1.0"
@@ -43,6 +43,8 @@ __all__ = [
     "AlphaScope",
     "line_profile",
     "LineProfile",
+    "next_step_profiles",
+    # training runs
     "train",
     "run",
     "History",

@@ -150,12 +150,13 @@ def line_profile(
     d: Vector,
     *,
     alphas: Sequence[float] | None = None,
+    span: float = 1.0,
     curvature: Backend = "hessian",
 ) -> LineProfile:
     r"""Evaluate the loss along ``d`` on a grid and compare it with the quadratic model; measure the model's trust.
 
     ``batches`` is one batch or a list of batches (their mean loss). The grid defaults to 41 points over
-    :math:`[-\alpha^*, 3\alpha^*]` (over :math:`[-1, 3]` in ``d``'s units when :math:`\alpha^*` is undefined);
+    :math:`[-\alpha^*, 3\alpha^*]` (over ``[-span, 3 span]`` when :math:`\alpha^*` is undefined);
     ``alpha_star`` and 0 are always on it. ``trust`` is
     :math:`(L(\theta) - L(\theta + \alpha^* d)) / (\tfrac12 (d^\top g)^2 / d^\top H d)`: 1 when the loss is
     quadratic along ``d``, smaller when the model promises more than the loss gives.
@@ -167,8 +168,8 @@ def line_profile(
     res = along(model, loss, chunks, v, curvature=curvature)
     star = _alpha(res.slope, res.curvature) if res.curvature > 0 else math.nan
     if alphas is None:
-        span = abs(star) if math.isfinite(star) and star != 0 else 1.0
-        alphas = torch.linspace(-span, 3 * span, 41).tolist()
+        unit = abs(star) if math.isfinite(star) and star != 0 else span
+        alphas = torch.linspace(-unit, 3 * unit, 41).tolist()
     grid = sorted({float(a) for a in alphas} | {0.0} | ({star} if math.isfinite(star) else set()))
     values = _losses(model, loss, chunks, theta, v, grid)
     quad = [res.loss + a * res.slope + 0.5 * a * a * res.curvature for a in grid]
@@ -178,3 +179,52 @@ def line_profile(
         actual = res.loss - values[grid.index(star)]
         trust = actual / predicted if predicted > 0 else math.nan
     return LineProfile(grid, values, quad, star, trust, res.slope, res.curvature)
+
+
+def next_step_profiles(
+    model: nn.Module,
+    loss: LossFn | Objective,
+    optimizer: torch.optim.Optimizer,
+    batch: object,
+    *,
+    full_data: Iterable[object] | None = None,
+    alphas: Sequence[float] | None = None,
+    curvature: Backend = "hessian",
+) -> dict[str, LineProfile]:
+    r"""Profile the loss along the step ``optimizer`` would take next on ``batch``, leaving training untouched.
+
+    The step is taken on copies of the model and the optimizer (so any optimizer works, and the model, its
+    ``.grad``, the optimizer state and the global RNG stream are left as they were); its direction
+    :math:`d = (\theta_{t+1} - \theta_t)/\mathrm{lr}` (first param group's lr) is profiled at :math:`\theta_t`
+    on ``batch`` (scope ``"batch"``) and, if given, on the mean loss over ``full_data`` (``"full data"``). As
+    for the probe, :math:`\alpha` is a learning rate: :math:`\alpha = \mathrm{lr}` is the step the optimizer
+    takes, and ``alpha_star / lr`` is the ratio. Where :math:`\alpha^*` is undefined the grid spans
+    :math:`[-\mathrm{lr}, 3\,\mathrm{lr}]`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> batch = (torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))
+        >>> prof = next_step_profiles(model, torch.nn.functional.mse_loss, opt, batch)["batch"]
+        >>> round(prof.trust, 6)  # the loss of a linear model is quadratic along any line
+        1.0
+    """
+    import copy
+
+    twin, twin_opt = copy.deepcopy((model, optimizer))  # one memo: the optimizer copy steps the model copy
+    params = trainable(twin)
+    with torch.random.fork_rng(devices=[]):
+        twin_opt.zero_grad()
+        value = loss(twin, batch) if isinstance(loss, Objective) else loss(twin(batch[0]), batch[1])
+        value.backward()
+        before = [p.detach().clone() for p in params]
+        twin_opt.step()
+    lr = float(twin_opt.param_groups[0]["lr"])
+    with torch.no_grad():
+        d = tuple((p - b) / lr for p, b in zip(params, before))
+        for p, b in zip(params, before):
+            p.copy_(b)
+    scopes = {"batch": batch} | ({"full data": list(full_data)} if full_data is not None else {})
+    return {name: line_profile(twin, loss, data, d, alphas=alphas, span=lr, curvature=curvature)
+            for name, data in scopes.items()}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +15,7 @@ from ._function import LossFn
 from .curvature import Backend
 from .data import loader
 from .probe import AlphaProbe
+from .spectrum import next_step_profiles
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,6 +28,9 @@ class History:
     steps: pd.DataFrame  #: one row per step: ``epoch``, ``step``, ``loss`` (mini-batch loss before the step)
     epochs: pd.DataFrame  #: one row per epoch: ``train_loss`` (mean), ``val_loss``, ``val_accuracy`` if given
     records: pd.DataFrame  #: the probe's records (empty without a probe)
+    #: line profiles along the next step (``run(looks=...)``): ``alpha`` (a learning rate: ``alpha == lr`` is the
+    #: step taken), ``loss``, ``quadratic``, ``scope``, ``epoch`` (epochs done), ``lr``, ``alpha_star``, ``trust``
+    profiles: pd.DataFrame | None = field(default=None)
 
 
 @torch.no_grad()
@@ -60,11 +64,12 @@ def train(
     probe: AlphaProbe | None = None,
     val: Iterable | None = None,
     progress: bool = True,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> History:
     """Train for ``epochs`` passes over ``batches``, letting ``probe`` take the steps.
 
     ``batches`` (and ``val``) yield ``(inputs, targets)`` pairs and are iterated once per epoch (a
-    ``DataLoader``). Validation runs after every epoch, in eval mode.
+    ``DataLoader``). Validation runs after every epoch, in eval mode; then ``after_epoch(epochs_done)``.
     """
     import pandas as pd
 
@@ -86,6 +91,8 @@ def train(
         if val is not None:
             row |= evaluate(model, loss_fn, val)
         per_epoch.append(row)
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "epoch"})
     records = probe.to_frame() if probe is not None else pd.DataFrame()
     return History(pd.DataFrame(steps, columns=["epoch", "step", "loss"]), pd.DataFrame(per_epoch), records)
@@ -114,24 +121,48 @@ def run(
     every: int = 1,
     shuffle: bool = True,
     val_set: Dataset | None = None,
+    full_every: int | None = None,
+    looks: Collection[int] = (),
     tags: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> History:
     """Seed, build ``model()`` and the optimizer, train with a probe; tag every row with the run's settings.
 
     Every frame of the result carries ``optimizer``, ``seed`` and ``lr0`` (the initial learning rate) plus
-    ``tags`` as columns, so runs concatenate into one tidy DataFrame.
+    ``tags`` as columns, so runs concatenate into one tidy DataFrame. With ``full_every=k`` the probe also
+    records, every k-th step, α* of the full training set and of ``val_set`` along the same step (``full_*``
+    and ``heldout_*`` columns). ``looks``: after each of these epochs (counted from 1), the loss along the step
+    the optimizer would take next on a fresh random batch is profiled on that batch and on the training set
+    (:func:`alphalib.next_step_profiles`, training untouched), into ``History.profiles``.
     """
+    import pandas as pd
+
     torch.manual_seed(seed)
     net = model()
     opt = make_optimizer(optimizer, net.parameters(), lr=lr, **dict(optimizer_kwargs or {}))
     labels = {"optimizer": optimizer, "seed": seed, "lr0": lr, **dict(tags or {})}
-    probe = AlphaProbe(net, loss_fn, opt, curvature=curvature, every=every, tags=labels)
-    batches = loader(train_set, batch_size, shuffle=shuffle, seed=seed)
+    full = loader(train_set, 1024) if full_every is not None or looks else None
     val = loader(val_set, 512) if val_set is not None else None
-    history = train(net, loss_fn, opt, batches, epochs=epochs, probe=probe, val=val, progress=progress)
+    scopes = dict(full_data=full, held_out=val, full_every=full_every) if full_every is not None else {}
+    probe = AlphaProbe(net, loss_fn, opt, curvature=curvature, every=every, tags=labels, **scopes)
+    batches = loader(train_set, batch_size, shuffle=shuffle, seed=seed)
+    draw = torch.Generator().manual_seed(seed + 1)  # the looks' batches, apart from training's own stream
+    profiles = []
+
+    def look(done: int) -> None:
+        if done in looks:
+            pick = torch.randperm(len(train_set), generator=draw)[:batch_size]
+            found = next_step_profiles(net, loss_fn, opt, tuple(train_set[pick]), full_data=full,
+                                       curvature=curvature)
+            for scope, prof in found.items():
+                profiles.append(prof.to_frame().assign(scope=scope, epoch=done, lr=opt.param_groups[0]["lr"],
+                                                       alpha_star=prof.alpha_star, trust=prof.trust))
+
+    history = train(net, loss_fn, opt, batches, epochs=epochs, probe=probe, val=val, progress=progress,
+                    after_epoch=look)
     probe.remove()
-    for frame in (history.steps, history.epochs):
+    looked = pd.concat(profiles, ignore_index=True) if profiles else None
+    for frame in (history.steps, history.epochs, *([looked] if profiles else [])):
         for key, value in labels.items():
             frame[key] = value
-    return history
+    return History(history.steps, history.epochs, history.records, profiles=looked)

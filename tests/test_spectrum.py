@@ -143,3 +143,39 @@ def test_bad_full_every_is_refused():
     model = nn.Linear(4, 1)
     with pytest.raises(ValueError, match="full_every"):
         alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), full_every=0)
+
+
+def test_next_step_profiles_follow_adams_first_step_and_leave_training_untouched():
+    """Adam's first step has the closed form d = -g / (|g| + eps); α* and trust are checked on a dense Hessian."""
+    torch.manual_seed(0)
+    model, data = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.3), nn.Tanh(), nn.Linear(6, 2)).double(), _data()
+    model = model.eval()  # a deterministic loss for the reference; the copy steps in the same mode
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-8)
+    batch = data[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    profs = alphalib.next_step_profiles(model, F.mse_loss, opt, batch, full_data=data)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters()) and not opt.state
+    assert torch.equal(rng, torch.get_rng_state())
+    for scope, batches in (("batch", [batch]), ("full data", data)):
+        g_batch, _ = dense_hessian(Case(model, F.mse_loss, batch))
+        d = -g_batch / (g_batch.abs() + 1e-8)
+        g, hess = dense_hessian(Case(model, F.mse_loss, _union(batches)))
+        want = -(d @ g) / (d @ hess @ d)
+        prof = profs[scope]
+        assert rel_err(prof.alpha_star, want.item()) <= 1e-8
+        f, theta = flat_loss(Case(model, F.mse_loss, _union(batches)))
+        actual = f(theta) - f(theta + prof.alpha_star * d)
+        assert rel_err(prof.trust, (actual / (0.5 * (d @ g) ** 2 / (d @ hess @ d))).item()) <= 1e-8
+
+
+def test_next_step_profiles_work_for_any_optimizer():
+    """The step is taken on copies, so optimizers without an analytic direction() work too (SGD: d = -g)."""
+    torch.manual_seed(0)
+    model, batch = nn.Linear(4, 2).double(), _data()[0]
+    rprop = alphalib.next_step_profiles(model, F.mse_loss, torch.optim.Rprop(model.parameters(), lr=1e-3), batch)
+    assert rel_err(rprop["batch"].trust, 1.0) <= 1e-8  # quadratic along any line
+    sgd = alphalib.next_step_profiles(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), batch)
+    g, hess = dense_hessian(Case(model, F.mse_loss, batch))
+    assert rel_err(sgd["batch"].alpha_star, ((g @ g) / (g @ hess @ g)).item()) <= 1e-10

@@ -44,3 +44,17 @@ def test_run_is_reproducible_and_tags_every_frame():
 def test_unknown_optimizer_name_is_a_clear_error():
     with pytest.raises(ValueError, match="torch.optim"):
         alphalib.make_optimizer("Adamm", nn.Linear(2, 1).parameters(), lr=1e-3)
+
+
+def test_run_records_the_objective_and_looks_without_changing_training():
+    kw = dict(lr=0.05, epochs=3, batch_size=8, val_set=_classification(seed=1), progress=False)
+    plain = alphalib.run(lambda: nn.Linear(4, 3), F.cross_entropy, _classification(), **kw)
+    seen = alphalib.run(lambda: nn.Linear(4, 3), F.cross_entropy, _classification(), full_every=2, looks={1, 3}, **kw)
+    assert seen.steps["loss"].tolist() == plain.steps["loss"].tolist()
+    assert seen.records["ratio"].tolist() == plain.records["ratio"].tolist()
+    full = seen.records.dropna(subset=["full_ratio"])
+    assert full["step"].tolist() == list(range(0, 15, 2)) and full["heldout_ratio"].notna().all()
+    looks = seen.profiles.groupby(["epoch", "scope"]).trust.first()
+    assert sorted(looks.index) == [(1, "batch"), (1, "full data"), (3, "batch"), (3, "full data")]
+    assert looks.notna().all() and (seen.profiles["optimizer"] == "Adam").all()
+    assert plain.profiles is None
