@@ -37,26 +37,32 @@ def _kind(flag: str) -> str | None:
 
 
 def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """Plot :math:`|\\alpha^*|` per step on a log axis with its per-epoch median and the learning rate.
+    r"""Plot :math:`\alpha^*` per step on a log axis with its per-epoch median and the learning rate.
 
-    Steps with negative curvature or an ascent direction are drawn with their own markers (their α* is
-    negative or meaningless as a step size, so its absolute value is shown); steps where α* is undefined
-    (zero step, non-finite values, a failed backend) are counted in the title.
+    Only descent steps with positive curvature have an :math:`\alpha^*` that is a step size; steps with
+    negative curvature or an ascent direction are marked as ticks along the bottom (counted in the legend), not
+    drawn as step sizes; steps where α* is undefined (zero step, non-finite values, a failed backend) are
+    counted in the title.
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     kinds = records["flag"].map(_kind)
     for kind, spec in KINDS.items():
         sel = records[kinds == kind]
-        if len(sel):
-            ax.scatter(sel["step"], sel["alpha_star"].abs(), s=6 if kind.startswith("descent") else 18,
-                       alpha=0.35 if kind.startswith("descent") else 0.9, linewidths=0.8,
-                       label=f"|α*|, {kind} ({len(sel)})", **spec)
+        if not len(sel):
+            continue
+        if kind.startswith("descent"):
+            ax.scatter(sel["step"], sel["alpha_star"], s=6, alpha=0.35, linewidths=0.8,
+                       label=f"α*, {kind} ({len(sel)})", **spec)
+        else:  # no step size: a tick at the bottom
+            height = 0.03 if kind == "ascent" else 0.07
+            ax.scatter(sel["step"], np.full(len(sel), height), transform=ax.get_xaxis_transform(), s=40,
+                       marker="|", color=spec["color"], linewidths=1.2, label=f"step with {kind} ({len(sel)})")
     if "epoch" in records and records["epoch"].notna().any():
         ok = records[kinds == "descent, H>0"].groupby("epoch").agg(step=("step", "mean"), a=("alpha_star", "median"))
         ax.plot(ok["step"], ok["a"], color="black", lw=1.8, label="per-epoch median α*")
     ax.plot(records["step"], records["lr"], color="tab:green", ls="--", lw=1.8, label="lr")
     ax.set_yscale("log")
-    ax.set(xlabel="optimizer step", ylabel="α*  (learning-rate units)")
+    ax.set(xlabel="optimizer step", ylabel="α*")
     undefined = int(kinds.isna().sum())
     ax.set_title(f"α* along the realized step ({undefined} of {len(records)} steps undefined)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", markerscale=1.5)
@@ -64,22 +70,50 @@ def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
 
 
 def ratio_per_epoch(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """Box-plot :math:`\\alpha^*/\\mathrm{lr}` per epoch on a log axis, with the line where the step is optimal.
+    """Plot the per-epoch median :math:`\\alpha^*/\\mathrm{lr}` with its 10–90% band on a log axis, beside α* = lr.
 
-    Only steps with positive curvature and a descent direction have a positive ratio; the others are counted
-    in the title rather than dropped silently.
+    Only steps flagged ``"ok"`` (positive curvature, descent) enter; the legend counts the steps left out.
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
-    ok = records[records["flag"] == "ok"]
-    sns.boxplot(data=ok, x="epoch", y="ratio", native_scale=True, showfliers=False, color="tab:blue",
-                linewidth=0.8, ax=ax, log_scale=(False, True))
-    ax.axhline(1.0, color="tab:green", ls="--", lw=1.8, label="α* = lr (step lands on the model's minimum)")
-    ax.set(xlabel="epoch", ylabel="α* / lr")
-    ax.xaxis.set_major_locator(MaxNLocator(10, integer=True))
-    ax.set_ylim(min(ax.get_ylim()[0], 0.5), max(ax.get_ylim()[1], 2.0))
-    ax.set_title(f"α*/lr per epoch ({len(records) - len(ok)} of {len(records)} steps with H≤0 or ascent not shown)")
+    _median_band(ax, records, (0.1, 0.9), "tab:blue", f"median, band 10–90% ({_left_out(records)})")
+    _log_ratio_axis(ax)
+    _epoch_axis(ax)
+    ax.set_title(f"α*/lr per epoch ({_per_epoch(records, ['epoch'])} probed steps per epoch)")
     ax.legend(loc="best", fontsize="small")
     return ax
+
+
+def _median_band(ax: Axes, records: pd.DataFrame, band: tuple[float, float], color: object, label: str) -> None:
+    """Draw the per-epoch median ratio of the ``"ok"`` steps at epoch + 1, with the quantile ``band`` around it."""
+    ok = records[records["flag"] == "ok"]
+    per = ok.groupby("epoch")["ratio"].quantile([0.5, *band]).unstack()
+    ax.plot(per.index + 1, per[0.5], color=color, label=label)
+    ax.fill_between(per.index + 1, per[band[0]], per[band[1]], color=color, alpha=0.2, linewidth=0)
+
+
+def _epoch_axis(ax: Axes) -> None:
+    """Label the x axis "epoch" with integer ticks in steps of 1, 2 or 5."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(10, integer=True, steps=[1, 2, 5, 10]))
+
+
+def _left_out(records: pd.DataFrame) -> str:
+    """Say how many of the steps are not flagged ``"ok"`` and so left out of the α* medians."""
+    return f"{int((records['flag'] != 'ok').sum())} of {len(records)} steps left out"
+
+
+def _per_epoch(records: pd.DataFrame, keys: list[str]) -> str:
+    """Return the number of probed steps per group of ``keys`` (one epoch of one run), as a range if it varies."""
+    sizes = records.groupby(keys).size()
+    return f"{sizes.min()}" if sizes.min() == sizes.max() else f"{sizes.min()}–{sizes.max()}"
+
+
+def _lr_text(records: pd.DataFrame) -> str:
+    """Return "lr 1e-3" when the records ran at one initial learning rate (``lr0``, else ``lr``), otherwise ""."""
+    column = next((c for c in ("lr0", "lr") if c in records), None)
+    if column is None or records[column].nunique() != 1:
+        return ""
+    return f"lr {np.format_float_scientific(records[column].iloc[0], trim='-', exp_digits=1)}"
 
 
 def _log_ratio_axis(ax: Axes) -> None:
@@ -89,31 +123,41 @@ def _log_ratio_axis(ax: Axes) -> None:
 
 
 def ratio_by(records: pd.DataFrame, hue: str, *, ax: Axes | None = None) -> Axes:
-    """Plot the per-epoch median :math:`\\alpha^*/\\mathrm{lr}` with its interquartile band, one line per ``hue``.
+    """Plot the per-epoch median :math:`\\alpha^*/\\mathrm{lr}` with its 25–75% band, one line per ``hue``.
 
-    Only steps flagged ``"ok"`` (positive curvature, descent) enter; :func:`odd_share` shows the rest.
+    Only steps flagged ``"ok"`` (positive curvature, descent) enter; each legend entry gives the line's learning
+    rate (when it has one) and how many of its steps were left out; :func:`odd_share` shows what they were.
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
-    ok = records[records["flag"] == "ok"]
-    sns.lineplot(data=ok, x="epoch", y="ratio", hue=hue, estimator="median", errorbar=("pi", 50), ax=ax)
+    groups = records.groupby(hue, sort=False)
+    for (name, rows), color in zip(groups, sns.color_palette(n_colors=groups.ngroups)):
+        lr = _lr_text(rows)
+        _median_band(ax, rows, (0.25, 0.75), color, f"{name}{f' ({lr})' if lr else ''}, {_left_out(rows)}")
     _log_ratio_axis(ax)
-    ax.set(xlabel="epoch", title="α*/lr per epoch (median, band: 25–75th percentile)")
-    ax.xaxis.set_major_locator(MaxNLocator(10, integer=True))
+    _epoch_axis(ax)
+    per_epoch = _per_epoch(records, [hue, "epoch"])
+    ax.set_title(f"α*/lr per epoch: median and 25–75% band of each epoch's {per_epoch} probed steps")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return ax
 
 
 def odd_share(records: pd.DataFrame, by: str, *, ax: Axes | None = None) -> Axes:
-    """Bar-plot, per value of ``by``, the share of steps with negative curvature and with an ascent direction."""
+    """Bar-plot, per value of ``by``, the share of steps with negative curvature and with an ascent direction.
+
+    Each tick names the group's learning rate (when it has one) and how many probed steps the shares are of.
+    """
     ax = ax or plt.subplots(figsize=(8, 4))[1]
     flag = records["flag"]
     share = (
         records.assign(**{"negative curvature": flag.str.contains("negative_curvature"),
                           "ascent (dᵀg > 0)": flag.str.contains("ascent")})
-        .groupby(by)[["negative curvature", "ascent (dᵀg > 0)"]].mean()
+        .groupby(by, sort=False)[["negative curvature", "ascent (dᵀg > 0)"]].mean()
         .reset_index().melt(id_vars=by, var_name="kind", value_name="share")
     )
     sns.barplot(data=share, x=by, y="share", hue="kind", ax=ax)
+    groups = records.groupby(by, sort=False)
+    ticks = ["\n".join(filter(None, (f"{name}", _lr_text(rows), f"{len(rows)} steps"))) for name, rows in groups]
+    ax.set_xticks(range(groups.ngroups), ticks)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set(ylabel="share of probed steps", title="odd steps: negative curvature along d, or d points uphill")
     return ax
@@ -122,18 +166,55 @@ def odd_share(records: pd.DataFrame, by: str, *, ax: Axes | None = None) -> Axes
 def alpha_vs_lr(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """Plot the per-epoch median :math:`\\alpha^*` against the learning rate on log-log axes, with α* = lr.
 
-    Each dot is one epoch of one run (colour: epoch); the line joins the last epoch's medians.
+    Each dot is one epoch of one run (colour: epoch, from 1); the line joins the last epoch's medians; the title
+    gives the probed steps per epoch and how many steps (not flagged ``"ok"``) are left out of the medians.
     """
     ax = ax or plt.subplots(figsize=(6, 5))[1]
     ok = records[records["flag"] == "ok"]
-    med = ok.groupby(["lr", "epoch"], as_index=False)["alpha_star"].median()
+    med = ok.groupby(["lr", "epoch"], as_index=False)["alpha_star"].median().assign(epoch=lambda m: m["epoch"] + 1)
     sns.scatterplot(data=med, x="lr", y="alpha_star", hue="epoch", palette="viridis", s=25, ax=ax, legend="brief")
     last = med[med["epoch"] == med.groupby("lr")["epoch"].transform("max")]
     ax.plot(last["lr"], last["alpha_star"], color="black", lw=1.5, marker="o", label="last epoch")
     lo, hi = min(med["lr"].min(), med["alpha_star"].min()), max(med["lr"].max(), med["alpha_star"].max())
-    ax.plot([lo, hi], [lo, hi], color="tab:green", ls="--", lw=1.8, label="α* = lr")
-    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="median α* per epoch (lr units)")
+    ax.axline((lo, lo), (hi, hi), color="tab:green", ls="--", lw=1.8, label="α* = lr")  # across the whole panel
+    ax.update_datalim([(lo, lo), (hi, hi)])
+    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="median α* per epoch")
+    ax.set_title(f"dots: medians of {_per_epoch(records, ['lr', 'epoch'])} probed steps; {_left_out(records)}",
+                 fontsize="small")
     ax.legend(title="epoch", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return ax
+
+
+def ratio_bands(summary: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    r"""Plot per-epoch medians of :math:`\alpha^*/\mathrm{lr}` across runs with their interval, one line per scope.
+
+    ``summary`` has the columns of :func:`alphalib.seed_summary` (``epoch``, ``median``, ``lo``, ``hi``) and a
+    ``scope`` column (``"batch"``, ``"full data"``, ...); epochs are drawn from 1.
+    """
+    ax = ax or plt.subplots(figsize=(8, 4.5))[1]
+    colors = [f"C{i}" for i in (0, 3, 4, 1, 5)]  # blue, red, purple, ...: apart from the green α* = lr line
+    for (scope, rows), color in zip(summary.groupby("scope", sort=False), colors):
+        ax.plot(rows["epoch"] + 1, rows["median"], color=color, label=scope)
+        ax.fill_between(rows["epoch"] + 1, rows["lo"], rows["hi"], color=color, alpha=0.2, linewidth=0)
+    _log_ratio_axis(ax)
+    _epoch_axis(ax)
+    ax.legend(loc="best", fontsize="small", ncols=4)
+    return ax
+
+
+def losses_per_epoch(epochs: pd.DataFrame, *, baseline: float | None = None, ax: Axes | None = None) -> Axes:
+    """Plot training and held-out loss per epoch (median over runs, band: their range) beside a baseline."""
+    ax = ax or plt.subplots(figsize=(8, 4.5))[1]
+    for column, color in (("train_loss", "black"), ("val_loss", "tab:purple")):
+        if column in epochs:
+            per = epochs.groupby("epoch")[column].agg(["median", "min", "max"])
+            label = "training loss" if column == "train_loss" else "held-out loss"
+            ax.plot(per.index + 1, per["median"], color=color, label=label)
+            ax.fill_between(per.index + 1, per["min"], per["max"], color=color, alpha=0.15, linewidth=0)
+    if baseline is not None:
+        ax.axhline(baseline, color="tab:gray", ls=":", lw=1.8, label=f"predict the mean (Var y = {baseline:.3g})")
+    ax.set(xlabel="epoch", ylabel="loss")
+    ax.legend(loc="best", fontsize="small")
     return ax
 
 
@@ -142,7 +223,8 @@ def final_loss_vs_lr(epochs: pd.DataFrame, *, column: str = "train_loss", ax: Ax
     ax = ax or plt.subplots(figsize=(6, 5))[1]
     last = epochs[epochs["epoch"] == epochs["epoch"].max()].sort_values("lr0")
     ax.plot(last["lr0"], last[column], marker="o", color="black")
-    ax.set(xscale="log", xlabel="learning rate", ylabel=f"final {column.replace('_', ' ')}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"final {column.replace('_', ' ')}",
+           title=f"after epoch {int(last['epoch'].iloc[0]) + 1}, one dot per run")
     return ax
 
 

@@ -428,7 +428,7 @@ def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
         ax.yaxis.set_major_locator(ticker.FixedLocator([0, 0.25, 0.5, 0.75, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500]))
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.set(title={"adam": "Adam", "adam_fused": "Adam, fused=True"}.get(variant, variant), xlabel="",
-               ylabel="time overhead, (probed − plain) / plain")
+               ylabel="time overhead, (probed − plain) / plain\n(symlog axis: linear to 1, log above)")
         ax = axes[1, j]
         sns.barplot(data=probed[probed["optimizer"] == variant], y="mem_ratio", ax=ax, **common)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
