@@ -37,6 +37,7 @@ Rules exist for the modules in :data:`LAYERS` and for nested plain ``nn.Sequenti
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -125,11 +126,20 @@ def covers(model: nn.Module) -> str | None:
         rule = rule_for(m)
         if rule is None:
             what = "overrides forward" if "forward" in vars(m) or isinstance(m, nn.Sequential) else "is not supported"
-            return f"{type(m).__name__}{f' ({name})' if name else ''} {what} by the fast path"
+            return f"{type(m).__name__}{f' ({name})' if name else ''} {what} by the fast path{_source(m)}"
         reason = rule.check(m)
         if reason:
             return reason
     return None
+
+
+def _source(m: nn.Module) -> str:
+    """Say where ``m``'s forward is written (file and line), or nothing if Python cannot tell."""
+    fn = vars(m).get("forward", type(m).forward)
+    try:
+        return f" (its forward: {inspect.getsourcefile(fn)}, line {inspect.getsourcelines(fn)[1]})"
+    except (OSError, TypeError):
+        return ""
 
 
 class Capture:
@@ -425,7 +435,7 @@ def _scaled(
     (``u``, the input's tangent centred over ``dims``, given), :math:`\langle\delta_y \gamma, \ddot{\hat x}\rangle`.
     """
     dgamma, dbeta = sw.delta(m.weight), sw.delta(m.bias)
-    gamma = None if m.weight is None else m.weight.detach() if dgamma is None else m.weight.detach() - dgamma
+    gamma = None if m.weight is None else _at_theta(sw, m.weight)
     gamma, dgamma, dbeta = (None if v is None else v.view(shape) for v in (gamma, dgamma, dbeta))
     if t_hat is not None and sw.exact:
         err = sw.cap.errors_out.pop(m)
@@ -480,6 +490,37 @@ def _batch_norm(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
     elif t is not None:
         t_hat = r * t
     return _scaled(sw, m, x_hat, r, t_hat, u, dims, channel)
+
+
+@register(nn.GroupNorm, keep={"input", "error_out"})
+def _group_norm(sw: Sweep, m: nn.GroupNorm, t: Tensor | None) -> Tensor | None:
+    r"""GroupNorm: LayerNorm's algebra over each sample's group of :math:`C/G` channels and the spatial axes.
+
+    Statistics and the second-order term are taken on the grouped view :math:`(N, G, C/G \cdot \ldots)`; γ and β
+    act per channel, as in BatchNorm.
+    """
+    x = sw.cap.inputs.pop(m).detach()
+    grouped, dims = (x.shape[0], m.num_groups, -1), (2,)
+    channel = (1, -1) + (1,) * (x.dim() - 2)
+    xg = x.reshape(grouped)
+    r = torch.rsqrt(xg.var(dims, unbiased=False, keepdim=True) + m.eps)
+    x_hat = (xg - xg.mean(dims, keepdim=True)) * r
+    if t is None:
+        return _scaled(sw, m, x_hat.view_as(x), r, None, None, (), channel)
+    u = t.reshape(grouped)
+    u = u - u.mean(dims, keepdim=True)
+    t_hat = r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat)
+    if sw.exact:  # the statistics' second-order term, on the grouped view (γ per channel)
+        err = sw.cap.errors_out[m]
+        err = err if m.weight is None else err * _at_theta(sw, m.weight).view(channel)
+        sw.add(_normalization_term(err.reshape(grouped), x_hat, r, u, dims))
+    return _scaled(sw, m, x_hat.view_as(x), r, t_hat.view_as(x), None, (), channel)
+
+
+def _at_theta(sw: Sweep, param: Tensor) -> Tensor:
+    """Return ``param`` at θ_t (the optimizer has already stepped it by its Δ)."""
+    step = sw.delta(param)
+    return param.detach() if step is None else param.detach() - step
 
 
 def _sequential(sw: Sweep, m: nn.Sequential, t: Tensor | None) -> Tensor | None:
