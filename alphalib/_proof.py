@@ -214,6 +214,10 @@ class Witness:
         forwards = self.forwards
         if not forwards:
             v.reasons.append("no forward pass of the model was seen since the last step")
+            if built and not closure:  # .grad comes from a forward the probe never saw: batch and draws unknown
+                v.mismatch.append("a backward pass built .grad, but the model given to the probe ran no forward pass "
+                                  "since the last step: training called another module (a submodule, or the model "
+                                  "a wrapper holds?); give the probe the module training calls")
         matched = [_match(forwards, b[0]) if loss_fn is not None else None for b in batches]
         v.rngs = [f.rng if f is not None else (forwards[-1].rng if forwards else None) for f in matched]
         scales: list[float | None] = [None] * k

@@ -200,6 +200,15 @@ def swapped(run: Loop, t: int, pairs: list) -> None:
     run.step((y, x), trained=[pairs[0]])
 
 
+def inner_call(run: Loop, t: int, pairs: list) -> None:
+    """Training calls the model a wrapper holds; the probe was given the wrapper (its dropout mask is unseen)."""
+    run.opt.zero_grad()
+    run.rng = torch.get_rng_state()
+    x, y = pairs[0]
+    run.pattern.loss_fn(run.model.inner(x), y).backward()
+    run.step(pairs[0])
+
+
 def freeze_unfreeze(run: Loop, t: int, pairs: list) -> None:
     if t == 1:  # after the first step
         run.model[0].requires_grad_(True)
@@ -249,6 +258,15 @@ def reused_dropout() -> nn.Module:
 
 def conv() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 2, 2), nn.Tanh(), nn.Dropout(0.2), nn.Flatten(), nn.Linear(8, 2))
+
+
+class _Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = dropout_mlp()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
 
 
 def deep_mlp_first_frozen() -> nn.Module:
@@ -333,6 +351,7 @@ PATTERNS: dict[str, Pattern] = {
     "swapped-batch": Pattern(square_mlp, swapped, y_shape=(8, 4), expect="reject"),
     "reused-dropout": Pattern(reused_dropout, plain),
     "channels-last": Pattern(conv, plain, x_shape=(6, 2, 3, 3), y_shape=(6, 2), channels_last=True),
+    "inner-model-called": Pattern(_Wrapper, inner_call, expect="reject"),
     "freeze-unfreeze": Pattern(deep_mlp_first_frozen, freeze_unfreeze),
     "autocast": Pattern(mlp, autocast, dtype=torch.float32, expect="value_or_flag", tol=1e-3),
     "lbfgs": Pattern(mlp, lbfgs, optimizer=lbfgs_opt),
