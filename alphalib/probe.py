@@ -47,6 +47,7 @@ from ._checks import check_batch, check_loss, trainable
 from ._function import BatchLoss, LossFn, Objective, rng_state
 from ._proof import Verdict, Witness
 from .curvature import Backend, Directional, Known, check_backend, directional
+from .graph import NoRule, OpCapture, op_tangent_pass
 from .records import Record, make_record, to_frame
 from .spectrum import along
 from .tangent import Capture, closed_form, covers, tangent_pass
@@ -118,15 +119,11 @@ class AlphaProbe:
         self.records: list[Record] = []
         self.steps = 0
         self._warned = self._validated = False
-        self._capture: Capture | None = None
+        self._capture: Capture | OpCapture | None = None
         self._why = "path='generic' was asked for" if path == "generic" else ""
         if path != "generic" and not self.objective and self.curvature in ("hessian", "ggn"):
-            self._why = covers(model) or ""
-            if not self._why:
-                self._capture = Capture(model, sweep=True, errors=self.curvature == "hessian")
-            elif path == "fast":
-                raise ValueError(f"path='fast' is not available: {self._why}. Use path='auto' (it falls back to the "
-                                 "generic path) or path='generic'.")
+            exact = self.curvature == "hessian"  # module rules where they cover the model, else recorded ops
+            self._capture = OpCapture(model, errors=exact) if covers(model) else Capture(model, errors=exact)
         elif self.objective:
             self._why = "the probe measures an objective(model, batch), not loss_fn(model(x), y)"
         self._witness = Witness(model)
@@ -210,8 +207,9 @@ class AlphaProbe:
         cap = self._capture
         fallback = ([self._why] if self._why else verdict.reasons) + verdict.mismatch
         sweep = verdict.fast and cap is not None and not self._why
-        if sweep and (cap.output is None or cap.reused):
-            fallback.append("a module ran twice in the forward pass" if cap.reused else "the capture is empty")
+        if sweep and (cap.output is None or cap.reused or cap.uncovered):
+            fallback.append("a module ran twice in the forward pass" if cap.reused else cap.uncovered or
+                            "the capture is empty")
             sweep = False
         reuse = verdict.fast and not self._why and cap is None
         theta = [p.detach().clone() for p in params]
@@ -239,9 +237,9 @@ class AlphaProbe:
                 if sweep:
                     try:
                         res = self._sweep(params, delta, verdict, batches[0])
-                    except (KeyError, _ops.Unverified) as exc:  # the step did not leave what a rule needs
-                        fallback.append(str(exc) if isinstance(exc, _ops.Unverified) else
-                                        "the forward pass did not leave what a tangent rule needs")
+                    except (KeyError, _ops.Unverified, NoRule) as exc:  # the step left not what a rule needs
+                        fallback.append("the forward pass did not leave what a tangent rule needs"
+                                        if isinstance(exc, KeyError) else str(exc))
                         theta = torch._foreach_sub(current, delta)
                         sweep = False
                 if not sweep:
@@ -316,9 +314,13 @@ class AlphaProbe:
 
     def _sweep(self, params: list[Tensor], delta: list[Tensor], verdict: Verdict, batch: Any) -> Directional:
         """Exact (or GGN) slope and curvature from the captured training step, by the tangent pass."""
-        deltas = {id(p): d for p, d in zip(params, delta)}
-        loss, slope, curvature = tangent_pass(self.model, self._capture, self.loss, batch[1], deltas,
-                                              exact=self.curvature == "hessian", scale=verdict.scale)
+        deltas, exact = {id(p): d for p, d in zip(params, delta)}, self.curvature == "hessian"
+        if isinstance(self._capture, OpCapture):
+            loss, slope, curvature = op_tangent_pass(self._capture, self.loss, batch[1], deltas, params,
+                                                     exact=exact, scale=verdict.scale)
+        else:
+            loss, slope, curvature = tangent_pass(self.model, self._capture, self.loss, batch[1], deltas,
+                                                  exact=exact, scale=verdict.scale)
         return Directional(loss, slope, curvature, math.nan if verdict.grad_norm is None else verdict.grad_norm)
 
     def _measure(

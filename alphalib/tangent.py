@@ -160,6 +160,7 @@ class Capture:
         self.rng: dict[nn.Module, tuple[Tensor, torch.Size]] = {}
         self.output: Tensor | None = None  # the model's output
         self.reused = False  # a module ran twice in one forward: its tensors are ambiguous
+        self.uncovered: str | None = None  # (the module rules cover the model, or the probe does not use them)
         needs: dict[nn.Module, set[str]] = {m: set(r.keep) for m, r in self.rules.items()}
         for m, r in self.rules.items():
             for name, keep in r.children.items():

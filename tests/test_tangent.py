@@ -152,9 +152,6 @@ def test_covers_names_what_it_does_not_cover():
             return x + super().forward(x)
 
     assert "Residual overrides forward" in covers(Residual(nn.Linear(2, 2)))
-    with pytest.raises(ValueError, match="path='fast' is not available: RMSNorm"):
-        model = nn.Sequential(nn.Linear(2, 2), nn.RMSNorm(2))
-        alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), path="fast")
 
 
 def test_auto_path_falls_back_to_generic_and_says_so():
@@ -164,7 +161,8 @@ def test_auto_path_falls_back_to_generic_and_says_so():
     probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
     F.mse_loss(model(x), y).backward()
-    assert probe.path == "generic" and probe.step((x, y)).path == "generic"
+    rec = probe.step((x, y))  # RMSNorm has neither a module rule nor rules for its operations (yet)
+    assert rec.path == "generic" and "RMSNorm" not in rec.fallback and "no tangent rule" in rec.fallback
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,344 @@
+r"""The fast path over the operations the training step ran, for models the module rules do not cover.
+
+Where :func:`alphalib.tangent.covers` finds a module without a rule (a residual block, a functional call, a
+module used twice), the probe records instead what the model's training forward executed, one ATen operation at
+a time (a :class:`~torch.utils._python_dispatch.TorchDispatchMode` entered for the model's own forward pass
+only), and keeps the error :math:`\delta_y = \partial L/\partial y` at the output of every operation whose
+second derivative is not zero. After the optimizer step the tangent pass runs over that list: each operation
+maps the tangents of its inputs along :math:`\Delta` to that of its output and adds its own second-order term,
+
+.. math::
+
+    \Delta^\top H \Delta = \dot f^\top \nabla^2_f \ell\, \dot f + \sum_{\mathrm{ops}\ y = \phi(x_1, \dots)}
+    \langle \delta_y, \ddot y \rangle ,
+
+where :math:`\ddot y` collects the op's second derivatives along the input tangents (for a bilinear op
+:math:`y = a b`, :math:`\ddot y = 2\dot a \dot b`; for an elementwise :math:`y = \sigma(x)`,
+:math:`\ddot y = \sigma''(x)\dot x^2`). Module reuse, residual connections, functional calls and dropout (its
+mask is one of the recorded tensors) are then ordinary. An operation without a rule, or an input changed in
+place after an operation read it, sends the step to the generic path with the op named in ``fallback``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._function import LossFn
+from ._proof import Hook
+from .tangent import _output_terms, inner, plus
+
+aten = torch.ops.aten
+
+
+class NoRule(Exception):
+    """The recorded step holds an operation the tangent pass cannot follow (the message says which)."""
+
+
+@dataclass(eq=False)
+class Op:
+    """One recorded operation: what ran, on what, and the version of each tensor when it ran."""
+
+    func: Any
+    args: tuple
+    kwargs: dict
+    out: Any
+    versions: dict[int, int]  #: ``id(tensor) -> tensor._version`` for the tensor arguments and outputs
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, cap: OpCapture):
+        super().__init__()
+        self.cap = cap
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        cap, ins = self.cap, _tensors(args) + _tensors(kwargs)
+        if cap.uncovered is None and any(t.requires_grad for t in ins):  # else its output has no tangent
+            if func in FREE or func in RULES or func.overloadpacket in RULES:
+                cap.ops.append(Op(func, args, kwargs, out, {id(t): t._version for t in ins + _tensors(out)}))
+            else:  # keep no more tensors: this step goes generic
+                cap.uncovered = f"the forward pass ran {func}, which has no tangent rule yet"
+                cap.ops.clear()
+        return out
+
+
+class OpCapture:
+    """Record the operations of ``model``'s grad-enabled forward passes on its own parameters, and their errors.
+
+    The same interface as :class:`alphalib.tangent.Capture` for the probe (``active``, ``own``, ``output``,
+    ``reused``, ``clear``, ``remove``); ``uncovered`` says why the last forward cannot take this path.
+    """
+
+    def __init__(self, model: nn.Module, *, errors: bool):
+        self.active, self.errors = True, errors
+        self.own: Callable[[nn.Module], bool] | None = None
+        self.reused = False  # module reuse is ordinary here
+        self.ops: list[Op] = []
+        self.kept: dict[int, Tensor] = {}  #: ``id(op output) -> δ`` from the training backward
+        self.output: Tensor | None = None
+        self.uncovered: str | None = None
+        self._mode: _Recorder | None = None
+        self._handles = [model.register_forward_pre_hook(Hook(self, "_start")),
+                         model.register_forward_hook(Hook(self, "_stop"), always_call=True)]
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        if self._mode is not None or not (self.active and torch.is_grad_enabled()):
+            return
+        if self.own is not None and not self.own(module):  # functional_call: not the training step
+            return
+        self.clear()
+        self._mode = _Recorder(self)
+        self._mode.__enter__()
+
+    def _stop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._mode is None:
+            return
+        mode, self._mode = self._mode, None
+        mode.__exit__(None, None, None)
+        if not isinstance(output, Tensor):
+            self.uncovered = "the model's output is not a tensor"
+        self.output = output if isinstance(output, Tensor) else None
+        if self.errors and self.uncovered is None:
+            for op in self.ops:
+                if op.func in CURVED or op.func.overloadpacket in CURVED:
+                    y = op.out
+                    if isinstance(y, Tensor) and y.requires_grad:
+                        y.register_hook(functools.partial(self._keep_error, id(y)))
+
+    def _keep_error(self, key: int, grad: Tensor) -> None:
+        self.kept[key] = grad
+
+    def clear(self) -> None:
+        """Drop the references to the last step's tensors."""
+        self.ops, self.kept, self.output, self.uncovered = [], {}, None, None
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+
+
+class _Sweep:
+    """Tangents (and, for parameters, values at θ_t) of the recorded tensors, by ``id``."""
+
+    def __init__(self, cap: OpCapture, deltas: dict[int, Tensor], params: Sequence[Tensor], exact: bool):
+        self.cap, self.exact = cap, exact
+        self.tangents: dict[int, Tensor] = dict(deltas)
+        self.values: dict[int, Tensor] = {id(p): p.detach() - deltas[id(p)] for p in params if id(p) in deltas}
+        self.terms: list[Tensor] = []
+
+    def tangent(self, x: Any) -> Tensor | None:
+        return self.tangents.get(id(x)) if isinstance(x, Tensor) else None
+
+    def value(self, x: Any, op: Op) -> Any:
+        """Return ``x`` as the op read it (parameters and their views at θ_t); refuse one changed in place since."""
+        if not isinstance(x, Tensor):
+            return x
+        if id(x) in self.values:
+            return self.values[id(x)]
+        if x._version != op.versions[id(x)]:
+            raise NoRule(f"a tensor read by {op.func} was changed in place afterwards")
+        return x
+
+    def error(self, y: Tensor) -> Tensor:
+        try:
+            return self.cap.kept[id(y)]
+        except KeyError:
+            raise NoRule("an operation's output error was not seen in the backward pass") from None
+
+    def add(self, y: Tensor, second: Tensor) -> None:
+        """Add :math:`\\langle \\delta_y, \\ddot y\\rangle` (only for the exact Hessian)."""
+        self.terms.append(inner(self.error(y), second.expand(y.shape)))
+
+
+@torch.no_grad()
+def op_tangent_pass(
+    cap: OpCapture, loss_fn: LossFn, targets: Tensor, deltas: dict[int, Tensor], params: Sequence[Tensor], *,
+    exact: bool, scale: float = 1.0,
+) -> tuple[float, float, float]:
+    """Return loss, :math:`\\Delta^\\top g` and :math:`\\Delta^\\top H\\Delta` (GGN unless ``exact``) at θ_t.
+
+    Like :func:`alphalib.tangent.tangent_pass`, over the recorded operations; ``params`` hold θ_{t+1}.
+    """
+    if cap.uncovered is not None:
+        raise NoRule(cap.uncovered)
+    sw = _Sweep(cap, deltas, params, exact)
+    for op in cap.ops:
+        ins = _tensors(op.args) + _tensors(op.kwargs)
+        moved = [x for x in ins if id(x) in sw.values]  # parameters (or views of them) at θ_t
+        if any(id(x) in sw.tangents for x in ins) or moved:
+            _apply(sw, op, bool(moved))
+    out = cap.output.detach()
+    loss, slope, curvature = _output_terms(loss_fn, sw.values.get(id(cap.output), out), targets,
+                                           sw.tangent(cap.output))
+    if exact and sw.terms:
+        curvature = curvature + torch.stack(sw.terms).double().sum() / scale
+    values = torch.stack([loss.double(), slope.double(), curvature.double()]).tolist()
+    return values[0], values[1], values[2]
+
+
+def _apply(sw: _Sweep, op: Op, moved: bool) -> None:
+    """Run the op's rule: store its output's tangent (and its value at θ_t if it reads a parameter's)."""
+    if moved:  # a view of a parameter: recompute it at θ_t from its inputs' values
+        if op.func.overloadpacket not in VIEWS:
+            for x in _tensors(op.out):
+                if x._version != op.versions[id(x)]:
+                    raise NoRule(f"{op.func} read a parameter and its output changed afterwards")
+        else:
+            value = op.func(*[sw.value(a, op) for a in op.args], **op.kwargs)
+            for x, v in zip(_tensors(op.out), _tensors(value)):
+                sw.values[id(x)] = v
+    if op.func in FREE:
+        return
+    rule = RULES.get(op.func, RULES.get(op.func.overloadpacket))
+    out = rule(sw, op, [sw.value(a, op) for a in op.args], [sw.tangent(a) for a in op.args])
+    for y, t in zip(_tensors(op.out), out if isinstance(out, (tuple, list)) else [out]):
+        if t is not None:
+            sw.tangents[id(y)] = t
+
+
+# ---- rules -------------------------------------------------------------------------------------------------
+# A rule gets the sweep, the op, its arguments' values as the op read them and their tangents (None: zero), and
+# returns the output's tangent (a list for ops with several outputs); it adds its second-order term itself.
+
+Rule = Callable[[_Sweep, Op, list, list], Any]
+RULES: dict[Any, Rule] = {}
+#: operations whose output has no tangent whatever their inputs (a detached copy, a fresh tensor shaped like one)
+FREE = {aten.detach.default, aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default}
+#: operations with a second derivative along their inputs: their output errors are kept
+CURVED: set[Any] = set()
+
+
+def rule(*funcs: Any, curved: bool = False) -> Callable[[Rule], Rule]:
+    """Register a rule for ATen operations (overload packets or single overloads)."""
+
+    def deco(fn: Rule) -> Rule:
+        for f in funcs:
+            RULES[f] = fn
+            if curved:
+                CURVED.add(f)
+        return fn
+
+    return deco
+
+
+#: operations linear in their first tensor argument, the others being fixed (views, reductions, copies)
+VIEWS = {aten.t, aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.unsqueeze,
+         aten.squeeze, aten.expand, aten.slice, aten.select, aten.alias, aten.clone, aten.split,
+         aten.split_with_sizes, aten.unbind, aten.flatten}
+LINEAR = VIEWS | {aten.sum, aten.mean, aten.neg}
+
+
+@rule(*LINEAR)
+def _linear(sw: _Sweep, op: Op, vals: list, tans: list) -> Any:
+    if tans[0] is None:
+        return None
+    if any(t is not None for t in tans[1:]):
+        raise NoRule(f"{op.func} is linear in its first argument only")
+    return op.func(tans[0], *vals[1:], **op.kwargs)
+
+
+@rule(aten.add.Tensor, aten.sub.Tensor)
+def _add(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    a, b = tans[0], tans[1] if len(tans) > 1 else None
+    alpha = op.kwargs.get("alpha", 1)
+    if b is not None:
+        b = b * (alpha if op.func is aten.add.Tensor else -alpha)
+    out = plus(a, b)
+    return None if out is None else out.expand(op.out.shape) if out.shape != op.out.shape else out
+
+
+@rule(aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar)
+def _scalar(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    if tans[0] is None:
+        return None
+    return tans[0] * vals[1] if op.func is aten.mul.Scalar else tans[0] / vals[1] \
+        if op.func is aten.div.Scalar else tans[0]
+
+
+@rule(aten.mul.Tensor, curved=True)
+def _mul(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    (a, b), (ta, tb) = vals, tans
+    if ta is not None and tb is not None and sw.exact:
+        sw.add(op.out, 2 * ta * tb)
+    return plus(None if ta is None else ta * b, None if tb is None else a * tb)
+
+
+@rule(aten.div.Tensor)
+def _div(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    if tans[1] is not None:
+        raise NoRule(f"{op.func} by a tensor that changes along the step")
+    return None if tans[0] is None else tans[0] / vals[1]
+
+
+def _product(sw: _Sweep, op: Op, a: Tensor, b: Tensor, ta: Tensor | None, tb: Tensor | None,
+             mm: Callable[[Tensor, Tensor], Tensor]) -> Tensor | None:
+    if ta is not None and tb is not None and sw.exact:
+        sw.add(op.out, 2 * mm(ta, tb))
+    return plus(None if ta is None else mm(ta, b), None if tb is None else mm(a, tb))
+
+
+@rule(aten.mm, aten.bmm, curved=True)
+def _mm(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    return _product(sw, op, vals[0], vals[1], tans[0], tans[1], op.func)
+
+
+@rule(aten.addmm, curved=True)
+def _addmm(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    beta, alpha = op.kwargs.get("beta", 1), op.kwargs.get("alpha", 1)
+    if (beta, alpha) != (1, 1):
+        raise NoRule(f"{op.func} with beta or alpha")
+    product = _product(sw, op, vals[1], vals[2], tans[1], tans[2], torch.mm)
+    return plus(None if tans[0] is None else tans[0].expand(op.out.shape), product)
+
+
+@rule(aten.relu)
+def _relu(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    return None if tans[0] is None else tans[0] * (op.out > 0)
+
+
+#: elementwise functions of one tensor; their first and second derivatives come from autograd on the input
+ELEMENTWISE = {aten.tanh: torch.tanh, aten.sigmoid: torch.sigmoid, aten.exp: torch.exp, aten.log: torch.log,
+               aten.silu: torch.nn.functional.silu, aten.softplus: torch.nn.functional.softplus}
+
+
+@rule(*ELEMENTWISE, aten.gelu, curved=True)
+def _elementwise(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    if tans[0] is None:
+        return None
+    if op.func.overloadpacket is aten.gelu:
+        approximate = op.kwargs.get("approximate", "none")
+        fn = lambda x: torch.nn.functional.gelu(x, approximate=approximate)  # noqa: E731
+    else:
+        base = ELEMENTWISE[op.func.overloadpacket]
+        fn = (lambda x: base(x, *vals[1:])) if len(vals) > 1 else base
+    with torch.enable_grad():
+        x = vals[0].detach().requires_grad_(True)
+        (d1,) = torch.autograd.grad(fn(x).sum(), x, create_graph=sw.exact)
+        d2 = torch.autograd.grad(d1.sum(), x)[0] if sw.exact else None
+    if sw.exact:
+        sw.add(op.out, d2 * tans[0].square())
+    return d1.detach() * tans[0]
+
+
+@rule(aten.cat)
+def _cat(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor:
+    parts = [sw.tangent(x) for x in op.args[0]]
+    dim = vals[1] if len(vals) > 1 else op.kwargs.get("dim", 0)
+    return torch.cat([torch.zeros_like(x) if t is None else t for x, t in zip(op.args[0], parts)], dim)

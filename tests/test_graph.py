@@ -1,0 +1,133 @@
+"""The fast path over recorded operations: exact against dense float64 Hessians on models the module rules miss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import Case, dense_hessian, flat, rel_err
+from torch import nn
+from torch.nn import functional as F
+
+import alphalib
+from alphalib.tangent import covers
+
+
+class Residual(nn.Module):
+    """A residual MLP written as people write it: functional calls, one activation module used twice."""
+
+    def __init__(self, act: str = "tanh"):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.act = nn.Tanh() if act == "tanh" else nn.GELU()
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        h = h + self.act(self.fc2(h))  # the same module twice, around a residual connection
+        return self.head(F.relu(h) * torch.sigmoid(h))  # a functional gate: a product of two tangents
+
+
+class Gated(nn.Module):
+    """Dropout by function, a concatenation, a batched product and a mean: what the module rules cannot follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(10, 2)
+
+    def forward(self, x):
+        u, v = F.silu(self.a(x)), F.dropout(self.b(x), 0.3, self.training)
+        w = torch.bmm(u.unsqueeze(2), v.unsqueeze(1)).mean(2)  # (B, 5, 5) -> (B, 5)
+        return self.out(torch.cat([w, v], 1))
+
+
+MODELS = {"residual-tanh": lambda: Residual("tanh"), "residual-gelu": lambda: Residual("gelu"), "gated": Gated}
+
+
+def _steps(model, loss_fn, batch, *, curvature="hessian", path="auto", steps=3, lr=1e-2):
+    """Yield (record, Δ, dense g, dense H at θ_t) for a few Adam steps, replaying each step's dropout mask."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    probe = alphalib.AlphaProbe(model, loss_fn, opt, curvature=curvature, path=path)
+    for _ in range(steps):
+        before = [p.detach().clone() for p in model.parameters()]
+        rng = torch.get_rng_state()
+        with torch.random.fork_rng():
+            torch.set_rng_state(rng)
+            g, hess = dense_hessian(Case(_Replay(model, rng), loss_fn, batch))
+        opt.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        rec = probe.step(batch)
+        yield rec, flat([p.detach() - b for p, b in zip(model.parameters(), before)]), g, hess
+
+
+class _Replay(nn.Module):
+    """``model`` with the global RNG set to ``state`` at every call: the training step's dropout mask each time."""
+
+    def __init__(self, model, state):
+        super().__init__()
+        self.m, self.state = model, state
+
+    def forward(self, x):
+        with torch.random.fork_rng():
+            torch.set_rng_state(self.state)
+            return self.m(x)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_recorded_ops_give_the_exact_curvature(name, loss):
+    torch.manual_seed(0)
+    model = MODELS[name]().double()
+    assert covers(model) is not None  # the module rules do not cover it: the recorded operations are followed
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, 2 if name == "gated" else 3, dtype=torch.float64) if loss == "mse" else \
+        torch.randint(0, 2 if name == "gated" else 3, (8,))
+    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
+    for rec, delta, g, hess in _steps(model, loss_fn, (x, y)):
+        assert rec.path == "fast" and rec.fallback == "" and rec.flag in ("ok", "ascent", "negative_curvature")
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
+        assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_recorded_ops_equal_the_generic_path_on_the_same_step(name, curvature):
+    torch.manual_seed(1)
+    model = MODELS[name]().double()
+    twin = copy.deepcopy(model)
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2 if name == "gated" else 3, dtype=torch.float64))
+    state = torch.get_rng_state()
+    fast = [r for r, *_ in _steps(model, F.mse_loss, batch, curvature=curvature, steps=2)]
+    torch.set_rng_state(state)
+    generic = [r for r, *_ in _steps(twin, F.mse_loss, batch, curvature=curvature, path="generic", steps=2)]
+    for a, b in zip(fast, generic):
+        assert a.path == "fast" and b.path == "generic"
+        assert rel_err(a.curvature, b.curvature) <= 1e-10 and rel_err(a.slope, b.slope) <= 1e-10
+
+
+def test_an_op_without_a_rule_goes_generic_and_names_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.RMSNorm(4), nn.Linear(4, 1)).double()
+    batch = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
+    for rec, delta, g, hess in _steps(model, F.mse_loss, batch, steps=1):
+        assert rec.path == "generic" and "no tangent rule" in rec.fallback and "aten." in rec.fallback
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
+
+
+def test_recording_changes_no_bit_of_training():
+    """Parameters, optimizer state and the RNG stream end as without the probe (dropout draws included)."""
+    def run(probed):
+        torch.manual_seed(3)
+        model = Gated().double()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        probe = alphalib.AlphaProbe(model, F.mse_loss, opt) if probed else None
+        x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            probe.step((x, y)) if probed else opt.step()
+        return [p.detach().clone() for p in model.parameters()], torch.get_rng_state(), probe
+
+    (plain, rng), (seen, rng2, probe) = run(False)[:2], run(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, seen)) and torch.equal(rng, rng2)
+    assert all(r.path == "fast" for r in probe.records)
