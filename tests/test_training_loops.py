@@ -219,6 +219,7 @@ def freeze_unfreeze(run: Loop, t: int, pairs: list) -> None:
 
 def autocast(run: Loop, t: int, pairs: list) -> None:
     run.opt.zero_grad()
+    run.rng = torch.get_rng_state()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = run.loss(pairs[0])
     loss.backward()
@@ -267,6 +268,22 @@ class _Wrapper(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.inner(x)
+
+
+class _Functional(nn.Module):
+    """Functional calls, a module used twice and functional dropout: the fast path follows its recorded ops."""
+
+    def __init__(self, p: float = 0.2):
+        super().__init__()
+        self.fc1, self.fc2, self.act, self.p = nn.Linear(4, 6), nn.Linear(6, 2), nn.Tanh(), p
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.fc1(x))
+        return self.fc2(h + F.dropout(self.act(h), self.p, self.training))
+
+
+def functional_without_dropout() -> nn.Module:  # the reference replays one RNG state per step, not per micro-batch
+    return _Functional(p=0.0)
 
 
 def deep_mlp_first_frozen() -> nn.Module:
@@ -352,6 +369,13 @@ PATTERNS: dict[str, Pattern] = {
     "reused-dropout": Pattern(reused_dropout, plain),
     "channels-last": Pattern(conv, plain, x_shape=(6, 2, 3, 3), y_shape=(6, 2), channels_last=True),
     "inner-model-called": Pattern(_Wrapper, inner_call, expect="reject"),
+    "ops-plain": Pattern(_Functional, plain, auto_path="fast"),
+    "ops-scaled-loss": Pattern(_Functional, scaled, auto_path="fast"),
+    "ops-clip": Pattern(_Functional, clip, auto_path="fast"),
+    "ops-extra-backward": Pattern(_Functional, extra_backward, per_step=2, auto_path="generic"),
+    "ops-sam": Pattern(_Functional, sam),
+    "ops-accumulate": Pattern(functional_without_dropout, accumulate, per_step=3),
+    "ops-autocast": Pattern(_Functional, autocast, dtype=torch.float32, expect="value_or_flag", tol=1e-3),
     "freeze-unfreeze": Pattern(deep_mlp_first_frozen, freeze_unfreeze),
     "autocast": Pattern(mlp, autocast, dtype=torch.float32, expect="value_or_flag", tol=1e-3),
     "lbfgs": Pattern(mlp, lbfgs, optimizer=lbfgs_opt),
