@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._function import LossFn
 from ._proof import Hook
-from .tangent import _output_terms, inner, plus
+from .tangent import _normalization_term, _output_terms, inner, plus
 
 aten = torch.ops.aten
 
@@ -60,6 +60,13 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
+def _written(func: Any, args: tuple) -> list[Tensor]:
+    """Return the arguments ``func`` writes in place (from its schema)."""
+    schema = func._schema.arguments
+    return [a for a, spec in zip(args, schema)
+            if isinstance(a, Tensor) and spec.alias_info is not None and spec.alias_info.is_write]
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, cap: OpCapture):
         super().__init__()
@@ -70,8 +77,15 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         cap, ins = self.cap, _tensors(args) + _tensors(kwargs)
         if cap.uncovered is None and any(t.requires_grad for t in ins):  # else its output has no tangent
+            cap.watch(ins)
             if func in FREE or func in RULES or func.overloadpacket in RULES:
-                cap.ops.append(Op(func, args, kwargs, out, {id(t): t._version for t in ins + _tensors(out)}))
+                versions = {id(t): t._version for t in ins + _tensors(out)}
+                for t in _written(func, args):  # autograd bumps their version once the op has returned
+                    versions[id(t)] += 1
+                op = Op(func, args, kwargs, out, versions)
+                cap.ops.append(op)
+                if cap.errors and (func in CURVED or func.overloadpacket in CURVED):
+                    cap.expect(op)
             else:  # keep no more tensors: this step goes generic
                 cap.uncovered = f"the forward pass ran {func}, which has no tangent rule yet"
                 cap.ops.clear()
@@ -90,7 +104,8 @@ class OpCapture:
         self.own: Callable[[nn.Module], bool] | None = None
         self.reused = False  # module reuse is ordinary here
         self.ops: list[Op] = []
-        self.kept: dict[int, Tensor] = {}  #: ``id(op output) -> δ`` from the training backward
+        self.kept: dict[Op, Tensor] = {}  #: op -> the error at its (first) output, from the training backward
+        self._pending: dict[int, tuple[Op, Tensor, int]] = {}  #: outputs whose autograd node is not hooked yet
         self.output: Tensor | None = None
         self.uncovered: str | None = None
         self._mode: _Recorder | None = None
@@ -114,19 +129,34 @@ class OpCapture:
         if not isinstance(output, Tensor):
             self.uncovered = "the model's output is not a tensor"
         self.output = output if isinstance(output, Tensor) else None
-        if self.errors and self.uncovered is None:
-            for op in self.ops:
-                if op.func in CURVED or op.func.overloadpacket in CURVED:
-                    y = op.out
-                    if isinstance(y, Tensor) and y.requires_grad:
-                        y.register_hook(functools.partial(self._keep_error, id(y)))
+        self.watch([y for _, y, _ in self._pending.values()])
+        self._pending.clear()
 
-    def _keep_error(self, key: int, grad: Tensor) -> None:
-        self.kept[key] = grad
+    def expect(self, op: Op) -> None:
+        """Keep the error at ``op``'s first output: hook the autograd node that made it, once autograd has set it."""
+        y = _tensors(op.out)[0]
+        self._pending[id(y)] = (op, y, y._version)
+
+    def watch(self, tensors: Sequence[Tensor]) -> None:
+        """Hook the nodes of pending outputs among ``tensors`` while they still hold the version their op made.
+
+        An operation's output gets its autograd node only after the op returns; the next op that reads it (or the
+        end of the forward pass) finds it there. A node's pre-hook sees the error at the op's output even when an
+        in-place op (``relu_``, ``+=``) changes the tensor later.
+        """
+        for y in tensors:
+            found = self._pending.get(id(y))
+            if found is not None and found[1] is y:
+                op, _, version = self._pending.pop(id(y))
+                if y._version == version and y.grad_fn is not None:
+                    y.grad_fn.register_prehook(functools.partial(self._keep_error, op))
+
+    def _keep_error(self, op: Op, grads: tuple[Tensor, ...]) -> None:
+        self.kept[op] = grads[0]
 
     def clear(self) -> None:
         """Drop the references to the last step's tensors."""
-        self.ops, self.kept, self.output, self.uncovered = [], {}, None, None
+        self.ops, self.kept, self.output, self.uncovered, self._pending = [], {}, None, None, {}
 
     def remove(self) -> None:
         """Remove the hooks."""
@@ -156,15 +186,32 @@ class _Sweep:
             raise NoRule(f"a tensor read by {op.func} was changed in place afterwards")
         return x
 
-    def error(self, y: Tensor) -> Tensor:
+    def error(self, op: Op) -> Tensor:
+        """Return the error at ``op``'s first output, from the training backward."""
         try:
-            return self.cap.kept[id(y)]
+            return self.cap.kept[op]
         except KeyError:
-            raise NoRule("an operation's output error was not seen in the backward pass") from None
+            raise NoRule(f"the error at the output of {op.func} was not seen in the backward pass") from None
 
-    def add(self, y: Tensor, second: Tensor) -> None:
-        """Add :math:`\\langle \\delta_y, \\ddot y\\rangle` (only for the exact Hessian)."""
-        self.terms.append(inner(self.error(y), second.expand(y.shape)))
+    def add(self, op: Op, second: Tensor) -> None:
+        """Add :math:`\\langle \\delta_y, \\ddot y\\rangle` for ``op``'s first output :math:`y`."""
+        err = self.error(op)
+        self.terms.append(inner(err, second.expand(err.shape)))
+
+
+class _Values:
+    """The op's arguments as it read them, checked one by one when a rule asks (see :meth:`_Sweep.value`)."""
+
+    def __init__(self, sw: _Sweep, op: Op):
+        self.sw, self.op = sw, op
+
+    def __len__(self) -> int:
+        return len(self.op.args)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self.sw.value(a, self.op) for a in self.op.args[i]]
+        return self.sw.value(self.op.args[i], self.op)
 
 
 @torch.no_grad()
@@ -195,19 +242,14 @@ def op_tangent_pass(
 
 def _apply(sw: _Sweep, op: Op, moved: bool) -> None:
     """Run the op's rule: store its output's tangent (and its value at θ_t if it reads a parameter's)."""
-    if moved:  # a view of a parameter: recompute it at θ_t from its inputs' values
-        if op.func.overloadpacket not in VIEWS:
-            for x in _tensors(op.out):
-                if x._version != op.versions[id(x)]:
-                    raise NoRule(f"{op.func} read a parameter and its output changed afterwards")
-        else:
-            value = op.func(*[sw.value(a, op) for a in op.args], **op.kwargs)
-            for x, v in zip(_tensors(op.out), _tensors(value)):
-                sw.values[id(x)] = v
+    if moved and op.func.overloadpacket in VIEWS:  # a view of a parameter: recompute it at θ_t
+        value = op.func(*[sw.value(a, op) for a in op.args], **op.kwargs)
+        for x, v in zip(_tensors(op.out), _tensors(value)):
+            sw.values[id(x)] = v
     if op.func in FREE:
         return
     rule = RULES.get(op.func, RULES.get(op.func.overloadpacket))
-    out = rule(sw, op, [sw.value(a, op) for a in op.args], [sw.tangent(a) for a in op.args])
+    out = rule(sw, op, _Values(sw, op), [sw.tangent(a) for a in op.args])
     for y, t in zip(_tensors(op.out), out if isinstance(out, (tuple, list)) else [out]):
         if t is not None:
             sw.tangents[id(y)] = t
@@ -242,7 +284,8 @@ def rule(*funcs: Any, curved: bool = False) -> Callable[[Rule], Rule]:
 VIEWS = {aten.t, aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.unsqueeze,
          aten.squeeze, aten.expand, aten.slice, aten.select, aten.alias, aten.clone, aten.split,
          aten.split_with_sizes, aten.unbind, aten.flatten}
-LINEAR = VIEWS | {aten.sum, aten.mean, aten.neg}
+LINEAR = VIEWS | {aten.sum, aten.mean, aten.neg, aten.embedding, aten.avg_pool1d, aten.avg_pool2d,
+                  aten._adaptive_avg_pool2d, aten.adaptive_avg_pool1d}
 
 
 @rule(*LINEAR)
@@ -276,7 +319,7 @@ def _scalar(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
 def _mul(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
     (a, b), (ta, tb) = vals, tans
     if ta is not None and tb is not None and sw.exact:
-        sw.add(op.out, 2 * ta * tb)
+        sw.add(op, 2 * ta * tb)
     return plus(None if ta is None else ta * b, None if tb is None else a * tb)
 
 
@@ -290,7 +333,7 @@ def _div(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
 def _product(sw: _Sweep, op: Op, a: Tensor, b: Tensor, ta: Tensor | None, tb: Tensor | None,
              mm: Callable[[Tensor, Tensor], Tensor]) -> Tensor | None:
     if ta is not None and tb is not None and sw.exact:
-        sw.add(op.out, 2 * mm(ta, tb))
+        sw.add(op, 2 * mm(ta, tb))
     return plus(None if ta is None else mm(ta, b), None if tb is None else mm(a, tb))
 
 
@@ -333,7 +376,7 @@ def _elementwise(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor | None:
         (d1,) = torch.autograd.grad(fn(x).sum(), x, create_graph=sw.exact)
         d2 = torch.autograd.grad(d1.sum(), x)[0] if sw.exact else None
     if sw.exact:
-        sw.add(op.out, d2 * tans[0].square())
+        sw.add(op, d2 * tans[0].square())
     return d1.detach() * tans[0]
 
 
@@ -342,3 +385,126 @@ def _cat(sw: _Sweep, op: Op, vals: list, tans: list) -> Tensor:
     parts = [sw.tangent(x) for x in op.args[0]]
     dim = vals[1] if len(vals) > 1 else op.kwargs.get("dim", 0)
     return torch.cat([torch.zeros_like(x) if t is None else t for x, t in zip(op.args[0], parts)], dim)
+
+
+@rule(aten.relu_)
+def _relu_(sw: _Sweep, op: Op, vals: _Values, tans: list) -> Tensor | None:
+    return None if tans[0] is None else tans[0] * (vals[0] > 0)  # the tensor as relu_ left it
+
+
+@rule(aten.add_.Tensor)
+def _add_(sw: _Sweep, op: Op, vals: _Values, tans: list) -> Tensor | None:
+    b = tans[1]
+    return plus(tans[0], None if b is None else b * op.kwargs.get("alpha", 1))
+
+
+@rule(aten.convolution, curved=True)
+def _convolution(sw: _Sweep, op: Op, vals: _Values, tans: list) -> Tensor | None:
+    r"""Bilinear in input and weight: :math:`\dot y = \dot x \star W + x \star \dot W + \dot b`,
+    :math:`\ddot y = 2\dot x \star \dot W`."""
+    rest = op.args[3:]
+    conv = lambda x, w: aten.convolution(x, w, None, *rest)  # noqa: E731
+    out = _product(sw, op, vals[0], vals[1], tans[0], tans[1], conv)
+    db = tans[2] if len(tans) > 2 else None
+    if db is not None:
+        out = plus(out, db.view(1, -1, *([1] * (op.out.dim() - 2))).expand(op.out.shape))
+    return out
+
+
+@rule(aten.max_pool2d_with_indices, aten.max_pool1d_with_indices)
+def _max_pool(sw: _Sweep, op: Op, vals: _Values, tans: list) -> list:
+    t, idx = tans[0], op.out[1]
+    if t is None:
+        return [None, None]
+    dims = idx.dim() - 2
+    return [t.flatten(-dims).gather(-1, idx.flatten(-dims)).view(idx.shape), None]
+
+
+def _normalize(sw: _Sweep, op: Op, x: Tensor, t: Tensor | None, weight: Any, tw: Tensor | None, tb: Tensor | None,
+               dims: tuple[int, ...], shape: tuple[int, ...], stats: tuple[Tensor, Tensor] | None) -> Tensor | None:
+    r"""Finish :math:`y = \gamma \hat x + \beta` with :math:`\hat x = (x - \mu) r` over ``dims`` (``stats``: fixed
+    :math:`\mu, r`), γ and β broadcast as ``shape``; adds :math:`2\langle\delta, \dot\gamma\dot{\hat x}\rangle`
+    and, with batch statistics, :math:`\langle\delta\gamma, \ddot{\hat x}\rangle`."""
+    mean, r = stats if stats is not None else (x.mean(dims, keepdim=True),
+                                                torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + op.args[-1]))
+    x_hat = (x - mean) * r
+    t_hat = u = None
+    if t is not None and stats is None:
+        u = t - t.mean(dims, keepdim=True)
+        t_hat = r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat)
+    elif t is not None:
+        t_hat = r * t
+    gamma = None if weight is None else weight.view(shape)
+    dgamma, dbeta = (None if v is None else v.view(shape) for v in (tw, tb))
+    if sw.exact and t_hat is not None and (dgamma is not None or u is not None):
+        err = sw.error(op).reshape(x.shape)  # (GroupNorm's is grouped like x)
+        if dgamma is not None:
+            sw.terms.append(2 * inner(err, dgamma * t_hat))
+        if u is not None:
+            sw.terms.append(_normalization_term(err if gamma is None else err * gamma, x_hat, r, u, dims))
+    out = None if t_hat is None else t_hat if gamma is None else t_hat * gamma
+    return plus(plus(out, None if dgamma is None else dgamma * x_hat), None if dbeta is None else dbeta.expand_as(x))
+
+
+@rule(aten.native_batch_norm, curved=True)
+def _native_batch_norm(sw: _Sweep, op: Op, vals: _Values, tans: list) -> list:
+    x, training, eps = vals[0], op.args[5], op.args[7]
+    dims, shape = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    stats = None
+    if not training:
+        running_mean, running_var = vals[3], vals[4]
+        stats = running_mean.view(shape), torch.rsqrt(running_var.view(shape) + eps)
+    elif op.args[-1] != eps:
+        raise NoRule("native_batch_norm: unexpected arguments")
+    y = _normalize(sw, op, x, tans[0], vals[1], tans[1], tans[2], dims, shape, stats)
+    return [y, None, None]
+
+
+@rule(aten.native_layer_norm, curved=True)
+def _native_layer_norm(sw: _Sweep, op: Op, vals: _Values, tans: list) -> list:
+    x, normalized = vals[0], tuple(op.args[1])
+    dims = tuple(range(-len(normalized), 0))
+    return [_normalize(sw, op, x, tans[0], vals[2], tans[2], tans[3], dims, normalized, None), None, None]
+
+
+@rule(aten._softmax, aten._safe_softmax, curved=True)
+def _softmax(sw: _Sweep, op: Op, vals: _Values, tans: list) -> Tensor | None:
+    r""":math:`\dot y = y(\dot x - s)`, :math:`\ddot y = y\big((\dot x - s)^2 - \langle y, (\dot x - s)^2\rangle\big)`,
+    :math:`s = \langle y, \dot x\rangle` along ``dim``."""
+    t, dim = tans[0], op.args[1]
+    if t is None:
+        return None
+    y = sw.value(op.out, op)
+    v = t - (y * t).sum(dim, keepdim=True)
+    if sw.exact:
+        v2 = v.square()
+        sw.add(op, y * (v2 - (y * v2).sum(dim, keepdim=True)))
+    return y * v
+
+
+@rule(aten._log_softmax, curved=True)
+def _log_softmax(sw: _Sweep, op: Op, vals: _Values, tans: list) -> Tensor | None:
+    r""":math:`\dot y = \dot x - s`, :math:`\ddot y = -\langle p, (\dot x - s)^2\rangle` with :math:`p = e^y`
+    along ``dim``."""
+    t, dim = tans[0], op.args[1]
+    if t is None:
+        return None
+    p = sw.value(op.out, op).exp()
+    v = t - (p * t).sum(dim, keepdim=True)
+    if sw.exact:
+        sw.add(op, -(p * v.square()).sum(dim, keepdim=True))
+    return v
+
+
+@rule(aten.native_group_norm, curved=True)
+def _native_group_norm(sw: _Sweep, op: Op, vals: _Values, tans: list) -> list:
+    """GroupNorm: the normalization over each sample's group of channels and the spatial axes, γ and β per channel."""
+    x, groups = vals[0], op.args[6]
+    grouped = (x.shape[0], groups, -1)
+    t = None if tans[0] is None else tans[0].reshape(grouped)
+    channel = (1, -1) + (1,) * (x.dim() - 2)
+    dgamma, dbeta = (None if v is None else v.view(channel).expand_as(x).reshape(grouped) for v in tans[1:3])
+    gamma = None if vals[1] is None else vals[1].view(channel).expand_as(x).reshape(grouped)
+    y = _normalize(sw, op, x.reshape(grouped), t, gamma, dgamma, dbeta, (2,), grouped, None)
+    return [None if y is None else y.reshape(x.shape), None, None]
+

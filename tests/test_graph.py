@@ -41,18 +41,98 @@ class Gated(nn.Module):
         return self.out(torch.cat([w, v], 1))
 
 
-MODELS = {"residual-tanh": lambda: Residual("tanh"), "residual-gelu": lambda: Residual("gelu"), "gated": Gated}
+class BasicBlock(nn.Module):
+    """torchvision's ResNet block as torchvision writes it: one ReLU module used twice, in place, and ``+=``."""
+
+    def __init__(self, c_in: int, c: int, stride: int = 1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = None if stride == 1 and c_in == c else nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False),
+                                                                         nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
 
 
-def _steps(model, loss_fn, batch, *, curvature="hessian", path="auto", steps=3, lr=1e-2):
+class TinyResNet(nn.Module):
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(2))
+        self.layer1, self.layer2 = BasicBlock(3, 3), BasicBlock(3, 4, stride=2)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.layer2(self.layer1(self.stem(x)))), 1))
+
+
+class Encoder(nn.Module):
+    """A classifier on torch's own nn.TransformerEncoder (pre-norm, dropout, batch first)."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.1, batch_first=True, norm_first=True)
+        self.enc, self.fc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.fc(self.enc(self.emb(x)).mean(1))
+
+
+class GroupNormNet(nn.Module):
+    """A GroupNorm CNN with a grouped convolution, written with functional calls."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4)
+        self.conv2, self.norm2 = nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.GroupNorm(1, 4, affine=False)
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, x):
+        h = F.gelu(self.norm1(self.conv1(x)))
+        h = h + F.silu(self.norm2(self.conv2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def _resnet_eval() -> nn.Module:  # BatchNorm on its running statistics
+    model = TinyResNet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+MODELS = {"residual-tanh": lambda: Residual("tanh"), "residual-gelu": lambda: Residual("gelu"), "gated": Gated,
+          "resnet": TinyResNet, "resnet-eval": _resnet_eval, "encoder": Encoder, "groupnorm": GroupNormNet}
+OUTPUTS = {"gated": 2}
+INPUTS = {"resnet": lambda: torch.randn(6, 2, 8, 8, dtype=torch.float64),
+          "resnet-eval": lambda: torch.randn(6, 2, 8, 8, dtype=torch.float64),
+          "groupnorm": lambda: torch.randn(5, 2, 4, 4, dtype=torch.float64),
+          "encoder": lambda: torch.randint(0, 7, (6, 5))}
+
+
+def _batch(name: str, loss: str = "mse"):
+    x = INPUTS.get(name, lambda: torch.randn(8, 4, dtype=torch.float64))()
+    k = OUTPUTS.get(name, 3)
+    y = torch.randn(len(x), k, dtype=torch.float64) if loss == "mse" else torch.randint(0, k, (len(x),))
+    return x, y
+
+
+def _steps(model, loss_fn, batch, *, curvature="hessian", path="auto", steps=3, lr=1e-2, dense=True):
     """Yield (record, Δ, dense g, dense H at θ_t) for a few Adam steps, replaying each step's dropout mask."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     probe = alphalib.AlphaProbe(model, loss_fn, opt, curvature=curvature, path=path)
     for _ in range(steps):
         before = [p.detach().clone() for p in model.parameters()]
         rng = torch.get_rng_state()
-        with torch.random.fork_rng():
-            torch.set_rng_state(rng)
+        g = hess = None
+        if dense:
             g, hess = dense_hessian(Case(_Replay(model, rng), loss_fn, batch))
         opt.zero_grad()
         loss_fn(model(batch[0]), batch[1]).backward()
@@ -79,11 +159,8 @@ def test_recorded_ops_give_the_exact_curvature(name, loss):
     torch.manual_seed(0)
     model = MODELS[name]().double()
     assert covers(model) is not None  # the module rules do not cover it: the recorded operations are followed
-    x = torch.randn(8, 4, dtype=torch.float64)
-    y = torch.randn(8, 2 if name == "gated" else 3, dtype=torch.float64) if loss == "mse" else \
-        torch.randint(0, 2 if name == "gated" else 3, (8,))
     loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
-    for rec, delta, g, hess in _steps(model, loss_fn, (x, y)):
+    for rec, delta, g, hess in _steps(model, loss_fn, _batch(name, loss)):
         assert rec.path == "fast" and rec.fallback == "" and rec.flag in ("ok", "ascent", "negative_curvature")
         assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
         assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
@@ -95,11 +172,12 @@ def test_recorded_ops_equal_the_generic_path_on_the_same_step(name, curvature):
     torch.manual_seed(1)
     model = MODELS[name]().double()
     twin = copy.deepcopy(model)
-    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2 if name == "gated" else 3, dtype=torch.float64))
+    batch = _batch(name)
     state = torch.get_rng_state()
-    fast = [r for r, *_ in _steps(model, F.mse_loss, batch, curvature=curvature, steps=2)]
+    fast = [r for r, *_ in _steps(model, F.mse_loss, batch, curvature=curvature, steps=2, dense=False)]
     torch.set_rng_state(state)
-    generic = [r for r, *_ in _steps(twin, F.mse_loss, batch, curvature=curvature, path="generic", steps=2)]
+    generic = [r for r, *_ in _steps(twin, F.mse_loss, batch, curvature=curvature, path="generic", steps=2,
+                                     dense=False)]
     for a, b in zip(fast, generic):
         assert a.path == "fast" and b.path == "generic"
         assert rel_err(a.curvature, b.curvature) <= 1e-10 and rel_err(a.slope, b.slope) <= 1e-10
