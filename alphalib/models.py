@@ -1,4 +1,5 @@
-"""Reference models: the seed network, MLPs, a small CNN and a tiny character-level transformer."""
+"""Reference models: the seed network, MLPs, a small CNN, a tiny character-level transformer, and two written the
+way other libraries write them (a torchvision-style ResNet, a classifier on ``nn.TransformerEncoder``)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,59 @@ class SmallCNN(nn.Sequential):
             nn.Flatten(),
             nn.Linear(2 * width * (input_size // 2) ** 2, n_classes),
         )
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet block, written as torchvision writes it: one in-place ReLU used twice, and ``+=``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """A small torchvision-style ResNet: a 3×3 stem, one :class:`BasicBlock` per width (stride 2 after the first),
+    global average pooling and a linear head. ``ResNet((16, 32, 64))`` is a CIFAR-sized ResNet-8."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64), in_channels: int = 3, n_classes: int = 10):
+        super().__init__()
+        ws = tuple(widths)
+        self.conv1 = nn.Conv2d(in_channels, ws[0], 3, padding=1, bias=False)
+        self.bn1, self.relu = nn.BatchNorm2d(ws[0]), nn.ReLU(inplace=True)
+        self.layers = nn.Sequential(*[BasicBlock(c_in, c, 1 if i == 0 else 2)
+                                      for i, (c_in, c) in enumerate(zip(ws[:1] + ws[:-1], ws))])
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(ws[-1], n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class EncoderClassifier(nn.Module):
+    """Token embedding → ``nn.TransformerEncoder`` (pre-norm, batch first) → mean over positions → linear head."""
+
+    def __init__(self, vocab_size: int, d_model: int = 64, n_heads: int = 4, n_layers: int = 2, d_ff: int = 128,
+                 n_classes: int = 10, dropout: float = 0.1):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, d_ff, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
 
 
 class CausalSelfAttention(nn.Module):

@@ -10,7 +10,8 @@ minimum) stays defined; ``alpha_star`` is then ``ratio`` times the *first* group
 
 **Two paths.** The *fast* path reuses what the training step computed: for ``"hessian"`` and ``"ggn"`` a
 tangent pass over the step's saved activations and errors (:mod:`alphalib.tangent`, for models whose
-modules all have a tangent rule); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and
+modules all have a tangent rule; with ``path="fast"``, for any other model, over the operations its training
+forward ran, :mod:`alphalib.graph`); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and
 gradient. The *generic* path recomputes everything at :math:`\theta_t` from a fresh forward pass and works for
 any model and loss. ``path="auto"`` (default) takes the fast path only where :mod:`alphalib._proof` shows that
 what it would reuse is this step's: one forward pass on the batch handed over, one backward pass of a multiple
@@ -122,8 +123,13 @@ class AlphaProbe:
         self._capture: Capture | OpCapture | None = None
         self._why = "path='generic' was asked for" if path == "generic" else ""
         if path != "generic" and not self.objective and self.curvature in ("hessian", "ggn"):
-            exact = self.curvature == "hessian"  # module rules where they cover the model, else recorded ops
-            self._capture = OpCapture(model, errors=exact) if covers(model) else Capture(model, errors=exact)
+            exact, why = self.curvature == "hessian", covers(model)
+            if not why:  # the module rules cover the model
+                self._capture = Capture(model, errors=exact)
+            elif path == "fast":  # follow the operations the training forward runs (not yet faster everywhere)
+                self._capture = OpCapture(model, errors=exact)
+            else:
+                self._why = f"{why}; path='fast' follows the recorded operations instead"
         elif self.objective:
             self._why = "the probe measures an objective(model, batch), not loss_fn(model(x), y)"
         self._witness = Witness(model)

@@ -1,6 +1,6 @@
 r"""What does probing cost? Time and peak memory of a probed training step relative to a plain one.
 
-    python benchmarks/overhead.py [--quick] [--out benchmarks/results] [--workloads seed,mlp,cnn,transformer]
+    python benchmarks/overhead.py [--quick] [--out benchmarks/results] [--workloads seed,mlp,cnn,transformer,...]
                                   [--repeats R] [--steps K] [--threads 2] [--device cpu|cuda]
 
 A *step* is ``zero_grad`` + forward + loss + backward + either ``optimizer.step()`` (plain) or
@@ -60,11 +60,11 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import alphalib
-from alphalib.models import CharTransformer, SmallCNN, mlp, sequence_cross_entropy
+from alphalib.models import CharTransformer, EncoderClassifier, ResNet, SmallCNN, mlp, sequence_cross_entropy
 
 # ----------------------------------------------------------------------------------------------------------
 # config: the defaults take ~8 min on 2 idle CPU cores (--quick: ~90 s); the command line overrides them
-WORKLOADS = ("seed", "mlp", "cnn", "transformer")
+WORKLOADS = ("seed", "mlp", "cnn", "transformer", "resnet", "encoder")
 OPTIMIZERS = ("adam", "adam_fused")  # torch.optim.Adam(lr=1e-3), and the same with fused=True
 CURVATURES = ("hessian", "ggn", "fd", "fd_onesided", "secant")  # combinations the library lacks become "n/a"
 PATHS = ("fast", "generic")  # passed as AlphaProbe(..., path=p); "default" = the keyword is not passed
@@ -136,6 +136,12 @@ def make_workload(name: str, device: torch.device) -> Workload:
         batch = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         make = lambda: CharTransformer(vocab_size=96, d_model=128, n_heads=4, n_layers=2, block=64)  # noqa: E731
         loss = sequence_cross_entropy
+    elif name == "resnet":  # torchvision-style ResNet-8 (widths 16, 32, 64) on 3x32x32, batch 16: recorded-ops path
+        batch = torch.randn(16, 3, 32, 32, generator=g), torch.randint(10, (16,), generator=g)
+        make, loss = ResNet, nn.CrossEntropyLoss()
+    elif name == "encoder":  # nn.TransformerEncoder, 2 layers, d 64, 4 heads, sequence 32, batch 16: recorded ops
+        batch = torch.randint(50, (16, 32), generator=g), torch.randint(10, (16,), generator=g)
+        make, loss = (lambda: EncoderClassifier(50)), nn.CrossEntropyLoss()
     else:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}.")
     return Workload(name, make, loss, (batch[0].to(device), batch[1].to(device)))

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import alphalib
+from alphalib import models
 from alphalib.tangent import covers
 
 
@@ -41,48 +42,12 @@ class Gated(nn.Module):
         return self.out(torch.cat([w, v], 1))
 
 
-class BasicBlock(nn.Module):
-    """torchvision's ResNet block as torchvision writes it: one ReLU module used twice, in place, and ``+=``."""
-
-    def __init__(self, c_in: int, c: int, stride: int = 1):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
-        self.relu = nn.ReLU(inplace=True)
-        self.down = None if stride == 1 and c_in == c else nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False),
-                                                                         nn.BatchNorm2d(c))
-
-    def forward(self, x):
-        identity = x if self.down is None else self.down(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
+def tiny_resnet() -> nn.Module:
+    return models.ResNet((3, 4), in_channels=2, n_classes=3)
 
 
-class TinyResNet(nn.Module):
-    def __init__(self, classes: int = 3):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(inplace=True),
-                                  nn.MaxPool2d(2))
-        self.layer1, self.layer2 = BasicBlock(3, 3), BasicBlock(3, 4, stride=2)
-        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.layer2(self.layer1(self.stem(x)))), 1))
-
-
-class Encoder(nn.Module):
-    """A classifier on torch's own nn.TransformerEncoder (pre-norm, dropout, batch first)."""
-
-    def __init__(self, classes: int = 3):
-        super().__init__()
-        self.emb = nn.Embedding(7, 4)
-        layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.1, batch_first=True, norm_first=True)
-        self.enc, self.fc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(4, classes)
-
-    def forward(self, x):
-        return self.fc(self.enc(self.emb(x)).mean(1))
+def tiny_encoder() -> nn.Module:
+    return models.EncoderClassifier(7, d_model=4, n_heads=2, n_layers=2, d_ff=6, n_classes=3)
 
 
 class GroupNormNet(nn.Module):
@@ -97,11 +62,11 @@ class GroupNormNet(nn.Module):
     def forward(self, x):
         h = F.gelu(self.norm1(self.conv1(x)))
         h = h + F.silu(self.norm2(self.conv2(h)))
-        return self.fc(h.mean((2, 3)))
+        return self.fc(F.max_pool2d(h, 2).mean((2, 3)))
 
 
 def _resnet_eval() -> nn.Module:  # BatchNorm on its running statistics
-    model = TinyResNet()
+    model = tiny_resnet()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
@@ -109,7 +74,7 @@ def _resnet_eval() -> nn.Module:  # BatchNorm on its running statistics
 
 
 MODELS = {"residual-tanh": lambda: Residual("tanh"), "residual-gelu": lambda: Residual("gelu"), "gated": Gated,
-          "resnet": TinyResNet, "resnet-eval": _resnet_eval, "encoder": Encoder, "groupnorm": GroupNormNet}
+          "resnet": tiny_resnet, "resnet-eval": _resnet_eval, "encoder": tiny_encoder, "groupnorm": GroupNormNet}
 OUTPUTS = {"gated": 2}
 INPUTS = {"resnet": lambda: torch.randn(6, 2, 8, 8, dtype=torch.float64),
           "resnet-eval": lambda: torch.randn(6, 2, 8, 8, dtype=torch.float64),
@@ -124,7 +89,7 @@ def _batch(name: str, loss: str = "mse"):
     return x, y
 
 
-def _steps(model, loss_fn, batch, *, curvature="hessian", path="auto", steps=3, lr=1e-2, dense=True):
+def _steps(model, loss_fn, batch, *, curvature="hessian", path="fast", steps=3, lr=1e-2, dense=True):
     """Yield (record, Δ, dense g, dense H at θ_t) for a few Adam steps, replaying each step's dropout mask."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     probe = alphalib.AlphaProbe(model, loss_fn, opt, curvature=curvature, path=path)
@@ -183,6 +148,13 @@ def test_recorded_ops_equal_the_generic_path_on_the_same_step(name, curvature):
         assert rel_err(a.curvature, b.curvature) <= 1e-10 and rel_err(a.slope, b.slope) <= 1e-10
 
 
+def test_auto_keeps_the_generic_path_for_models_the_module_rules_miss():
+    """Recorded operations are opt-in (path='fast') until they are faster than the generic path everywhere."""
+    model = tiny_resnet().double()
+    probe = alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert probe.path == "generic" and probe._capture is None
+
+
 def test_an_op_without_a_rule_goes_generic_and_names_it():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.RMSNorm(4), nn.Linear(4, 1)).double()
@@ -192,20 +164,24 @@ def test_an_op_without_a_rule_goes_generic_and_names_it():
         assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
 
 
-def test_recording_changes_no_bit_of_training():
-    """Parameters, optimizer state and the RNG stream end as without the probe (dropout draws included)."""
+@pytest.mark.parametrize("name", ["gated", "resnet", "encoder"])
+def test_recording_changes_no_bit_of_training(name):
+    """Parameters, buffers (BatchNorm's statistics), optimizer state and the RNG stream (dropout) end as without."""
     def run(probed):
         torch.manual_seed(3)
-        model = Gated().double()
+        model = MODELS[name]().double()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        probe = alphalib.AlphaProbe(model, F.mse_loss, opt) if probed else None
-        x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        probe = alphalib.AlphaProbe(model, F.mse_loss, opt, path="fast") if probed else None
+        x, y = _batch(name)
         for _ in range(3):
             opt.zero_grad()
             F.mse_loss(model(x), y).backward()
             probe.step((x, y)) if probed else opt.step()
-        return [p.detach().clone() for p in model.parameters()], torch.get_rng_state(), probe
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        return state, copy.deepcopy(opt.state_dict()), torch.get_rng_state(), probe
 
-    (plain, rng), (seen, rng2, probe) = run(False)[:2], run(True)
-    assert all(torch.equal(a, b) for a, b in zip(plain, seen)) and torch.equal(rng, rng2)
-    assert all(r.path == "fast" for r in probe.records)
+    plain, probed = run(False), run(True)
+    assert plain[0].keys() == probed[0].keys() and all(torch.equal(plain[0][k], probed[0][k]) for k in plain[0])
+    assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) for a, b in zip(plain[1]["state"].values(),
+                                                                           probed[1]["state"].values()))
+    assert torch.equal(plain[2], probed[2]) and all(r.path == "fast" for r in probed[3].records)

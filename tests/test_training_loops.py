@@ -39,7 +39,7 @@ from torch.nn import functional as F
 import alphalib
 
 STEPS = 4
-PATHS = ("auto", "generic")
+PATHS = ("auto", "fast", "generic")
 #: Flags that say a record's values are not to be trusted, and why.
 UNTRUSTED = ("mismatch", "error", "nonfinite")
 #: Relative tolerance of curvature and ratio per backend (float64); loss, slope and norms are exact.
@@ -343,6 +343,7 @@ class Pattern:
     expect: str = "value"
     exact: tuple[str, ...] = alphalib.BACKENDS
     auto_path: str | None = None  # the path path="auto" must take, where the table fixes it
+    fast_path: str | None = None  # the path path="fast" must take, where the table fixes it
     tol: float | None = None  # one tolerance for every quantity (the float32 case)
 
     def must_match(self, backend: str) -> bool:
@@ -353,7 +354,7 @@ class Pattern:
 
 
 PATTERNS: dict[str, Pattern] = {
-    "plain": Pattern(mlp, plain, auto_path="fast"),
+    "plain": Pattern(mlp, plain, auto_path="fast", fast_path="fast"),
     "extra-forward": Pattern(mlp, extra_forward, per_step=2, auto_path="generic"),
     "extra-forward-dropout": Pattern(dropout_mlp, extra_forward, per_step=2),
     "extra-backward": Pattern(mlp, extra_backward, per_step=2),
@@ -369,10 +370,10 @@ PATTERNS: dict[str, Pattern] = {
     "reused-dropout": Pattern(reused_dropout, plain),
     "channels-last": Pattern(conv, plain, x_shape=(6, 2, 3, 3), y_shape=(6, 2), channels_last=True),
     "inner-model-called": Pattern(_Wrapper, inner_call, expect="reject"),
-    "ops-plain": Pattern(_Functional, plain, auto_path="fast"),
-    "ops-scaled-loss": Pattern(_Functional, scaled, auto_path="fast"),
-    "ops-clip": Pattern(_Functional, clip, auto_path="fast"),
-    "ops-extra-backward": Pattern(_Functional, extra_backward, per_step=2, auto_path="generic"),
+    "ops-plain": Pattern(_Functional, plain, fast_path="fast"),
+    "ops-scaled-loss": Pattern(_Functional, scaled, fast_path="fast"),
+    "ops-clip": Pattern(_Functional, clip, fast_path="fast"),
+    "ops-extra-backward": Pattern(_Functional, extra_backward, per_step=2, fast_path="generic"),
     "ops-sam": Pattern(_Functional, sam),
     "ops-accumulate": Pattern(functional_without_dropout, accumulate, per_step=3),
     "ops-autocast": Pattern(_Functional, autocast, dtype=torch.float32, expect="value_or_flag", tol=1e-3),
@@ -580,7 +581,7 @@ def _check_values(rec, ref: Reference, lr: float, backend: str, tol: float | Non
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_training_loop(name, backend, path):
     pattern = PATTERNS[name]
-    if pattern.objective is not None and backend == "ggn":  # GGN needs loss_fn(model(x), y)
+    if pattern.objective is not None and (backend == "ggn" or path == "fast"):  # both need loss_fn(model(x), y)
         model, opt = _setup(pattern)
         with pytest.raises(ValueError):
             alphalib.AlphaProbe(model, _probe_target(pattern), opt, curvature=backend, path=path)
@@ -607,8 +608,9 @@ def test_training_loop(name, backend, path):
         untrusted = [f for f in UNTRUSTED if f in flags]
         if path == "generic" and rec.path != "generic":
             problems.append(f"{where}: path={rec.path!r} under path='generic'")
-        if path == "auto" and pattern.auto_path is not None and rec.path != pattern.auto_path:
-            problems.append(f"{where}: path={rec.path!r}, expected {pattern.auto_path!r} under path='auto'")
+        expected = {"auto": pattern.auto_path, "fast": pattern.fast_path}.get(path)
+        if expected is not None and rec.path != expected:
+            problems.append(f"{where}: path={rec.path!r}, expected {expected!r} under path={path!r}")
         if (rec.fallback == "") != (rec.path == "fast"):
             problems.append(f"{where}: path={rec.path!r} with fallback={rec.fallback!r}")
         if untrusted and pattern.must_match(backend):
