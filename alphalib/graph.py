@@ -294,6 +294,8 @@ def _linear(sw: _Sweep, op: Op, vals: list, tans: list) -> Any:
         return None
     if any(t is not None for t in tans[1:]):
         raise NoRule(f"{op.func} is linear in its first argument only")
+    if op.func.overloadpacket in (aten.view, aten._unsafe_view):  # the tangent's strides may differ from x's
+        return tans[0].reshape(vals[1])
     return op.func(tans[0], *vals[1:], **op.kwargs)
 
 
@@ -508,3 +510,43 @@ def _native_group_norm(sw: _Sweep, op: Op, vals: _Values, tans: list) -> list:
     y = _normalize(sw, op, x.reshape(grouped), t, gamma, dgamma, dbeta, (2,), grouped, None)
     return [None if y is None else y.reshape(x.shape), None, None]
 
+
+
+@rule(aten._scaled_dot_product_flash_attention_for_cpu, curved=True)
+def _attention(sw: _Sweep, op: Op, vals: _Values, tans: list) -> list:
+    r"""Attention :math:`O = PV`, :math:`P = \operatorname{softmax}(S)`, :math:`S = c\,QK^\top` (+ mask), recomputed.
+
+    :math:`\dot S = c(\dot Q K^\top + Q \dot K^\top)`, :math:`\dot P = P(\dot S - s)`, :math:`\dot O = \dot P V +
+    P\dot V`; :math:`\ddot O = \ddot P V + 2\dot P \dot V` with :math:`\ddot P = P\big((\dot S - s)^2 -
+    \langle P, (\dot S - s)^2\rangle\big) + P(\ddot S - \langle P, \ddot S\rangle)`, :math:`\ddot S =
+    2c\,\dot Q \dot K^\top` (row sums :math:`s = \langle P, \dot S\rangle` over the keys).
+    """
+    q, k, v = vals[0], vals[1], vals[2]
+    tq, tk, tv = tans[0], tans[1], tans[2]
+    dropout = op.args[3] if len(op.args) > 3 else op.kwargs.get("dropout_p", 0.0)
+    causal = op.args[4] if len(op.args) > 4 else op.kwargs.get("is_causal", False)
+    mask, scale = op.kwargs.get("attn_mask"), op.kwargs.get("scale")
+    if dropout:
+        raise NoRule("attention dropout inside the fused kernel: its mask cannot be replayed")
+    if mask is not None and sw.tangent(mask) is not None:
+        raise NoRule("an attention mask that changes along the step")
+    c = q.shape[-1] ** -0.5 if scale is None else scale
+    s = q @ k.transpose(-2, -1) * c  # (recomputed: the fused kernel keeps only the log-sum-exp)
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s, -1)
+    kt = k.transpose(-2, -1)
+    ds = plus(None if tq is None else tq @ kt * c, None if tk is None else q @ tk.transpose(-2, -1) * c)
+    centred = None if ds is None else ds - (p * ds).sum(-1, keepdim=True)
+    dp = None if ds is None else p * centred
+    out = plus(None if dp is None else dp @ v, None if tv is None else p @ tv)
+    if sw.exact and ds is not None:
+        c2 = centred.square()
+        ddp = p * (c2 - (p * c2).sum(-1, keepdim=True))
+        if tq is not None and tk is not None:
+            dds = 2 * c * (tq @ tk.transpose(-2, -1))
+            ddp = ddp + p * (dds - (p * dds).sum(-1, keepdim=True))
+        sw.add(op, ddp @ v if tv is None else ddp @ v + 2 * (dp @ tv))
+    return [out, None]

@@ -185,3 +185,46 @@ def test_recording_changes_no_bit_of_training(name):
     assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) for a, b in zip(plain[1]["state"].values(),
                                                                            probed[1]["state"].values()))
     assert torch.equal(plain[2], probed[2]) and all(r.path == "fast" for r in probed[3].records)
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT's block structure: fused qkv, scaled_dot_product_attention (causal), GELU MLP, tied embeddings."""
+
+    def __init__(self, vocab: int = 7, d: int = 4, heads: int = 2, block: int = 5):
+        super().__init__()
+        self.wte, self.wpe, self.heads = nn.Embedding(vocab, d), nn.Embedding(block, d), heads
+        self.ln1, self.ln2, self.ln_f = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight  # weight tying
+
+    def forward(self, idx):
+        b, t = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        q, k, v = self.c_attn(self.ln1(x)).split(x.shape[-1], dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(b, t, -1)
+        x = x + self.c_proj(y)
+        x = x + self.proj(F.gelu(self.fc(self.ln2(x))))
+        return self.head(self.ln_f(x))
+
+
+def _sequence_ce(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_a_nanogpt_style_model_runs_fast_through_the_fused_attention_kernel(curvature):
+    torch.manual_seed(0)
+    model = TinyGPT().double()
+    tokens = torch.randint(0, 7, (3, 6))
+    batch = tokens[:, :-1], tokens[:, 1:]
+    twin = copy.deepcopy(model)
+    for rec, delta, g, hess in _steps(model, _sequence_ce, batch, curvature=curvature):
+        assert rec.path == "fast", rec.fallback
+        if curvature == "hessian":
+            assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
+        assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
+    generic = next(_steps(twin, _sequence_ce, batch, curvature=curvature, path="generic", steps=1, dense=False))[0]
+    assert generic.path == "generic"
