@@ -41,7 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/overhead.py --out benchmarks/results
 
 lab: install
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 clean:
 	rm -rf $(VENV) build

@@ -240,11 +240,13 @@ def loss_curve(steps: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     return ax
 
 
-def save(fig: Figure, figures_dir: str | Path, name: str, *, svg: bool = False) -> Path:
-    """Save ``fig`` as ``figures_dir/name.png`` (and ``.svg``), creating the folder; return the PNG's path."""
+def save(fig: Figure, figures_dir: str | Path, name: str, *, svg: bool = False) -> None:
+    """Save ``fig`` as ``figures_dir/name.png`` (and ``.svg``), creating the folder.
+
+    It returns nothing, so that a notebook cell ending in ``plot.save(...)`` shows the figure and no path.
+    """
     path = Path(figures_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     if svg:
         fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
-    return path

@@ -22,4 +22,5 @@ def test_notebook_is_stored_without_outputs_and_with_one_parameters_cell(path):
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1 and tagged[0] is code[0], "the first code cell, and only it, is tagged 'parameters'"
     assert "import alphalib" in "".join("".join(c["source"]) for c in code)
-    assert 'figures_dir = "../figures"' in "".join(tagged[0]["source"])
+    # an interactive run writes to a scratch folder; `make figures` passes -p figures_dir ../figures
+    assert 'figures_dir = "../build/figures"' in "".join(tagged[0]["source"])

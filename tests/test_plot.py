@@ -124,5 +124,6 @@ def test_final_loss_vs_lr_takes_the_last_epoch_sorted_by_lr():
 
 def test_save_writes_png_and_svg(tmp_path, records):
     ax = plot.alpha_per_step(records)
-    path = plot.save(ax.figure, tmp_path / "sub", "fig", svg=True)
+    assert plot.save(ax.figure, tmp_path / "sub", "fig", svg=True) is None  # nothing for a notebook cell to show
+    path = tmp_path / "sub" / "fig.png"
     assert path.read_bytes()[:4] == b"\x89PNG" and path.with_suffix(".svg").exists()
