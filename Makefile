@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data]"
 	touch $@
 
-# Executed copies go to build/notebooks/, figures to figures/ (the notebooks' own default is build/figures). The
+# Executed copies go to build/notebooks/, figures to figures/ (run alone, a notebook writes to build/figures). The
 # notebooks' own defaults are quick runs (what `make test` executes under nbval); the committed figures come from
 # the bigger runs below.
 PARAMS_01_adam_alpha_star := -p epochs 100 -p seeds 5
