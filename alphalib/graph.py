@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._function import LossFn
 from ._proof import Hook
-from .tangent import _normalization_term, _output_terms, inner, plus
+from .tangent import _output_terms, inner, normalization_terms, plus, standardize
 
 aten = torch.ops.aten
 
@@ -49,7 +49,9 @@ class Op:
     args: tuple
     kwargs: dict
     out: Any
+    ins: list[Tensor]  #: the tensor arguments
     versions: dict[int, int]  #: ``id(tensor) -> tensor._version`` for the tensor arguments and outputs
+    rule: Rule | None  #: ``None`` for the operations in :data:`FREE`
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -78,13 +80,14 @@ class _Recorder(TorchDispatchMode):
         cap, ins = self.cap, _tensors(args) + _tensors(kwargs)
         if cap.uncovered is None and any(t.requires_grad for t in ins):  # else its output has no tangent
             cap.watch(ins)
-            if func in FREE or func in RULES or func.overloadpacket in RULES:
+            rule = RULES.get(func, RULES.get(func.overloadpacket))
+            if rule is not None or func in FREE:
                 versions = {id(t): t._version for t in ins + _tensors(out)}
                 for t in _written(func, args):  # autograd bumps their version once the op has returned
                     versions[id(t)] += 1
-                op = Op(func, args, kwargs, out, versions)
+                op = Op(func, args, kwargs, out, ins, versions, rule)
                 cap.ops.append(op)
-                if cap.errors and (func in CURVED or func.overloadpacket in CURVED):
+                if cap.errors and rule in CURVED:
                     cap.expect(op)
             else:  # keep no more tensors: this step goes generic
                 cap.uncovered = f"the forward pass ran {func}, which has no tangent rule yet"
@@ -227,10 +230,9 @@ def op_tangent_pass(
         raise NoRule(cap.uncovered)
     sw = _Sweep(cap, deltas, params, exact)
     for op in cap.ops:
-        ins = _tensors(op.args) + _tensors(op.kwargs)
-        moved = [x for x in ins if id(x) in sw.values]  # parameters (or views of them) at θ_t
-        if any(id(x) in sw.tangents for x in ins) or moved:
-            _apply(sw, op, bool(moved))
+        moved = any(id(x) in sw.values for x in op.ins)  # it reads parameters (or views of them) at θ_t
+        if moved or any(id(x) in sw.tangents for x in op.ins):
+            _apply(sw, op, moved)
     out = cap.output.detach()
     loss, slope, curvature = _output_terms(loss_fn, sw.values.get(id(cap.output), out), targets,
                                            sw.tangent(cap.output))
@@ -246,10 +248,9 @@ def _apply(sw: _Sweep, op: Op, moved: bool) -> None:
         value = op.func(*[sw.value(a, op) for a in op.args], **op.kwargs)
         for x, v in zip(_tensors(op.out), _tensors(value)):
             sw.values[id(x)] = v
-    if op.func in FREE:
+    if op.rule is None:  # FREE: no tangent
         return
-    rule = RULES.get(op.func, RULES.get(op.func.overloadpacket))
-    out = rule(sw, op, _Values(sw, op), [sw.tangent(a) for a in op.args])
+    out = op.rule(sw, op, _Values(sw, op), [sw.tangent(a) for a in op.args])
     for y, t in zip(_tensors(op.out), out if isinstance(out, (tuple, list)) else [out]):
         if t is not None:
             sw.tangents[id(y)] = t
@@ -263,18 +264,17 @@ Rule = Callable[[_Sweep, Op, list, list], Any]
 RULES: dict[Any, Rule] = {}
 #: operations whose output has no tangent whatever their inputs (a detached copy, a fresh tensor shaped like one)
 FREE = {aten.detach.default, aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default}
-#: operations with a second derivative along their inputs: their output errors are kept
-CURVED: set[Any] = set()
+#: rules of operations with a second derivative along their inputs: their output errors are kept
+CURVED: set[Rule] = set()
 
 
 def rule(*funcs: Any, curved: bool = False) -> Callable[[Rule], Rule]:
     """Register a rule for ATen operations (overload packets or single overloads)."""
 
     def deco(fn: Rule) -> Rule:
-        for f in funcs:
-            RULES[f] = fn
-            if curved:
-                CURVED.add(f)
+        RULES.update(dict.fromkeys(funcs, fn))
+        if curved:
+            CURVED.add(fn)
         return fn
 
     return deco
@@ -423,27 +423,16 @@ def _max_pool(sw: _Sweep, op: Op, vals: _Values, tans: list) -> list:
 
 
 def _normalize(sw: _Sweep, op: Op, x: Tensor, t: Tensor | None, weight: Any, tw: Tensor | None, tb: Tensor | None,
-               dims: tuple[int, ...], shape: tuple[int, ...], stats: tuple[Tensor, Tensor] | None) -> Tensor | None:
-    r"""Finish :math:`y = \gamma \hat x + \beta` with :math:`\hat x = (x - \mu) r` over ``dims`` (``stats``: fixed
-    :math:`\mu, r`), γ and β broadcast as ``shape``; adds :math:`2\langle\delta, \dot\gamma\dot{\hat x}\rangle`
-    and, with batch statistics, :math:`\langle\delta\gamma, \ddot{\hat x}\rangle`."""
-    mean, r = stats if stats is not None else (x.mean(dims, keepdim=True),
-                                                torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + op.args[-1]))
-    x_hat = (x - mean) * r
-    t_hat = u = None
-    if t is not None and stats is None:
-        u = t - t.mean(dims, keepdim=True)
-        t_hat = r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat)
-    elif t is not None:
-        t_hat = r * t
+               dims: tuple[int, ...], shape: tuple[int, ...], eps: float,
+               stats: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+    r"""Finish :math:`y = \gamma \hat x + \beta` (:func:`alphalib.tangent.standardize` over ``dims``), γ and β
+    broadcast as ``shape``, and add its second-order terms (:func:`alphalib.tangent.normalization_terms`)."""
+    x_hat, r, t_hat, u = standardize(x, t, dims, eps, stats)
     gamma = None if weight is None else weight.view(shape)
     dgamma, dbeta = (None if v is None else v.view(shape) for v in (tw, tb))
     if sw.exact and t_hat is not None and (dgamma is not None or u is not None):
         err = sw.error(op).reshape(x.shape)  # (GroupNorm's is grouped like x)
-        if dgamma is not None:
-            sw.terms.append(2 * inner(err, dgamma * t_hat))
-        if u is not None:
-            sw.terms.append(_normalization_term(err if gamma is None else err * gamma, x_hat, r, u, dims))
+        sw.terms.extend(normalization_terms(err, gamma, dgamma, x_hat, r, t_hat, u, dims))
     out = None if t_hat is None else t_hat if gamma is None else t_hat * gamma
     return plus(plus(out, None if dgamma is None else dgamma * x_hat), None if dbeta is None else dbeta.expand_as(x))
 
@@ -452,21 +441,15 @@ def _normalize(sw: _Sweep, op: Op, x: Tensor, t: Tensor | None, weight: Any, tw:
 def _native_batch_norm(sw: _Sweep, op: Op, vals: _Values, tans: list) -> list:
     x, training, eps = vals[0], op.args[5], op.args[7]
     dims, shape = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
-    stats = None
-    if not training:
-        running_mean, running_var = vals[3], vals[4]
-        stats = running_mean.view(shape), torch.rsqrt(running_var.view(shape) + eps)
-    elif op.args[-1] != eps:
-        raise NoRule("native_batch_norm: unexpected arguments")
-    y = _normalize(sw, op, x, tans[0], vals[1], tans[1], tans[2], dims, shape, stats)
-    return [y, None, None]
+    stats = None if training else (vals[3].view(shape), torch.rsqrt(vals[4].view(shape) + eps))
+    return [_normalize(sw, op, x, tans[0], vals[1], tans[1], tans[2], dims, shape, eps, stats), None, None]
 
 
 @rule(aten.native_layer_norm, curved=True)
 def _native_layer_norm(sw: _Sweep, op: Op, vals: _Values, tans: list) -> list:
-    x, normalized = vals[0], tuple(op.args[1])
+    x, normalized, eps = vals[0], tuple(op.args[1]), op.args[4]
     dims = tuple(range(-len(normalized), 0))
-    return [_normalize(sw, op, x, tans[0], vals[2], tans[2], tans[3], dims, normalized, None), None, None]
+    return [_normalize(sw, op, x, tans[0], vals[2], tans[2], tans[3], dims, normalized, eps), None, None]
 
 
 @rule(aten._softmax, aten._safe_softmax, curved=True)
@@ -507,7 +490,7 @@ def _native_group_norm(sw: _Sweep, op: Op, vals: _Values, tans: list) -> list:
     channel = (1, -1) + (1,) * (x.dim() - 2)
     dgamma, dbeta = (None if v is None else v.view(channel).expand_as(x).reshape(grouped) for v in tans[1:3])
     gamma = None if vals[1] is None else vals[1].view(channel).expand_as(x).reshape(grouped)
-    y = _normalize(sw, op, x.reshape(grouped), t, gamma, dgamma, dbeta, (2,), grouped, None)
+    y = _normalize(sw, op, x.reshape(grouped), t, gamma, dgamma, dbeta, (2,), grouped, op.args[7])
     return [None if y is None else y.reshape(x.shape), None, None]
 
 

@@ -439,14 +439,45 @@ def _scaled(
     gamma = None if m.weight is None else _at_theta(sw, m.weight)
     gamma, dgamma, dbeta = (None if v is None else v.view(shape) for v in (gamma, dgamma, dbeta))
     if t_hat is not None and sw.exact:
-        err = sw.cap.errors_out.pop(m)
-        if dgamma is not None:
-            sw.add(2 * inner(err * dgamma, t_hat))
-        if u is not None:
-            sw.add(_normalization_term(err if gamma is None else err * gamma, x_hat, r, u, dims))
+        for term in normalization_terms(sw.cap.errors_out.pop(m), gamma, dgamma, x_hat, r, t_hat, u, dims):
+            sw.add(term)
     if t_hat is not None and gamma is not None:
         t_hat = t_hat.mul_(gamma)  # the rules' own tensor
     return plus(plus(t_hat, None if dgamma is None else dgamma * x_hat), dbeta)
+
+
+def standardize(
+    x: Tensor, t: Tensor | None, dims: tuple[int, ...], eps: float, stats: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    r"""Return :math:`\hat x = (x - \mu) r` over ``dims``, :math:`r`, and along ``t``: :math:`\dot{\hat x}`, :math:`u`.
+
+    With batch statistics :math:`u = t - \bar t` and :math:`\dot{\hat x} = r (u - \overline{\hat x u}\,\hat x)`;
+    with fixed ``stats`` :math:`(\mu, r)` (running statistics) :math:`\dot{\hat x} = r t` and ``u`` is ``None``.
+    """
+    mean, r = stats if stats is not None else (x.mean(dims, keepdim=True),
+                                                torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps))
+    x_hat = (x - mean) * r
+    if t is None:
+        return x_hat, r, None, None
+    if stats is not None:
+        return x_hat, r, r * t, None
+    u = t - t.mean(dims, keepdim=True)
+    return x_hat, r, r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat), u
+
+
+def normalization_terms(
+    err: Tensor, gamma: Tensor | None, dgamma: Tensor | None, x_hat: Tensor, r: Tensor, t_hat: Tensor,
+    u: Tensor | None, dims: tuple[int, ...],
+) -> list[Tensor]:
+    r"""Return the second-order terms of :math:`y = \gamma \hat x + \beta` along the step, with error ``err``.
+
+    :math:`2\langle\delta_y, \Delta_\gamma \dot{\hat x}\rangle` (if γ moves) and, with batch statistics (``u``
+    given), :math:`\langle\delta_y \gamma, \ddot{\hat x}\rangle`.
+    """
+    terms = [] if dgamma is None else [2 * inner(err * dgamma, t_hat)]
+    if u is not None:
+        terms.append(_normalization_term(err if gamma is None else err * gamma, x_hat, r, u, dims))
+    return terms
 
 
 def _normalization_term(err: Tensor, x_hat: Tensor, r: Tensor, u: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -478,18 +509,9 @@ def _batch_norm(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
     x = sw.cap.inputs.pop(m).detach()
     dims = (0, *range(2, x.dim()))  # every axis but the channels
     channel = (1, -1) + (1,) * (x.dim() - 2)
-    if _batch_stats(m):
-        mean = x.mean(dims, keepdim=True)
-        r = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + m.eps)
-    else:
-        mean, r = m.running_mean.view(channel), torch.rsqrt(m.running_var.view(channel) + m.eps)
-    x_hat = (x - mean) * r
-    t_hat = u = None
-    if t is not None and _batch_stats(m):
-        u = t - t.mean(dims, keepdim=True)
-        t_hat = r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat)
-    elif t is not None:
-        t_hat = r * t
+    stats = None if _batch_stats(m) else (m.running_mean.view(channel),
+                                          torch.rsqrt(m.running_var.view(channel) + m.eps))
+    x_hat, r, t_hat, u = standardize(x, t, dims, m.eps, stats)
     return _scaled(sw, m, x_hat, r, t_hat, u, dims, channel)
 
 
@@ -503,14 +525,9 @@ def _group_norm(sw: Sweep, m: nn.GroupNorm, t: Tensor | None) -> Tensor | None:
     x = sw.cap.inputs.pop(m).detach()
     grouped, dims = (x.shape[0], m.num_groups, -1), (2,)
     channel = (1, -1) + (1,) * (x.dim() - 2)
-    xg = x.reshape(grouped)
-    r = torch.rsqrt(xg.var(dims, unbiased=False, keepdim=True) + m.eps)
-    x_hat = (xg - xg.mean(dims, keepdim=True)) * r
+    x_hat, r, t_hat, u = standardize(x.reshape(grouped), None if t is None else t.reshape(grouped), dims, m.eps)
     if t is None:
         return _scaled(sw, m, x_hat.view_as(x), r, None, None, (), channel)
-    u = t.reshape(grouped)
-    u = u - u.mean(dims, keepdim=True)
-    t_hat = r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat)
     if sw.exact:  # the statistics' second-order term, on the grouped view (γ per channel)
         err = sw.cap.errors_out[m]
         err = err if m.weight is None else err * _at_theta(sw, m.weight).view(channel)
