@@ -87,8 +87,14 @@ def _median_band(ax: Axes, records: pd.DataFrame, band: tuple[float, float], col
     """Draw the per-epoch median ratio of the ``"ok"`` steps at epoch + 1, with the quantile ``band`` around it."""
     ok = records[records["flag"] == "ok"]
     per = ok.groupby("epoch")["ratio"].quantile([0.5, *band]).unstack()
-    ax.plot(per.index + 1, per[0.5], color=color, label=label)
-    ax.fill_between(per.index + 1, per[band[0]], per[band[1]], color=color, alpha=0.2, linewidth=0)
+    _line_band(ax, per.index, per[0.5], per[band[0]], per[band[1]], color, label)
+
+
+def _line_band(ax: Axes, epoch: object, mid: object, lo: object, hi: object, color: object, label: str,
+               alpha: float = 0.2) -> None:
+    """Draw ``mid`` against 0-based ``epoch`` (at epoch + 1) with the band ``lo``–``hi`` around it."""
+    ax.plot(epoch + 1, mid, color=color, label=label)
+    ax.fill_between(epoch + 1, lo, hi, color=color, alpha=alpha, linewidth=0)
 
 
 def _epoch_axis(ax: Axes) -> None:
@@ -194,8 +200,7 @@ def ratio_bands(summary: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     colors = [f"C{i}" for i in (0, 3, 4, 1, 5)]  # blue, red, purple, ...: apart from the green α* = lr line
     for (scope, rows), color in zip(summary.groupby("scope", sort=False), colors):
-        ax.plot(rows["epoch"] + 1, rows["median"], color=color, label=scope)
-        ax.fill_between(rows["epoch"] + 1, rows["lo"], rows["hi"], color=color, alpha=0.2, linewidth=0)
+        _line_band(ax, rows["epoch"], rows["median"], rows["lo"], rows["hi"], color, scope)
     _log_ratio_axis(ax)
     _epoch_axis(ax)
     ax.legend(loc="best", fontsize="small", ncols=4)
@@ -209,8 +214,7 @@ def losses_per_epoch(epochs: pd.DataFrame, *, baseline: float | None = None, ax:
         if column in epochs:
             per = epochs.groupby("epoch")[column].agg(["median", "min", "max"])
             label = "training loss" if column == "train_loss" else "held-out loss"
-            ax.plot(per.index + 1, per["median"], color=color, label=label)
-            ax.fill_between(per.index + 1, per["min"], per["max"], color=color, alpha=0.15, linewidth=0)
+            _line_band(ax, per.index, per["median"], per["min"], per["max"], color, label, alpha=0.15)
     if baseline is not None:
         ax.axhline(baseline, color="tab:gray", ls=":", lw=1.8, label=f"predict the mean (Var y = {baseline:.3g})")
     ax.set(xlabel="epoch", ylabel="loss")
