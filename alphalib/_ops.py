@@ -1,6 +1,6 @@
 r"""The private torch ops the fast path uses, each checked once against autograd before its first use.
 
-The fast path (:mod:`alphalib.tangent` and the attention rule in :mod:`alphalib.models`) calls a few private
+The fast path (:mod:`alphalib.fast`) calls a few private
 torch ops because they are the cheapest exact form of what it needs: ``aten.gelu_backward`` and
 ``aten.silu_backward`` (:math:`\sigma'(z)\,t`), ``native_layer_norm`` and its backward (:math:`\hat x` and its
 Jacobian), ``aten._softmax_backward_data`` (the softmax Jacobian :math:`J_P`), the argmax that max pooling's

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from ._checks import ParamVector, Vector, check_vector, trainable
 from ._function import BatchLoss, LossFn, dot
+from .records import alpha
 
 Backend = Literal["hessian", "ggn", "fd", "fd_onesided", "secant"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -277,5 +278,4 @@ def alpha_star(
         raise ValueError(f"lr must be positive, got {lr}.")
     res = directional(fn, [p.detach() for p in params], [scale * di for di in d], curvature)
     slope, curv = res.slope / scale, res.curvature / scale**2
-    alpha = -slope / curv if curv != 0 and math.isfinite(curv) and math.isfinite(slope) else math.nan
-    return AlphaResult(alpha, slope, curv, res.loss, curvature)
+    return AlphaResult(alpha(slope, curv), slope, curv, res.loss, curvature)

@@ -3,16 +3,12 @@ way other libraries write them (a torchvision-style ResNet, a classifier on ``nn
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-from . import _ops, tangent
-from .tangent import Sweep, plus
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -156,50 +152,6 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
-@tangent.register(CausalSelfAttention, children={"qkv": {"output"}}, check=lambda m: (
-    "attention dropout draws its mask inside the fused kernel, where the fast path cannot replay it"
-    if m.dropout > 0 else None))
-def _attention_tangent(sw: Sweep, m: CausalSelfAttention, t: Tensor | None) -> Tensor | None:
-    r"""Causal attention :math:`O = PV`, :math:`P = \mathrm{softmax}(S)`, :math:`S = s\,QK^\top` (masked).
-
-    With the softmax Jacobian :math:`J_P x = P \odot (x - \langle P, x\rangle_{\mathrm{row}})` and the tangents
-    :math:`\dot Q, \dot K, \dot V` of the ``qkv`` projection: :math:`\dot S = s(\dot Q K^\top + Q \dot K^\top)`,
-    :math:`\dot P = J_P \dot S`, :math:`\dot O = \dot P V + P \dot V`. With the error :math:`\delta_O` (at ``proj``'s
-    input), :math:`\delta_P = \delta_O V^\top` and :math:`\delta_S = J_P \delta_P`, the module adds
-
-    .. math::
-
-        2\langle \delta_O \dot V^\top, \dot P\rangle + 2s\langle \delta_S \dot K, \dot Q\rangle
-        + \langle \delta_S \odot \dot S, \dot S\rangle - 2 \sum_{\mathrm{rows}}
-        \langle P, \dot S\rangle \langle \delta_S, \dot S\rangle,
-
-    the last two being :math:`\langle \delta_P, \ddot P\rangle` for the softmax's own second derivative.
-    :math:`P` is recomputed from the kept :math:`Q, K` (the fused kernel keeps no copy).
-    """
-    qkv, t_qkv = sw.cap.outputs.pop(m.qkv).detach(), sw(m.qkv, t)
-    if t_qkv is None:
-        return sw(m.proj, None)
-    b, n, d = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-
-    def heads(z: Tensor) -> tuple[Tensor, ...]:
-        return tuple(h.view(b, n, m.n_heads, -1).transpose(1, 2) for h in z.split(d, dim=-1))
-
-    (q, k, v), (tq, tk, tv) = heads(qkv), heads(t_qkv)
-    scale = q.shape[-1] ** -0.5
-    causal = torch.full((n, n), -math.inf, dtype=q.dtype, device=q.device).triu(1)
-    p = torch.softmax((q @ k.mT).mul_(scale).add_(causal), dim=-1)
-    ts = (tq @ k.mT).add_(q @ tk.mT).mul_(scale)
-    tp = _ops.softmax_backward(ts, p, -1)
-    t_out = (tp @ v).add_(p @ tv)
-    if sw.exact:
-        err = sw.cap.errors_in[m.proj].view(b, n, m.n_heads, -1).transpose(1, 2)
-        err_s = _ops.softmax_backward(err @ v.mT, p, -1)
-        along = err_s * ts
-        softmax = tangent.inner(along, ts) - 2 * tangent.inner((p * ts).sum(-1), along.sum(-1))
-        sw.add(2 * tangent.inner(err @ tv.mT, tp) + 2 * scale * tangent.inner(err_s @ tk, tq) + softmax)
-    return sw(m.proj, t_out.transpose(1, 2).reshape(b, n, d))
-
-
 class Block(nn.Module):
     """A pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))`` with a GELU MLP."""
 
@@ -215,13 +167,6 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop(self.attn(self.ln1(x)))
         return x + self.mlp(self.ln2(x))
-
-
-@tangent.register(Block)
-def _block_tangent(sw: Sweep, m: Block, t: Tensor | None) -> Tensor | None:
-    """Mirror :meth:`Block.forward` on tangents: residual connections add them."""
-    t = plus(t, sw(m.drop, sw(m.attn, sw(m.ln1, t))))
-    return plus(t, sw(m.mlp, sw(m.ln2, t)))
 
 
 class CharTransformer(nn.Module):
@@ -263,13 +208,6 @@ class CharTransformer(nn.Module):
         return self.head(self.ln(self.blocks(h)))
 
 
-@tangent.register(CharTransformer)
-def _char_transformer_tangent(sw: Sweep, m: CharTransformer, t: Tensor | None) -> Tensor | None:
-    """Mirror :meth:`CharTransformer.forward` on tangents (the token ids have none)."""
-    h = sw(m.drop, plus(sw(m.tok, None), sw(m.pos, None)))
-    return sw(m.head, sw(m.ln, sw(m.blocks, h)))
-
-
 def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Return the cross-entropy of ``(B, T, V)`` logits against ``(B, T)`` targets, averaged over all positions.
 
@@ -277,5 +215,3 @@ def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-
-tangent.SEQUENCE_CROSS_ENTROPY.add(sequence_cross_entropy)  # its output terms have the cross-entropy closed form

@@ -9,9 +9,8 @@ optimizer, and with several param groups at different learning rates the ``ratio
 minimum) stays defined; ``alpha_star`` is then ``ratio`` times the *first* group's learning rate.
 
 **Two paths.** The *fast* path reuses what the training step computed: for ``"hessian"`` and ``"ggn"`` a
-tangent pass over the step's saved activations and errors (:mod:`alphalib.tangent`, for models whose
-modules all have a tangent rule; with ``path="fast"``, for any other model, over the operations its training
-forward ran, :mod:`alphalib.graph`); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and
+sweep along the step over its saved activations and errors (:mod:`alphalib.fast`: by module rules where
+every module of the model has one, else over the operations its training forward ran); for ``"fd"``, ``"fd_onesided"`` and ``"secant"`` the training loss and
 gradient. The *generic* path recomputes everything at :math:`\theta_t` from a fresh forward pass and works for
 any model and loss. ``path="auto"`` (default) takes the fast path only where :mod:`alphalib._proof` shows that
 what it would reuse is this step's: one forward pass on the batch handed over, one backward pass of a multiple
@@ -48,10 +47,12 @@ from ._checks import check_batch, check_loss, trainable
 from ._function import BatchLoss, LossFn, Objective, rng_state
 from ._proof import Verdict, Witness
 from .curvature import Backend, Directional, Known, check_backend, directional
-from .graph import NoRule, OpCapture, op_tangent_pass
+from .fast import Capture, NoRule, OpCapture
+from .fast import capture as fast_capture
+from .fast import sweep as fast_sweep
+from .fast.output import output_grad
 from .records import Record, make_record, to_frame
 from .spectrum import along
-from .tangent import Capture, closed_form, covers, tangent_pass
 
 Path = Literal["auto", "fast", "generic"]
 
@@ -123,13 +124,7 @@ class AlphaProbe:
         self._capture: Capture | OpCapture | None = None
         self._why = "path='generic' was asked for" if path == "generic" else ""
         if path != "generic" and not self.objective and self.curvature in ("hessian", "ggn"):
-            exact, why = self.curvature == "hessian", covers(model)
-            if not why:  # the module rules cover the model
-                self._capture = Capture(model, errors=exact)
-            elif path == "fast":  # follow the operations the training forward runs (not yet faster everywhere)
-                self._capture = OpCapture(model, errors=exact)
-            else:
-                self._why = f"{why}; path='fast' follows the recorded operations instead"
+            self._capture = fast_capture(model, exact=self.curvature == "hessian")
         elif self.objective:
             self._why = "the probe measures an objective(model, batch), not loss_fn(model(x), y)"
         self._witness = Witness(model)
@@ -295,12 +290,7 @@ class AlphaProbe:
                              "pass the batch the loss was computed on, or an alphalib.objective.") from exc
 
     def _output_grad(self, out: Tensor, targets: Tensor) -> Tensor:
-        r""":math:`\partial\ell(f, y)/\partial f` at the training step's output (MSE in closed form, else autograd)."""
-        if closed_form(self.loss, out, targets) == "mse":
-            return (out - targets).mul_(2 / out.numel())
-        with torch.enable_grad():
-            f = out.detach().requires_grad_(True)
-            return torch.autograd.grad(check_loss(self.loss(f, targets)), f)[0]
+        return output_grad(self.loss, out, targets)
 
     def _validate(self, batches: list[object], params: list[Tensor]) -> None:
         """Evaluate the loss once, before the first step, so that a loss that cannot be measured raises now."""
@@ -320,13 +310,8 @@ class AlphaProbe:
 
     def _sweep(self, params: list[Tensor], delta: list[Tensor], verdict: Verdict, batch: Any) -> Directional:
         """Exact (or GGN) slope and curvature from the captured training step, by the tangent pass."""
-        deltas, exact = {id(p): d for p, d in zip(params, delta)}, self.curvature == "hessian"
-        if isinstance(self._capture, OpCapture):
-            loss, slope, curvature = op_tangent_pass(self._capture, self.loss, batch[1], deltas, params,
-                                                     exact=exact, scale=verdict.scale)
-        else:
-            loss, slope, curvature = tangent_pass(self.model, self._capture, self.loss, batch[1], deltas,
-                                                  exact=exact, scale=verdict.scale)
+        loss, slope, curvature = fast_sweep(self.model, self._capture, self.loss, batch[1], params, delta,
+                                            exact=self.curvature == "hessian", scale=verdict.scale)
         return Directional(loss, slope, curvature, math.nan if verdict.grad_norm is None else verdict.grad_norm)
 
     def _measure(

@@ -81,8 +81,8 @@ def make_record(
     flag = "error" if error else classify(step_slope, step_curvature, loss, step_norm=step_norm)
     if mismatch and flag != "error":
         flag = "|".join(sorted({"mismatch", *flag.split("|")} - {"ok"}, key=FLAGS.index))
-    usable = not {"error", "nonfinite", "zero_step"} & set(flag.split("|")) and step_curvature != 0.0
-    ratio = -step_slope / step_curvature if usable else math.nan
+    usable = not {"error", "nonfinite", "zero_step"} & set(flag.split("|"))
+    ratio = alpha(step_slope, step_curvature) if usable else math.nan
     scale = lr if lr > 0 else math.nan
     return Record(
         step=step, epoch=epoch, loss=loss, lr=lr,
@@ -95,14 +95,26 @@ def make_record(
     )
 
 
+def alpha(slope: float, curvature: float) -> float:
+    r"""Return :math:`-\text{slope}/\text{curvature}`, the multiple of the direction at the quadratic model's
+    stationary point; NaN when the curvature is zero or either value is not finite.
+
+    The one place :math:`\alpha^*` is computed: records, :func:`alphalib.alpha_star` and
+    :func:`alphalib.alpha_over` all call it. Example:
+
+        >>> alpha(-2.0, 4.0), alpha(1.0, 0.0)
+        (0.5, nan)
+    """
+    return -slope / curvature if curvature != 0 and math.isfinite(curvature) and math.isfinite(slope) else math.nan
+
+
 def _inverse(slope: float, curvature: float) -> float:
     r"""Return :math:`-\Delta^\top H \Delta / \Delta^\top g` (= lr/α*), NaN when the slope is 0 or not finite."""
     return -curvature / slope if slope != 0 and math.isfinite(slope) and math.isfinite(curvature) else math.nan
 
 
 def _scope(loss: float, slope: float, curvature: float, lr: float) -> dict[str, float]:
-    ratio = -slope / curvature if curvature != 0 and math.isfinite(curvature) and math.isfinite(slope) else math.nan
-    return {"loss": loss, "slope": slope / lr, "curvature": curvature / lr**2, "ratio": ratio}
+    return {"loss": loss, "slope": slope / lr, "curvature": curvature / lr**2, "ratio": alpha(slope, curvature)}
 
 
 def to_frame(records: Iterable[Record], tags: Mapping[str, Any] | None = None) -> pd.DataFrame:

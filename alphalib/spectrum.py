@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ._checks import Vector, check_vector, trainable
 from ._function import BatchLoss, LossFn, Objective
 from .curvature import Backend, Directional, directional
+from .records import alpha
 
 
 def batch_size(batch: object) -> int:
@@ -106,11 +107,7 @@ def alpha_over(
     """
     v = check_vector(d, model, name="d")
     res = along(model, loss, batches, v, curvature=curvature)
-    return AlphaScope(_alpha(res.slope, res.curvature), res.slope, res.curvature, res.loss)
-
-
-def _alpha(slope: float, curvature: float) -> float:
-    return -slope / curvature if curvature != 0 and math.isfinite(curvature) and math.isfinite(slope) else math.nan
+    return AlphaScope(alpha(res.slope, res.curvature), res.slope, res.curvature, res.loss)
 
 
 @dataclass(frozen=True)
@@ -166,7 +163,7 @@ def line_profile(
     chunks = list(batches) if many else [batches]
     theta = [p.detach() for p in trainable(model)]
     res = along(model, loss, chunks, v, curvature=curvature)
-    star = _alpha(res.slope, res.curvature) if res.curvature > 0 else math.nan
+    star = alpha(res.slope, res.curvature) if res.curvature > 0 else math.nan
     if alphas is None:
         unit = abs(star) if math.isfinite(star) and star != 0 else span
         alphas = torch.linspace(-unit, 3 * unit, 41).tolist()

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from alphalib import tangent
+from alphalib import fast
 
 
 @dataclass
@@ -61,9 +61,9 @@ class Residual(nn.Module):
         return x + self.fc2(self.act(self.fc1(x)))
 
 
-@tangent.register(Residual)
+@fast.register(Residual)
 def _residual_tangent(sweep, m, t):
-    return tangent.plus(t, sweep(m.fc2, sweep(m.act, sweep(m.fc1, t))))
+    return fast.plus(t, sweep(m.fc2, sweep(m.act, sweep(m.fc1, t))))
 
 
 def residual_net() -> nn.Module:

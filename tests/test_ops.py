@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call, vjp
 from torch.nn import functional as F
 
-from alphalib import _ops, tangent
+from alphalib import _ops, fast
 from alphalib.models import CausalSelfAttention
 
 OPS = ["gelu_backward", "silu_backward", "layer_norm", "layer_norm_backward", "softmax_backward", "pool_indices",
@@ -160,7 +160,7 @@ def test_pool_indices_are_none_when_unverified(fresh, monkeypatch, impl):
     assert _ops.pool_indices(F.max_pool2d(x, 2)) is None
     assert _ops.verify_all()["pool_indices"] is not None
     model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(2)).double()
-    cap = tangent.Capture(model)
+    cap = fast.Capture(model)
     model(x)
     assert cap.outputs[model[1]].is_floating_point()  # the rule keeps the input and recomputes the argmax
 
@@ -184,13 +184,14 @@ def test_the_tangent_pass_raises_unverified(fresh, monkeypatch, name):
     torch.manual_seed(0)
     model, x = _model(name)
     model, x = model.double(), x.double()
-    cap = tangent.Capture(model, errors=True)
+    cap = fast.Capture(model, errors=True)
     y = torch.randn_like(model(x))
     F.mse_loss(model(x), y).backward()
-    deltas = {id(p): 1e-3 * torch.randn_like(p) for p in model.parameters()}
-    tangent.tangent_pass(model, cap, F.mse_loss, y, deltas, exact=True)  # verified: runs
+    params = list(model.parameters())
+    deltas = [1e-3 * torch.randn_like(p) for p in params]
+    fast.sweep(model, cap, F.mse_loss, y, params, deltas, exact=True)  # verified: runs
     F.mse_loss(model(x), y).backward()
     monkeypatch.setattr(_ops, f"_{name}_impl", _missing)
     monkeypatch.setattr(_ops, "_verdicts", {})
     with pytest.raises(_ops.Unverified, match=re.escape(_ops._CHECKS[name][0])):
-        tangent.tangent_pass(model, cap, F.mse_loss, y, deltas, exact=True)
+        fast.sweep(model, cap, F.mse_loss, y, params, deltas, exact=True)

@@ -67,7 +67,7 @@ def test_records_match_dense_hessian_along_realized_step(case, opt_name, path):
     opt = {"Adam": lambda p: torch.optim.Adam(p, lr=1e-2), "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)}[
         opt_name
     ](case.model.parameters())
-    if path == "fast" and alphalib.tangent.covers(case.model) is not None:
+    if path == "fast" and alphalib.fast.covers(case.model) is not None:
         pytest.skip("the fast path does not cover this model")
     probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt, path=path)
     x, y = case.batch

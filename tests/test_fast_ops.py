@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import alphalib
-from alphalib import models
-from alphalib.tangent import covers
+from alphalib import fast, models
+from alphalib.fast import covers
 
 
 class Residual(nn.Module):
@@ -148,11 +148,11 @@ def test_recorded_ops_equal_the_generic_path_on_the_same_step(name, curvature):
         assert rel_err(a.curvature, b.curvature) <= 1e-10 and rel_err(a.slope, b.slope) <= 1e-10
 
 
-def test_auto_keeps_the_generic_path_for_models_the_module_rules_miss():
-    """Recorded operations are opt-in (path='fast') until they are faster than the generic path everywhere."""
-    model = tiny_resnet().double()
-    probe = alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1))
-    assert probe.path == "generic" and probe._capture is None
+def test_auto_follows_module_rules_where_they_cover_and_recorded_ops_elsewhere():
+    covered, missed = nn.Sequential(nn.Linear(3, 2), nn.Tanh()), tiny_resnet()
+    for model, kind in ((covered, fast.Capture), (missed, fast.OpCapture)):
+        probe = alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1))
+        assert probe.path == "fast" and type(probe._capture) is kind
 
 
 def test_an_op_without_a_rule_goes_generic_and_names_it():

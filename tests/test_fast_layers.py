@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import alphalib
-from alphalib.tangent import covers
+from alphalib.fast import covers
 
 ACTIVATIONS = {
     "relu": nn.ReLU(), "relu-inplace": nn.ReLU(inplace=True), "leaky_relu": nn.LeakyReLU(0.1),
@@ -139,7 +139,7 @@ def test_fast_path_in_float32_within_stated_tolerance(make, curvature):
 def test_covers_names_what_it_does_not_cover():
     assert covers(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) is None
     assert covers(alphalib.models.CharTransformer(10, d_model=8, n_heads=2, n_layers=1, block=4)) is None
-    assert "RMSNorm (1) is not supported" in covers(nn.Sequential(nn.Linear(2, 2), nn.RMSNorm(2)))
+    assert "RMSNorm (1) has no rule" in covers(nn.Sequential(nn.Linear(2, 2), nn.RMSNorm(2)))
     assert "in-place" in covers(nn.Sequential(nn.Linear(2, 2), nn.ELU(inplace=True)))
     noisy = alphalib.models.CharTransformer(10, d_model=8, n_heads=2, block=4, dropout=0.1)
     assert "attention dropout" in covers(noisy)
@@ -154,15 +154,22 @@ def test_covers_names_what_it_does_not_cover():
     assert "Residual overrides forward" in covers(Residual(nn.Linear(2, 2)))
 
 
-def test_auto_path_falls_back_to_generic_and_says_so():
+class _Atan(nn.Module):
+    def forward(self, x):
+        return torch.atan(x)  # an operation the fast path has no rule for
+
+
+def test_auto_path_falls_back_to_generic_and_names_the_op_and_line():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.RMSNorm(4), nn.Linear(4, 1))
+    model = nn.Sequential(nn.Linear(3, 4), _Atan(), nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
     F.mse_loss(model(x), y).backward()
     rec = probe.step((x, y))
-    assert probe.path == "generic" and rec.path == "generic" and "RMSNorm (1) is not supported" in rec.fallback
+    assert rec.path == "generic" and "aten.atan.default, which has no tangent rule" in rec.fallback
+    line = _Atan.forward.__code__.co_firstlineno + 1
+    assert f"{__file__}, line {line})" in rec.fallback
 
 
 @pytest.mark.parametrize(
@@ -295,7 +302,7 @@ class _KeywordCall(nn.Module):
         return torch.tanh(self.fc(input=x))  # hooks see no positional input
 
 
-@alphalib.tangent.register(_KeywordCall)
+@alphalib.fast.register(_KeywordCall)
 def _keyword_call_tangent(sweep, m, t):  # a wrong rule too: it forgets the tanh
     return sweep(m.fc, t)
 

@@ -1,0 +1,125 @@
+r"""Closed forms both fast paths share: tangents, normalization and attention along a step.
+
+A *tangent* :math:`\dot y` is the derivative of a tensor along the step :math:`\Delta`; ``None`` stands for zero.
+A layer's *second-order term* is :math:`\langle \delta_y, \ddot y\rangle`, its second directional derivative
+contracted with the error :math:`\delta_y = \partial L/\partial y` the training backward left at its output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _ops
+
+
+def plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """Add two tangents, ``None`` standing for zero."""
+    return b if a is None else a if b is None else a + b
+
+
+def inner(a: Tensor, b: Tensor) -> Tensor:
+    """Return the inner product :math:`\\langle a, b\\rangle` of two same-shaped tensors."""
+    return torch.vdot(a.reshape(-1), b.reshape(-1))
+
+
+# ---- normalization -----------------------------------------------------------------------------------------
+
+def standardize(
+    x: Tensor, t: Tensor | None, dims: tuple[int, ...], eps: float, stats: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    r"""Return :math:`\hat x = (x - \mu) r` over ``dims``, :math:`r`, and along ``t``: :math:`\dot{\hat x}`, :math:`u`.
+
+    With batch statistics :math:`u = t - \bar t` and :math:`\dot{\hat x} = r (u - \overline{\hat x u}\,\hat x)`;
+    with fixed ``stats`` :math:`(\mu, r)` (running statistics) :math:`\dot{\hat x} = r t` and ``u`` is ``None``.
+    """
+    mean, r = stats if stats is not None else (x.mean(dims, keepdim=True),
+                                                torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps))
+    x_hat = (x - mean) * r
+    if t is None:
+        return x_hat, r, None, None
+    if stats is not None:
+        return x_hat, r, r * t, None
+    u = t - t.mean(dims, keepdim=True)
+    return x_hat, r, r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat), u
+
+
+def normalization_terms(
+    err: Tensor, gamma: Tensor | None, dgamma: Tensor | None, x_hat: Tensor, r: Tensor, t_hat: Tensor,
+    u: Tensor | None, dims: tuple[int, ...],
+) -> list[Tensor]:
+    r"""Return the second-order terms of :math:`y = \gamma \hat x + \beta` along the step, with error ``err``.
+
+    :math:`2\langle\delta_y, \Delta_\gamma \dot{\hat x}\rangle` (if γ moves) and, with batch statistics (``u``
+    given), :math:`\langle\delta_y \gamma, \ddot{\hat x}\rangle` (see :func:`normalization_term`).
+    """
+    terms = [] if dgamma is None else [2 * inner(err * dgamma, t_hat)]
+    if u is not None:
+        terms.append(normalization_term(err if gamma is None else err * gamma, x_hat, r, u, dims))
+    return terms
+
+
+def normalization_term(err: Tensor, x_hat: Tensor, r: Tensor, u: Tensor, dims: tuple[int, ...]) -> Tensor:
+    r"""Return :math:`\langle \delta, \ddot{\hat x}\rangle` for :math:`\hat x = (x - \mu) r` normalized over ``dims``.
+
+    With the centred tangent :math:`u = t - \bar t`, :math:`c = \overline{\hat x u}` and :math:`n` entries per
+    group, :math:`\ddot{\hat x} = r^2 \big(\hat x (3c^2 - \overline{u^2}) - 2 c u\big)`, so the term is
+    :math:`\sum_{\mathrm{groups}} r^2 \big((3c^2 - \overline{u^2}) \langle\delta, \hat x\rangle
+    - 2c \langle\delta, u\rangle\big)`.
+    """
+    n = x_hat.numel() // r.numel()
+    c = (x_hat * u).sum(dims, keepdim=True) / n
+    u2 = (u * u).sum(dims, keepdim=True) / n
+    along_x, along_u = (err * x_hat).sum(dims, keepdim=True), (err * u).sum(dims, keepdim=True)
+    return (r * r * ((3 * c * c - u2) * along_x - 2 * c * along_u)).sum()
+
+
+# ---- attention ---------------------------------------------------------------------------------------------
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, err: Tensor | None,
+    *, scale: float | None = None, causal: bool = False, mask: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    r"""Return the tangent of :math:`O = PV`, :math:`P = \mathrm{softmax}(S)`, :math:`S = c\,QK^\top` (+ mask), and,
+    given the error :math:`\delta_O`, its second-order term.
+
+    With the softmax Jacobian :math:`J_P x = P \odot (x - \langle P, x\rangle_{\mathrm{row}})`:
+    :math:`\dot S = c(\dot Q K^\top + Q \dot K^\top)`, :math:`\dot P = J_P \dot S`,
+    :math:`\dot O = \dot P V + P \dot V`. With :math:`\delta_P = \delta_O V^\top` and
+    :math:`\delta_S = J_P \delta_P` the term :math:`\langle \delta_O, \ddot O\rangle` is
+
+    .. math::
+
+        2\langle \delta_O \dot V^\top, \dot P\rangle + 2c\langle \delta_S \dot K, \dot Q\rangle
+        + \langle \delta_S \odot \dot S, \dot S\rangle - 2 \sum_{\mathrm{rows}}
+        \langle P, \dot S\rangle \langle \delta_S, \dot S\rangle,
+
+    the last two being :math:`\langle \delta_P, \ddot P\rangle` for the softmax's own second derivative.
+    :math:`P` is recomputed from :math:`Q, K` (fused kernels keep no copy); ``mask`` is boolean (``True``: attend)
+    or added to :math:`S`, as in :func:`torch.nn.functional.scaled_dot_product_attention`.
+    """
+    c = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.mT).mul_(c)
+    n, m = s.shape[-2:]
+    if causal:
+        s = s.add_(torch.full((n, m), -math.inf, dtype=s.dtype, device=s.device).triu(1))
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s, dim=-1)
+    ts = plus(None if tq is None else (tq @ k.mT).mul_(c), None if tk is None else (q @ tk.mT).mul_(c))
+    tp = None if ts is None else _ops.softmax_backward(ts, p, -1)
+    out = plus(None if tp is None else tp @ v, None if tv is None else p @ tv)
+    if err is None or out is None:
+        return out, None
+    term = torch.zeros((), dtype=q.dtype, device=q.device)
+    if tp is not None and tv is not None:
+        term = term + 2 * inner(err @ tv.mT, tp)
+    if ts is not None:
+        err_s = _ops.softmax_backward(err @ v.mT, p, -1)
+        along = err_s * ts
+        term = term + inner(along, ts) - 2 * inner((p * ts).sum(-1), along.sum(-1))
+        if tq is not None and tk is not None:
+            term = term + 2 * c * inner(err_s @ tk, tq)
+    return out, term

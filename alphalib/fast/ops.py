@@ -1,0 +1,416 @@
+r"""Op rules: the fast path over the ATen operations the training forward ran, whatever the model's modules.
+
+:class:`alphalib.fast.capture.OpCapture` records what the model's training forward executed, one ATen operation
+at a time, with the error :math:`\delta_y = \partial L/\partial y` at the output of every operation whose second
+derivative is not zero. After the optimizer step the sweep (:class:`alphalib.fast.sweep.OpSweep`) runs each
+operation's rule: it maps the tangents of the op's inputs along :math:`\Delta` to that of its output and adds
+the op's second-order term :math:`\langle \delta_y, \ddot y \rangle`, where :math:`\ddot y` collects the op's
+second derivatives along the input tangents (for a bilinear op :math:`y = a b`, :math:`\ddot y = 2\dot a \dot b`;
+for an elementwise :math:`y = \sigma(x)`, :math:`\ddot y = \sigma''(x)\dot x^2`). Module reuse, residual
+connections, functional calls and dropout (its mask is one of the recorded tensors) are then ordinary.
+
+A product with a parameter, :math:`y = a\,W` (``mm``, ``addmm``, ``convolution``), takes the module rules' two-product
+form: with :math:`W` the *new* weights and :math:`\delta_a` the error at :math:`a` through this op (kept from the
+same autograd node), :math:`U = \dot a W`, :math:`\dot y = U + (a - \dot a)\Delta_W` and
+:math:`\langle\delta_y, \ddot y\rangle = 2(\langle\delta_y, U\rangle - \langle\delta_a, \dot a\rangle)`.
+
+A rule is ``fn(sweep, op, vals, tans)``: ``vals`` are the op's arguments as it read them (parameters at
+:math:`\theta_t`; an argument changed in place since is refused), ``tans`` their tangents (``None``: zero); it
+returns the output's tangent (a list for ops with several outputs) and adds its term with
+:meth:`OpSweep.add <alphalib.fast.sweep.OpSweep.add>`. An operation without a rule sends the step to the generic
+path, and the record's ``fallback`` names the op and the line of the model's source that ran it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .calculus import attention, inner, normalization_terms, plus, standardize
+
+aten = torch.ops.aten
+
+
+class NoRule(Exception):
+    """The training step ran something the sweep cannot follow (the message says what, and where)."""
+
+
+@dataclass(eq=False)
+class Op:
+    """One recorded operation: what ran, on what, and the version of each tensor when it ran."""
+
+    func: Any
+    args: tuple
+    kwargs: dict
+    outs: list[Tensor]  #: the tensor outputs
+    ins: list[Tensor]  #: the tensor arguments
+    versions: dict[int, int]  #: ``id(tensor) -> tensor._version`` for the tensor arguments and outputs
+    rule: Callable | None  #: ``None`` for the operations in :data:`alphalib.fast.ops.FREE`
+    view: bool  #: a view (or copy) of its first argument: recomputed at θ_t when that is a parameter
+    other: int | None = None  #: for a product with a parameter: the index of its other operand (its error is kept)
+
+    @property
+    def out(self) -> Any:
+        """The first output."""
+        return self.outs[0]
+
+
+class OpSweep:
+    """The sweep over recorded operations: tangents (and, for parameters, values at θ_t) of tensors, by ``id``.
+
+    ``cap`` is the step's :class:`~alphalib.fast.capture.OpCapture`; ``params`` hold θ_{t+1}, ``deltas`` their steps.
+    """
+
+    def __init__(self, cap: Any, deltas: dict[int, Tensor], params: Sequence[Tensor], *, exact: bool):
+        self.cap, self.exact = cap, exact
+        self.tangents: dict[int, Tensor] = dict(deltas)
+        self.new: dict[int, Tensor] = {id(p): p.detach() for p in params if id(p) in deltas}  #: at θ_{t+1}
+        self.values: dict[int, Tensor] = {i: p - deltas[i] for i, p in self.new.items()}  #: at θ_t
+        self.terms: list[Tensor] = []
+
+    def tangent(self, x: Any) -> Tensor | None:
+        """Return the tangent of a recorded tensor (``None``: zero, or not a tensor)."""
+        return self.tangents.get(id(x)) if isinstance(x, Tensor) else None
+
+    def value(self, x: Any, op: Op) -> Any:
+        """Return ``x`` as ``op`` read it (parameters and their views at θ_t); refuse one changed in place since."""
+        if not isinstance(x, Tensor):
+            return x
+        if id(x) in self.values:
+            return self.values[id(x)]
+        if x._version != op.versions[id(x)]:
+            raise NoRule(f"a tensor read by {op.func} was changed in place afterwards")
+        return x
+
+    def error(self, op: Op, i: int = 0) -> Tensor:
+        """Return the error at ``op``'s output (``i=0``), or through ``op`` at its ``i``-th input, from the backward."""
+        try:
+            return self.cap.kept[op][i]
+        except (KeyError, IndexError, TypeError):
+            raise NoRule(f"the error at {op.func} was not seen in the backward pass") from None
+
+    def add(self, op: Op, second: Tensor) -> None:
+        """Add :math:`\\langle \\delta_y, \\ddot y\\rangle` for ``op``'s first output :math:`y`."""
+        err = self.error(op)
+        self.terms.append(inner(err, second.expand(err.shape)))
+
+    def run(self, op: Op) -> None:
+        """Run ``op``'s rule if it reads a tangent or a parameter: store its outputs' tangents (and values at θ_t)."""
+        moved = any(id(x) in self.values for x in op.ins)  # it reads parameters (or views of them) at θ_t
+        if not (moved or any(id(x) in self.tangents for x in op.ins)):
+            return
+        if moved and op.view:  # a view of a parameter: recompute it at θ_t and θ_{t+1}
+            for values in (self.values, self.new):
+                value = op.func(*[values.get(id(a), a) for a in op.args], **op.kwargs)
+                for x, v in zip(op.outs, value if isinstance(value, (tuple, list)) else [value]):
+                    values[id(x)] = v
+        if op.rule is None:  # no tangent
+            return
+        out = op.rule(self, op, _Values(self, op), [self.tangent(a) for a in op.args])
+        for y, t in zip(op.outs, out if isinstance(out, (tuple, list)) else [out]):
+            if t is not None:
+                self.tangents[id(y)] = t
+
+
+class _Values:
+    """The op's arguments as it read them, checked one by one when a rule asks (see :meth:`OpSweep.value`)."""
+
+    def __init__(self, sw: OpSweep, op: Op):
+        self.sw, self.op = sw, op
+
+    def __len__(self) -> int:
+        return len(self.op.args)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self.sw.value(a, self.op) for a in self.op.args[i]]
+        return self.sw.value(self.op.args[i], self.op)
+
+# ---- rules -------------------------------------------------------------------------------------------------
+# A rule gets the sweep, the op, its arguments' values as the op read them and their tangents (None: zero), and
+# returns the output's tangent (a list for ops with several outputs); it adds its second-order term itself.
+
+Rule = Callable[[OpSweep, Op, Sequence, list], Any]
+RULES: dict[Any, Rule] = {}
+#: operations whose output has no tangent whatever their inputs (a detached copy, a fresh tensor shaped like one)
+FREE = {aten.detach.default, aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default}
+#: rules of operations with a second derivative along their inputs: their output errors are kept
+CURVED: set[Rule] = set()
+
+
+def rule(*funcs: Any, curved: bool = False) -> Callable[[Rule], Rule]:
+    """Register a rule for ATen operations (overload packets or single overloads)."""
+
+    def deco(fn: Rule) -> Rule:
+        RULES.update(dict.fromkeys(funcs, fn))
+        if curved:
+            CURVED.add(fn)
+        return fn
+
+    return deco
+
+
+#: operations linear in their first tensor argument, the others being fixed (views, reductions, copies)
+VIEWS = {aten.t, aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.unsqueeze,
+         aten.squeeze, aten.expand, aten.slice, aten.select, aten.alias, aten.clone, aten.split,
+         aten.split_with_sizes, aten.unbind, aten.flatten}
+LINEAR = VIEWS | {aten.sum, aten.mean, aten.neg, aten.embedding, aten.avg_pool1d, aten.avg_pool2d,
+                  aten._adaptive_avg_pool2d, aten.adaptive_avg_pool1d}
+
+
+@rule(*LINEAR)
+def _linear(sw: OpSweep, op: Op, vals: list, tans: list) -> Any:
+    if tans[0] is None:
+        return None
+    if any(t is not None for t in tans[1:]):
+        raise NoRule(f"{op.func} is linear in its first argument only")
+    if op.func.overloadpacket in (aten.view, aten._unsafe_view):  # the tangent's strides may differ from x's
+        return tans[0].reshape(vals[1])
+    return op.func(tans[0], *vals[1:], **op.kwargs)
+
+
+@rule(aten.add.Tensor, aten.sub.Tensor)
+def _add(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    a, b = tans[0], tans[1] if len(tans) > 1 else None
+    alpha = op.kwargs.get("alpha", 1)
+    if b is not None:
+        b = b * (alpha if op.func is aten.add.Tensor else -alpha)
+    out = plus(a, b)
+    return None if out is None else out.expand(op.out.shape) if out.shape != op.out.shape else out
+
+
+@rule(aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar)
+def _scalar(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    if tans[0] is None:
+        return None
+    return tans[0] * vals[1] if op.func is aten.mul.Scalar else tans[0] / vals[1] \
+        if op.func is aten.div.Scalar else tans[0]
+
+
+@rule(aten.mul.Tensor, curved=True)
+def _mul(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    (a, b), (ta, tb) = vals, tans
+    if ta is not None and tb is not None and sw.exact:
+        sw.add(op, 2 * ta * tb)
+    return plus(None if ta is None else ta * b, None if tb is None else a * tb)
+
+
+@rule(aten.div.Tensor)
+def _div(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    if tans[1] is not None:
+        raise NoRule(f"{op.func} by a tensor that changes along the step")
+    return None if tans[0] is None else tans[0] / vals[1]
+
+
+def other_operand(func: Any, args: tuple, params: set[int]) -> int | None:
+    """For a product of an activation and a parameter (or a view of one, ids in ``params``), the activation's index."""
+    packet = func.overloadpacket
+    first = 1 if packet is aten.addmm else 0  # addmm(bias, a, b)
+    if packet not in (aten.mm, aten.addmm, aten.convolution):
+        return None
+    a, b = args[first], args[first + 1]
+    if id(b) in params and id(a) not in params:
+        return first
+    if id(a) in params and id(b) not in params and packet is not aten.convolution:
+        return first + 1
+    return None
+
+
+def _product(sw: OpSweep, op: Op, vals: Sequence, tans: list, first: int,
+             mm: Callable[[Tensor, Tensor], Tensor]) -> Tensor | None:
+    r"""The tangent of a bilinear :math:`y = \mathrm{mm}(a, b)` (arguments ``first`` and ``first + 1``), adding
+    :math:`2\langle\delta_y, \mathrm{mm}(\dot a, \dot b)\rangle`: in two products when one factor is a parameter
+    whose new value is known and the error at the other was kept, else in three."""
+    a, b, ta, tb = vals[first], vals[first + 1], tans[first], tans[first + 1]
+    if ta is None or tb is None:
+        return plus(None if ta is None else mm(ta, b), None if tb is None else mm(a, tb))
+    i = op.other
+    kept = sw.cap.kept.get(op) if sw.exact and i is not None else None
+    if kept is not None and len(kept) == 2 and id(op.args[2 * first + 1 - i]) in sw.new:
+        w_new = sw.new[id(op.args[2 * first + 1 - i])]  # the parameter's factor at θ_{t+1}
+        if i == first:  # y = mm(a, W): U = mm(ȧ, W_new), ẏ = U + mm(a - ȧ, ΔW)
+            u = mm(ta, w_new)
+            sw.terms.append(2 * (inner(kept[0], u) - inner(kept[1], ta)))
+            return u.add_(mm(a - ta, tb))
+        u = mm(w_new, tb)  # y = mm(W, b)
+        sw.terms.append(2 * (inner(kept[0], u) - inner(kept[1], tb)))
+        return u.add_(mm(ta, b - tb))
+    if sw.exact:
+        sw.add(op, 2 * mm(ta, tb))
+    return mm(ta, b).add_(mm(a, tb))
+
+
+@rule(aten.mm, aten.bmm, curved=True)
+def _mm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+    return _product(sw, op, vals, tans, 0, op.func)
+
+
+@rule(aten.addmm, curved=True)
+def _addmm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+    beta, alpha = op.kwargs.get("beta", 1), op.kwargs.get("alpha", 1)
+    if (beta, alpha) != (1, 1):
+        raise NoRule(f"{op.func} with beta or alpha")
+    product = _product(sw, op, vals, tans, 1, torch.mm)
+    return plus(product, None if tans[0] is None else tans[0].expand(op.out.shape))
+
+
+@rule(aten.relu)
+def _relu(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    return None if tans[0] is None else tans[0] * (op.out > 0)
+
+
+#: elementwise functions of one tensor; their first and second derivatives come from autograd on the input
+ELEMENTWISE = {aten.tanh: torch.tanh, aten.sigmoid: torch.sigmoid, aten.exp: torch.exp, aten.log: torch.log,
+               aten.silu: torch.nn.functional.silu, aten.softplus: torch.nn.functional.softplus}
+
+
+@rule(*ELEMENTWISE, aten.gelu, curved=True)
+def _elementwise(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
+    if tans[0] is None:
+        return None
+    if op.func.overloadpacket is aten.gelu:
+        approximate = op.kwargs.get("approximate", "none")
+        fn = lambda x: torch.nn.functional.gelu(x, approximate=approximate)  # noqa: E731
+    else:
+        base = ELEMENTWISE[op.func.overloadpacket]
+        fn = (lambda x: base(x, *vals[1:])) if len(vals) > 1 else base
+    with torch.enable_grad():
+        x = vals[0].detach().requires_grad_(True)
+        (d1,) = torch.autograd.grad(fn(x).sum(), x, create_graph=sw.exact)
+        d2 = torch.autograd.grad(d1.sum(), x)[0] if sw.exact else None
+    if sw.exact:
+        sw.add(op, d2 * tans[0].square())
+    return d1.detach() * tans[0]
+
+
+@rule(aten.cat)
+def _cat(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor:
+    parts = [sw.tangent(x) for x in op.args[0]]
+    dim = vals[1] if len(vals) > 1 else op.kwargs.get("dim", 0)
+    return torch.cat([torch.zeros_like(x) if t is None else t for x, t in zip(op.args[0], parts)], dim)
+
+
+@rule(aten.relu_)
+def _relu_(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+    return None if tans[0] is None else tans[0] * (vals[0] > 0)  # the tensor as relu_ left it
+
+
+@rule(aten.add_.Tensor)
+def _add_(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+    b = tans[1]
+    return plus(tans[0], None if b is None else b * op.kwargs.get("alpha", 1))
+
+
+@rule(aten.convolution, curved=True)
+def _convolution(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+    r"""Bilinear in input and weight: :math:`\dot y = \dot x \star W + x \star \dot W + \dot b`,
+    :math:`\ddot y = 2\dot x \star \dot W`."""
+    rest = op.args[3:]
+    out = _product(sw, op, vals, tans, 0, lambda x, w: aten.convolution(x, w, None, *rest))
+    db = tans[2] if len(tans) > 2 else None
+    if db is not None:
+        out = plus(out, db.view(1, -1, *([1] * (op.out.dim() - 2))).expand(op.out.shape))
+    return out
+
+
+@rule(aten.max_pool2d_with_indices, aten.max_pool1d_with_indices)
+def _max_pool(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+    t, idx = tans[0], op.outs[1]
+    if t is None:
+        return [None, None]
+    dims = idx.dim() - 2
+    return [t.flatten(-dims).gather(-1, idx.flatten(-dims)).view(idx.shape), None]
+
+
+def _normalize(sw: OpSweep, op: Op, x: Tensor, t: Tensor | None, weight: Any, tw: Tensor | None, tb: Tensor | None,
+               dims: tuple[int, ...], shape: tuple[int, ...], eps: float,
+               stats: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+    r"""Finish :math:`y = \gamma \hat x + \beta` (:func:`alphalib.tangent.standardize` over ``dims``), γ and β
+    broadcast as ``shape``, and add its second-order terms (:func:`alphalib.tangent.normalization_terms`)."""
+    x_hat, r, t_hat, u = standardize(x, t, dims, eps, stats)
+    gamma = None if weight is None else weight.view(shape)
+    dgamma, dbeta = (None if v is None else v.view(shape) for v in (tw, tb))
+    if sw.exact and t_hat is not None and (dgamma is not None or u is not None):
+        err = sw.error(op).reshape(x.shape)  # (GroupNorm's is grouped like x)
+        sw.terms.extend(normalization_terms(err, gamma, dgamma, x_hat, r, t_hat, u, dims))
+    out = None if t_hat is None else t_hat if gamma is None else t_hat * gamma
+    return plus(plus(out, None if dgamma is None else dgamma * x_hat), None if dbeta is None else dbeta.expand_as(x))
+
+
+@rule(aten.native_batch_norm, curved=True)
+def _native_batch_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+    x, training, eps = vals[0], op.args[5], op.args[7]
+    dims, shape = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    stats = None if training else (vals[3].view(shape), torch.rsqrt(vals[4].view(shape) + eps))
+    return [_normalize(sw, op, x, tans[0], vals[1], tans[1], tans[2], dims, shape, eps, stats), None, None]
+
+
+@rule(aten.native_layer_norm, curved=True)
+def _native_layer_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+    x, normalized, eps = vals[0], tuple(op.args[1]), op.args[4]
+    dims = tuple(range(-len(normalized), 0))
+    return [_normalize(sw, op, x, tans[0], vals[2], tans[2], tans[3], dims, normalized, eps), None, None]
+
+
+@rule(aten._softmax, aten._safe_softmax, curved=True)
+def _softmax(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+    r""":math:`\dot y = y(\dot x - s)`, :math:`\ddot y = y\big((\dot x - s)^2 - \langle y, (\dot x - s)^2\rangle\big)`,
+    :math:`s = \langle y, \dot x\rangle` along ``dim``."""
+    t, dim = tans[0], op.args[1]
+    if t is None:
+        return None
+    y = sw.value(op.out, op)
+    v = t - (y * t).sum(dim, keepdim=True)
+    if sw.exact:
+        v2 = v.square()
+        sw.add(op, y * (v2 - (y * v2).sum(dim, keepdim=True)))
+    return y * v
+
+
+@rule(aten._log_softmax, curved=True)
+def _log_softmax(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+    r""":math:`\dot y = \dot x - s`, :math:`\ddot y = -\langle p, (\dot x - s)^2\rangle` with :math:`p = e^y`
+    along ``dim``."""
+    t, dim = tans[0], op.args[1]
+    if t is None:
+        return None
+    p = sw.value(op.out, op).exp()
+    v = t - (p * t).sum(dim, keepdim=True)
+    if sw.exact:
+        sw.add(op, -(p * v.square()).sum(dim, keepdim=True))
+    return v
+
+
+@rule(aten.native_group_norm, curved=True)
+def _native_group_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+    """GroupNorm: the normalization over each sample's group of channels and the spatial axes, γ and β per channel."""
+    x, groups = vals[0], op.args[6]
+    grouped = (x.shape[0], groups, -1)
+    t = None if tans[0] is None else tans[0].reshape(grouped)
+    channel = (1, -1) + (1,) * (x.dim() - 2)
+    dgamma, dbeta = (None if v is None else v.view(channel).expand_as(x).reshape(grouped) for v in tans[1:3])
+    gamma = None if vals[1] is None else vals[1].view(channel).expand_as(x).reshape(grouped)
+    y = _normalize(sw, op, x.reshape(grouped), t, gamma, dgamma, dbeta, (2,), grouped, op.args[7])
+    return [None if y is None else y.reshape(x.shape), None, None]
+
+
+@rule(aten._scaled_dot_product_flash_attention_for_cpu, curved=True)
+def _attention(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+    """Fused attention, recomputed from Q, K, V (:func:`alphalib.fast.calculus.attention`)."""
+    dropout = op.args[3] if len(op.args) > 3 else op.kwargs.get("dropout_p", 0.0)
+    causal = op.args[4] if len(op.args) > 4 else op.kwargs.get("is_causal", False)
+    mask, scale = op.kwargs.get("attn_mask"), op.kwargs.get("scale")
+    if dropout:
+        raise NoRule(f"attention dropout inside the fused kernel: its mask cannot be replayed")
+    if mask is not None and sw.tangent(mask) is not None:
+        raise NoRule("an attention mask that changes along the step")
+    err = sw.error(op) if sw.exact else None
+    out, term = attention(vals[0], vals[1], vals[2], tans[0], tans[1], tans[2], err, scale=scale, causal=causal,
+                          mask=None if mask is None else sw.value(mask, op))
+    if term is not None:
+        sw.terms.append(term)
+    return [out, None]
