@@ -10,7 +10,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data,models]"
 	touch $@
 
 # Executed copies go to build/notebooks/, figures to figures/ (run alone, a notebook writes to build/figures). The

@@ -48,8 +48,7 @@ from ._function import BatchLoss, LossFn, Objective, rng_state
 from ._proof import Verdict, Witness
 from .curvature import Backend, Directional, Known, check_backend, directional
 from .fast import Capture, NoRule, OpCapture
-from .fast import capture as fast_capture
-from .fast import sweep as fast_sweep
+from .fast import capture_for, measure
 from .fast.output import output_grad
 from .records import Record, make_record, to_frame
 from .spectrum import along
@@ -124,7 +123,7 @@ class AlphaProbe:
         self._capture: Capture | OpCapture | None = None
         self._why = "path='generic' was asked for" if path == "generic" else ""
         if path != "generic" and not self.objective and self.curvature in ("hessian", "ggn"):
-            self._capture = fast_capture(model, exact=self.curvature == "hessian")
+            self._capture = capture_for(model, exact=self.curvature == "hessian")
         elif self.objective:
             self._why = "the probe measures an objective(model, batch), not loss_fn(model(x), y)"
         self._witness = Witness(model)
@@ -310,7 +309,7 @@ class AlphaProbe:
 
     def _sweep(self, params: list[Tensor], delta: list[Tensor], verdict: Verdict, batch: Any) -> Directional:
         """Exact (or GGN) slope and curvature from the captured training step, by the tangent pass."""
-        loss, slope, curvature = fast_sweep(self.model, self._capture, self.loss, batch[1], params, delta,
+        loss, slope, curvature = measure(self.model, self._capture, self.loss, batch[1], params, delta,
                                             exact=self.curvature == "hessian", scale=verdict.scale)
         return Directional(loss, slope, curvature, math.nan if verdict.grad_norm is None else verdict.grad_norm)
 

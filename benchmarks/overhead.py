@@ -60,11 +60,14 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import alphalib
+from alphalib import external
 from alphalib.models import CharTransformer, EncoderClassifier, ResNet, SmallCNN, mlp, sequence_cross_entropy
 
 # ----------------------------------------------------------------------------------------------------------
 # config: the defaults take ~8 min on 2 idle CPU cores (--quick: ~90 s); the command line overrides them
 WORKLOADS = ("seed", "mlp", "cnn", "transformer", "resnet", "encoder")
+#: models as other libraries build them (make bench runs them for "hessian" and "ggn" into results/external/)
+EXTERNAL = ("resnet18", "vit", "gpt2", "nanogpt", "encoder", "lstm", "gru")
 OPTIMIZERS = ("adam", "adam_fused")  # torch.optim.Adam(lr=1e-3), and the same with fused=True
 CURVATURES = ("hessian", "ggn", "fd", "fd_onesided", "secant")  # combinations the library lacks become "n/a"
 PATHS = ("fast", "generic")  # passed as AlphaProbe(..., path=p); "default" = the keyword is not passed
@@ -120,6 +123,40 @@ class Config:
         return getattr(self.probe.records[-1], "path", "generic")
 
 
+class _Logits(nn.Module):
+    """A causal LM as ``ids -> logits`` at every position: Hugging Face's ``.logits``; nanoGPT's forward given
+    targets (without them it keeps the last position only)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if isinstance(self.lm, external.GPT):
+            return self.lm(ids, ids)[0]
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4, attn_implementation="sdpa")
+    return _Logits(GPT2LMHeadModel(config))
+
+
+def _nanogpt() -> nn.Module:
+    return _Logits(external.GPT(external.GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64)))
+
+
+class _CharRNN(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]):
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Embedding(96, 64), cell(64, 128, batch_first=True), nn.Linear(128, 96)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(self.embed(x))[0])
+
+
 def make_workload(name: str, device: torch.device) -> Workload:
     g = torch.Generator().manual_seed(SEED)
     if name == "seed":  # SimpleNet 10→5→1, batch 32, MSE
@@ -142,8 +179,22 @@ def make_workload(name: str, device: torch.device) -> Workload:
     elif name == "encoder":  # nn.TransformerEncoder, 2 layers, d 64, 4 heads, sequence 32, batch 16: recorded ops
         batch = torch.randint(50, (16, 32), generator=g), torch.randint(10, (16,), generator=g)
         make, loss = (lambda: EncoderClassifier(50)), nn.CrossEntropyLoss()
+    elif name == "resnet18":  # torchvision's resnet18 (alphalib.external's rebuild), 3x32x32, batch 16
+        batch = torch.randn(16, 3, 32, 32, generator=g), torch.randint(10, (16,), generator=g)
+        make, loss = (lambda: external.ResNet18(10)), nn.CrossEntropyLoss()
+    elif name == "vit":  # timm's vit_tiny_patch16_224 shape (width 192, depth 12, 3 heads) at 32 px in 4 px patches
+        batch = torch.randn(16, 3, 32, 32, generator=g), torch.randint(10, (16,), generator=g)
+        make, loss = (lambda: external.vit_tiny(32, 4, 10)), nn.CrossEntropyLoss()
+    elif name in ("gpt2", "nanogpt"):  # 2 layers, d 64, 4 heads, sequence 32, batch 16, vocabulary 96
+        tokens = torch.randint(96, (16, 33), generator=g)
+        batch = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        make, loss = (_gpt2 if name == "gpt2" else _nanogpt), sequence_cross_entropy
+    elif name in ("lstm", "gru"):  # embedding 64 -> one recurrent layer, hidden 128 -> head, sequence 32, batch 16
+        tokens = torch.randint(96, (16, 33), generator=g)
+        batch = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        make, loss = (lambda: _CharRNN(nn.LSTM if name == "lstm" else nn.GRU)), sequence_cross_entropy
     else:
-        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}.")
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS + EXTERNAL)}.")
     return Workload(name, make, loss, (batch[0].to(device), batch[1].to(device)))
 
 
@@ -306,7 +357,8 @@ def time_interleaved(plain: Config, configs: list[Config], repeats: int, k: int,
 def benchmark(w: Workload, variant: str, args: argparse.Namespace, have_cockpit: bool) -> list[dict]:
     """Time and measure every configuration of one workload and optimizer variant; one row per config."""
     device = torch.device(args.device)
-    specs = [("plain", "-", 1)] + [(c, p, 1) for c in CURVATURES for p in PATHS] + [SAMPLED]
+    specs = [("plain", "-", 1)] + [(c, p, 1) for c in args.curvatures for p in PATHS]
+    specs += [SAMPLED] if SAMPLED[0] in args.curvatures and not args.no_sampled else []
     specs += [("cockpit", "-", 1)] if have_cockpit else []
     configs = [make_config(w, variant, *spec, device=device) for spec in specs]
     live = [c for c in configs if c.step is not None]
@@ -461,12 +513,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"tiny run (about a minute): {QUICK}")
     parser.add_argument("--out", default=OUT, help="folder for overhead.csv, overhead.md, overhead.png")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
+    parser.add_argument("--curvatures", default=",".join(CURVATURES), help="comma-separated subset of backends")
+    parser.add_argument("--no-sampled", action="store_true", help="leave out the every=4 row")
+    parser.add_argument("--no-peer", action="store_true", help="leave out Cockpit")
     parser.add_argument("--repeats", type=int, default=None, help=f"R (default {REPEATS})")
     parser.add_argument("--steps", type=int, default=None, help=f"K (default: a ~{BLOCK_SECONDS}s plain block)")
     parser.add_argument("--warmup", type=int, default=None, help=f"warm-up steps per config (default {WARMUP})")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
+    args.curvatures = [c.strip() for c in args.curvatures.split(",")]
     quick = QUICK if args.quick else {}
     args.repeats = args.repeats or quick.get("repeats", REPEATS)
     args.steps = args.steps or quick.get("steps")
@@ -489,7 +545,7 @@ def main() -> None:
             warnings.simplefilter("ignore")  # cockpit imports pkg_resources, deprecated
             import cockpit  # noqa: F401
 
-        have_cockpit = True
+        have_cockpit = not args.no_peer
     except ImportError:
         have_cockpit = False
         print("# cockpit (cockpit-for-pytorch) is not installed: no Cockpit peer row")

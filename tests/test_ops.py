@@ -189,9 +189,9 @@ def test_the_tangent_pass_raises_unverified(fresh, monkeypatch, name):
     F.mse_loss(model(x), y).backward()
     params = list(model.parameters())
     deltas = [1e-3 * torch.randn_like(p) for p in params]
-    fast.sweep(model, cap, F.mse_loss, y, params, deltas, exact=True)  # verified: runs
+    fast.measure(model, cap, F.mse_loss, y, params, deltas, exact=True)  # verified: runs
     F.mse_loss(model(x), y).backward()
     monkeypatch.setattr(_ops, f"_{name}_impl", _missing)
     monkeypatch.setattr(_ops, "_verdicts", {})
     with pytest.raises(_ops.Unverified, match=re.escape(_ops._CHECKS[name][0])):
-        fast.sweep(model, cap, F.mse_loss, y, params, deltas, exact=True)
+        fast.measure(model, cap, F.mse_loss, y, params, deltas, exact=True)

@@ -68,14 +68,14 @@ def covers(model: nn.Module, *example: Any) -> str | None:
     return cap.uncovered
 
 
-def capture(model: nn.Module, *, exact: bool, follow: Follow | None = None) -> Capture | OpCapture:
+def capture_for(model: nn.Module, *, exact: bool, follow: Follow | None = None) -> Capture | OpCapture:
     """Return the capture for ``model``: module rules where they cover it (or ``follow="modules"``), else ops."""
     if follow == "modules" or follow is None and uncovered(model) is None:
         return Capture(model, errors=exact)
     return OpCapture(model, errors=exact)
 
 
-def sweep(
+def measure(
     model: nn.Module, cap: Capture | OpCapture, loss_fn: LossFn, targets: Tensor, params: Sequence[Tensor],
     delta: Sequence[Tensor], *, exact: bool, scale: float = 1.0,
 ) -> tuple[float, float, float]:
@@ -101,8 +101,8 @@ __all__ = [
     "plus",
     "inner",
     # the probe's entry points
-    "capture",
-    "sweep",
+    "capture_for",
+    "measure",
     "Capture",
     "OpCapture",
     "NoRule",

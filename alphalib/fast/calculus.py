@@ -29,18 +29,21 @@ def inner(a: Tensor, b: Tensor) -> Tensor:
 
 def standardize(
     x: Tensor, t: Tensor | None, dims: tuple[int, ...], eps: float, stats: tuple[Tensor, Tensor] | None = None,
+    *, fixed: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     r"""Return :math:`\hat x = (x - \mu) r` over ``dims``, :math:`r`, and along ``t``: :math:`\dot{\hat x}`, :math:`u`.
 
     With batch statistics :math:`u = t - \bar t` and :math:`\dot{\hat x} = r (u - \overline{\hat x u}\,\hat x)`;
-    with fixed ``stats`` :math:`(\mu, r)` (running statistics) :math:`\dot{\hat x} = r t` and ``u`` is ``None``.
+    ``stats`` :math:`(\mu, r)` are the batch's when given (a kernel's saved statistics), else computed. With
+    ``fixed`` statistics (running statistics, independent of :math:`x`) :math:`\dot{\hat x} = r t` and ``u`` is
+    ``None``.
     """
     mean, r = stats if stats is not None else (x.mean(dims, keepdim=True),
                                                 torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps))
     x_hat = (x - mean) * r
     if t is None:
         return x_hat, r, None, None
-    if stats is not None:
+    if fixed:
         return x_hat, r, r * t, None
     u = t - t.mean(dims, keepdim=True)
     return x_hat, r, r * (u - (x_hat * u).mean(dims, keepdim=True) * x_hat), u

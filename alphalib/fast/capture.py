@@ -20,7 +20,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -142,11 +142,30 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
-def _written(func: Any, args: tuple) -> list[Tensor]:
-    """Return the arguments ``func`` writes in place (from its schema)."""
-    schema = func._schema.arguments
-    return [a for a, spec in zip(args, schema)
-            if isinstance(a, Tensor) and spec.alias_info is not None and spec.alias_info.is_write]
+class _Spec(NamedTuple):
+    """What the recorder needs to know of one ATen overload, looked up once per process."""
+
+    rule: Callable | None
+    known: bool  #: it has a rule, or is in FREE
+    view: bool
+    curved: bool
+    written: tuple[int, ...]  #: the positions of the arguments it writes in place (from its schema)
+    nested: bool  #: it takes a list of tensors
+
+
+_SPECS: dict[Any, _Spec] = {}
+
+
+def _spec(func: Any) -> _Spec:
+    spec = _SPECS.get(func)
+    if spec is None:
+        rule = _oprules.RULES.get(func, _oprules.RULES.get(func.overloadpacket))
+        schema = func._schema.arguments
+        written = tuple(i for i, a in enumerate(schema) if a.alias_info is not None and a.alias_info.is_write)
+        nested = any(isinstance(a.type, torch.ListType) for a in schema)
+        spec = _SPECS[func] = _Spec(rule, rule is not None or func in _oprules.FREE,
+                                    func.overloadpacket in _oprules.VIEWS, rule in _oprules.CURVED, written, nested)
+    return spec
 
 
 _INSIDE = (os.path.dirname(torch.__file__), os.path.dirname(__file__))  # torch's files and the fast path's
@@ -166,11 +185,16 @@ class _Recorder(TorchDispatchMode):
         self.cap = cap
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        cap, ins = self.cap, _tensors(args) + _tensors(kwargs)
-        if cap.uncovered is None and any(t.requires_grad for t in ins):  # else its output has no tangent
-            cap.record(func, args, kwargs, out, ins)
+        if self.cap.uncovered is not None:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        spec = _spec(func)
+        ins = _tensors(args) + _tensors(kwargs) if spec.nested or kwargs else [a for a in args if isinstance(a, Tensor)]
+        follow = any(t.requires_grad for t in ins)  # else its output has no tangent
+        before = args[0].clone() if follow and func in _oprules.COPIED else None
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        op = self.cap.record(func, spec, args, kwargs or {}, out, ins) if follow else None
+        if op is not None:
+            op.before = before
         return out
 
 
@@ -188,6 +212,7 @@ class OpCapture:
         self._derived: set[int] = set()  #: parameters and the views of them recorded in this forward
         self.output: Tensor | None = None
         self.uncovered: str | None = None
+        self.refused: str | None = None  #: why an earlier forward could not be followed: recording stops for good
         self._mode: _Recorder | None = None
         self._handles = [model.register_forward_pre_hook(Hook(self, "_start")),
                          model.register_forward_hook(Hook(self, "_stop"), always_call=True)]
@@ -198,6 +223,9 @@ class OpCapture:
         if self.own is not None and not self.own(module):  # functional_call: not the training step
             return
         self.clear()
+        if self.refused:
+            self.uncovered = self.refused
+            return
         self._derived = set(self._params)
         self._mode = _Recorder(self)
         self._mode.__enter__()
@@ -214,26 +242,28 @@ class OpCapture:
         self.watch([y for _, y, _ in self._pending.values()])
         self._pending.clear()
 
-    def record(self, func: Any, args: tuple, kwargs: dict, out: Any, ins: list[Tensor]) -> None:
+    def record(self, func: Any, spec: _Spec, args: tuple, kwargs: dict, out: Any, ins: list[Tensor]) -> Op | None:
         """Keep one operation the training forward ran (or, without a rule, say where it ran and keep nothing)."""
-        self.watch(ins)
-        rule = _oprules.RULES.get(func, _oprules.RULES.get(func.overloadpacket))
-        if rule is None and func not in _oprules.FREE:  # keep no more tensors: this step goes generic
-            self.uncovered = f"the forward pass ran {func}, which has no tangent rule yet{caller()}"
+        if self._pending:
+            self.watch(ins)
+        if not spec.known:  # keep no more tensors: this step goes generic, and so will the next ones
+            self.uncovered = self.refused = f"the forward pass ran {func}, which has no tangent rule yet{caller()}"
             self.ops.clear()
-            return
-        outs = _tensors(out)
-        versions = {id(t): t._version for t in ins + outs}
-        for t in _written(func, args):  # autograd bumps their version once the op has returned
-            versions[id(t)] += 1
-        view = func.overloadpacket in _oprules.VIEWS
-        if view and ins and id(ins[0]) in self._derived:
+            return None
+        outs = [out] if isinstance(out, Tensor) else _tensors(out)
+        versions = {id(t): t._version for t in ins}
+        for t in outs:
+            versions[id(t)] = t._version
+        for i in spec.written:  # autograd bumps their version once the op has returned
+            versions[id(args[i])] += 1
+        if spec.view and id(ins[0]) in self._derived:
             self._derived.update(id(y) for y in outs)
-        op = Op(func, args, kwargs, outs, ins, versions, rule, view)
+        op = Op(func, args, kwargs, outs, ins, versions, spec.rule, spec.view)
         self.ops.append(op)
-        if self.errors and rule in _oprules.CURVED:
+        if self.errors and spec.curved:
             op.other = _oprules.other_operand(func, args, self._derived)
-            self._pending[id(outs[0])] = (op, outs[0], outs[0]._version)
+            self._pending[id(outs[0])] = (op, outs[0], versions[id(outs[0])])
+        return op
 
     def watch(self, tensors: Sequence[Tensor]) -> None:
         """Hook the nodes of pending outputs among ``tensors`` while they still hold the version their op made.
@@ -248,8 +278,11 @@ class OpCapture:
                 op, _, version = self._pending.pop(id(y))
                 if y._version == version and y.grad_fn is not None:
                     y.grad_fn.register_hook(functools.partial(self._keep_error, op))
+                    op.hooked = True
 
     def _keep_error(self, op: Op, grad_inputs: tuple, grad_outputs: tuple) -> None:
+        if grad_outputs[0] is None:  # the op's first output does not reach the loss: its error is zero
+            return
         i = op.other
         self.kept[op] = (grad_outputs[0],) if i is None or grad_inputs[i] is None else (grad_outputs[0],
                                                                                        grad_inputs[i])

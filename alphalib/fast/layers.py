@@ -349,7 +349,7 @@ def _batch_norm(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
     channel = (1, -1) + (1,) * (x.dim() - 2)
     stats = None if _batch_stats(m) else (m.running_mean.view(channel),
                                           torch.rsqrt(m.running_var.view(channel) + m.eps))
-    x_hat, r, t_hat, u = standardize(x, t, dims, m.eps, stats)
+    x_hat, r, t_hat, u = standardize(x, t, dims, m.eps, stats, fixed=stats is not None)
     return _scaled(sw, m, x_hat, r, t_hat, u, dims, channel)
 
 

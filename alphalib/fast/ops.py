@@ -23,6 +23,7 @@ path, and the record's ``fallback`` names the op and the line of the model's sou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _ops
 from .calculus import attention, inner, normalization_terms, plus, standardize
 
 aten = torch.ops.aten
@@ -52,6 +54,8 @@ class Op:
     rule: Callable | None  #: ``None`` for the operations in :data:`alphalib.fast.ops.FREE`
     view: bool  #: a view (or copy) of its first argument: recomputed at θ_t when that is a parameter
     other: int | None = None  #: for a product with a parameter: the index of its other operand (its error is kept)
+    before: Tensor | None = None  #: the first argument before an op in :data:`COPIED` overwrote it
+    hooked: bool = False  #: its autograd node is hooked to keep the error at its output
 
     @property
     def out(self) -> Any:
@@ -86,17 +90,24 @@ class OpSweep:
             raise NoRule(f"a tensor read by {op.func} was changed in place afterwards")
         return x
 
-    def error(self, op: Op, i: int = 0) -> Tensor:
-        """Return the error at ``op``'s output (``i=0``), or through ``op`` at its ``i``-th input, from the backward."""
-        try:
-            return self.cap.kept[op][i]
-        except (KeyError, IndexError, TypeError):
-            raise NoRule(f"the error at {op.func} was not seen in the backward pass") from None
+    def error(self, op: Op) -> Tensor | None:
+        """Return the error at ``op``'s output from the training backward; ``None`` if it is zero.
+
+        An op whose autograd node was hooked but never ran in the backward does not reach the loss (a value the
+        model computes and drops): its error is zero. One whose node could not be hooked cannot be followed.
+        """
+        kept = self.cap.kept.get(op)
+        if kept is not None:
+            return kept[0]
+        if op.hooked:
+            return None
+        raise NoRule(f"the error at {op.func} was not seen in the backward pass")
 
     def add(self, op: Op, second: Tensor) -> None:
         """Add :math:`\\langle \\delta_y, \\ddot y\\rangle` for ``op``'s first output :math:`y`."""
         err = self.error(op)
-        self.terms.append(inner(err, second.expand(err.shape)))
+        if err is not None:
+            self.terms.append(inner(err, second.expand(err.shape)))
 
     def run(self, op: Op) -> None:
         """Run ``op``'s rule if it reads a tangent or a parameter: store its outputs' tangents (and values at θ_t)."""
@@ -140,6 +151,8 @@ RULES: dict[Any, Rule] = {}
 FREE = {aten.detach.default, aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default}
 #: rules of operations with a second derivative along their inputs: their output errors are kept
 CURVED: set[Rule] = set()
+#: in-place operations whose rule needs the value they overwrite: the recorder copies it first
+COPIED = {aten.mul_.Tensor}
 
 
 def rule(*funcs: Any, curved: bool = False) -> Callable[[Rule], Rule]:
@@ -159,17 +172,28 @@ VIEWS = {aten.t, aten.view, aten._unsafe_view, aten.reshape, aten.transpose, ate
          aten.squeeze, aten.expand, aten.slice, aten.select, aten.alias, aten.clone, aten.split,
          aten.split_with_sizes, aten.unbind, aten.flatten}
 LINEAR = VIEWS | {aten.sum, aten.mean, aten.neg, aten.embedding, aten.avg_pool1d, aten.avg_pool2d,
-                  aten._adaptive_avg_pool2d, aten.adaptive_avg_pool1d}
+                  aten._adaptive_avg_pool2d, aten.adaptive_avg_pool1d, aten.unsafe_split, aten.unsafe_chunk,
+                  aten._to_copy, aten.nll_loss_forward}
+#: views that change their input in place, and the out-of-place view their tangent takes
+IN_PLACE_VIEWS = {aten.transpose_: aten.transpose.int, aten.t_: aten.t.default, aten.squeeze_: aten.squeeze.dim,
+                  aten.unsqueeze_: aten.unsqueeze.default}
 
 
-@rule(*LINEAR)
+@rule(*LINEAR, *IN_PLACE_VIEWS)
 def _linear(sw: OpSweep, op: Op, vals: list, tans: list) -> Any:
     if tans[0] is None:
         return None
     if any(t is not None for t in tans[1:]):
         raise NoRule(f"{op.func} is linear in its first argument only")
-    if op.func.overloadpacket in (aten.view, aten._unsafe_view):  # the tangent's strides may differ from x's
+    packet = op.func.overloadpacket
+    if packet in (aten.view, aten._unsafe_view):  # the tangent's strides may differ from x's
         return tans[0].reshape(vals[1])
+    if packet in (aten.clone, aten.alias):  # tangents are never written in place: no copy needed
+        return tans[0]
+    if packet in IN_PLACE_VIEWS:
+        return IN_PLACE_VIEWS[packet](tans[0], *op.args[1:])
+    if packet is aten.nll_loss_forward:  # (loss, total weight): the weight is constant
+        return [op.func(tans[0], *vals[1:], **op.kwargs)[0], None]
     return op.func(tans[0], *vals[1:], **op.kwargs)
 
 
@@ -194,6 +218,15 @@ def _scalar(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
 @rule(aten.mul.Tensor, curved=True)
 def _mul(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
     (a, b), (ta, tb) = vals, tans
+    if ta is not None and tb is not None and sw.exact:
+        sw.add(op, 2 * ta * tb)
+    return plus(None if ta is None else ta * b, None if tb is None else a * tb)
+
+
+@rule(aten.mul_.Tensor, curved=True)
+def _mul_(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+    r"""``a *= b``: as :func:`_mul`, with the old ``a`` the recorder copied before the op overwrote it."""
+    (ta, tb), a, b = tans, op.before, vals[1]
     if ta is not None and tb is not None and sw.exact:
         sw.add(op, 2 * ta * tb)
     return plus(None if ta is None else ta * b, None if tb is None else a * tb)
@@ -263,35 +296,68 @@ def _relu(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
     return None if tans[0] is None else tans[0] * (op.out > 0)
 
 
-#: elementwise functions of one tensor; their first and second derivatives come from autograd on the input
-ELEMENTWISE = {aten.tanh: torch.tanh, aten.sigmoid: torch.sigmoid, aten.exp: torch.exp, aten.log: torch.log,
-               aten.silu: torch.nn.functional.silu, aten.softplus: torch.nn.functional.softplus}
+def _closed(packet: Any, x: Tensor | None, y: Tensor, args: Sequence) -> tuple[Tensor, Tensor] | None:
+    """First and second derivatives of the common elementwise functions, from the input ``x`` or output ``y``."""
+    if packet in (aten.tanh, aten.tanh_):
+        d1 = 1 - y * y
+        return d1, -2 * y * d1
+    if packet in (aten.sigmoid, aten.sigmoid_):
+        d1 = y * (1 - y)
+        return d1, d1 * (1 - 2 * y)
+    if packet is aten.exp:
+        return y, y
+    if packet is aten.log:
+        r = x.reciprocal()
+        return r, -r * r
+    if packet is aten.pow:  # x ** p, p a number
+        p = args[1]
+        return p * x.pow(p - 1), p * (p - 1) * x.pow(p - 2)
+    if packet is aten.silu:
+        s = torch.sigmoid(x)
+        return _ops.silu_backward(torch.ones_like(x), x), s * (1 - s) * (2 + x * (1 - 2 * s))
+    return None
 
 
-@rule(*ELEMENTWISE, aten.gelu, curved=True)
-def _elementwise(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
-    if tans[0] is None:
+#: elementwise functions of one tensor (others' derivatives come from autograd on the input)
+ELEMENTWISE = {aten.softplus: torch.nn.functional.softplus}
+#: ... and those that overwrite their input: their derivatives come from the output
+IN_PLACE = {aten.tanh_, aten.sigmoid_}
+
+
+@rule(aten.tanh, aten.sigmoid, aten.exp, aten.log, aten.silu, aten.pow.Tensor_Scalar, *ELEMENTWISE, *IN_PLACE,
+      aten.gelu, curved=True)
+def _elementwise(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+    r""":math:`\dot y = \sigma'(x)\dot x`, :math:`\ddot y = \sigma''(x)\dot x^2`."""
+    t = tans[0]
+    if t is None:
         return None
-    if op.func.overloadpacket is aten.gelu:
-        approximate = op.kwargs.get("approximate", "none")
-        fn = lambda x: torch.nn.functional.gelu(x, approximate=approximate)  # noqa: E731
+    packet = op.func.overloadpacket
+    x = None if packet in IN_PLACE else vals[0]
+    derivs = _closed(packet, x, vals[0] if x is None else op.out, op.args)
+    if derivs is not None:
+        d1, d2 = derivs
+    elif packet is aten.gelu and op.kwargs.get("approximate", "none") == "none":  # gelu'' = φ(x)(2 - x²)
+        x2 = x.square()
+        d1 = _ops.gelu_backward(torch.ones_like(x), x)
+        d2 = (x2 * -0.5).exp_().mul_(2 - x2).div_(math.sqrt(2 * math.pi))
     else:
-        base = ELEMENTWISE[op.func.overloadpacket]
-        fn = (lambda x: base(x, *vals[1:])) if len(vals) > 1 else base
-    with torch.enable_grad():
-        x = vals[0].detach().requires_grad_(True)
-        (d1,) = torch.autograd.grad(fn(x).sum(), x, create_graph=sw.exact)
-        d2 = torch.autograd.grad(d1.sum(), x)[0] if sw.exact else None
+        fn = (lambda z: torch.nn.functional.gelu(z, approximate=op.kwargs["approximate"])) if packet is aten.gelu \
+            else (lambda z: ELEMENTWISE[packet](z, *vals[1:]))
+        with torch.enable_grad():
+            z = x.detach().requires_grad_(True)
+            (d1,) = torch.autograd.grad(fn(z).sum(), z, create_graph=sw.exact)
+            d2 = torch.autograd.grad(d1.sum(), z)[0] if sw.exact else None
+        d1 = d1.detach()
     if sw.exact:
-        sw.add(op, d2 * tans[0].square())
-    return d1.detach() * tans[0]
+        sw.add(op, d2 * t.square())
+    return d1 * t
 
 
-@rule(aten.cat)
-def _cat(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor:
+@rule(aten.cat, aten.stack)
+def _cat(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor:
     parts = [sw.tangent(x) for x in op.args[0]]
-    dim = vals[1] if len(vals) > 1 else op.kwargs.get("dim", 0)
-    return torch.cat([torch.zeros_like(x) if t is None else t for x, t in zip(op.args[0], parts)], dim)
+    dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", 0)
+    return op.func([torch.zeros_like(x) if t is None else t for x, t in zip(op.args[0], parts)], dim)
 
 
 @rule(aten.relu_)
@@ -326,34 +392,45 @@ def _max_pool(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
     return [t.flatten(-dims).gather(-1, idx.flatten(-dims)).view(idx.shape), None]
 
 
-def _normalize(sw: OpSweep, op: Op, x: Tensor, t: Tensor | None, weight: Any, tw: Tensor | None, tb: Tensor | None,
-               dims: tuple[int, ...], shape: tuple[int, ...], eps: float,
-               stats: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
-    r"""Finish :math:`y = \gamma \hat x + \beta` (:func:`alphalib.tangent.standardize` over ``dims``), γ and β
-    broadcast as ``shape``, and add its second-order terms (:func:`alphalib.tangent.normalization_terms`)."""
-    x_hat, r, t_hat, u = standardize(x, t, dims, eps, stats)
+def _normalize(sw: OpSweep, op: Op, x_hat: Tensor, r: Tensor, t_hat: Tensor | None, u: Tensor | None, weight: Any,
+               tw: Tensor | None, tb: Tensor | None, dims: tuple[int, ...], shape: tuple[int, ...]) -> Tensor | None:
+    r"""Finish :math:`y = \gamma \hat x + \beta` (see :func:`alphalib.fast.calculus.standardize`), γ and β broadcast
+    as ``shape``, and add its second-order terms (:func:`alphalib.fast.calculus.normalization_terms`)."""
     gamma = None if weight is None else weight.view(shape)
     dgamma, dbeta = (None if v is None else v.view(shape) for v in (tw, tb))
-    if sw.exact and t_hat is not None and (dgamma is not None or u is not None):
-        err = sw.error(op).reshape(x.shape)  # (GroupNorm's is grouped like x)
-        sw.terms.extend(normalization_terms(err, gamma, dgamma, x_hat, r, t_hat, u, dims))
-    out = None if t_hat is None else t_hat if gamma is None else t_hat * gamma
-    return plus(plus(out, None if dgamma is None else dgamma * x_hat), None if dbeta is None else dbeta.expand_as(x))
+    err = sw.error(op) if sw.exact and t_hat is not None and (dgamma is not None or u is not None) else None
+    if err is not None:
+        sw.terms.extend(normalization_terms(err.reshape(x_hat.shape), gamma, dgamma, x_hat, r, t_hat, u, dims))
+    out = None if t_hat is None else t_hat if gamma is None else t_hat.mul_(gamma)  # (t_hat is this rule's own)
+    return plus(plus(out, None if dgamma is None else dgamma * x_hat),
+                None if dbeta is None else dbeta.expand_as(x_hat))
 
 
 @rule(aten.native_batch_norm, curved=True)
 def _native_batch_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+    """BatchNorm: batch statistics (the kernel's saved mean and inverse deviation) in training, else running ones."""
     x, training, eps = vals[0], op.args[5], op.args[7]
     dims, shape = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
-    stats = None if training else (vals[3].view(shape), torch.rsqrt(vals[4].view(shape) + eps))
-    return [_normalize(sw, op, x, tans[0], vals[1], tans[1], tans[2], dims, shape, eps, stats), None, None]
+    if training:
+        stats = op.outs[1].view(shape), op.outs[2].view(shape)
+    else:
+        stats = vals[3].view(shape), torch.rsqrt(vals[4].view(shape) + eps)
+    x_hat, r, t_hat, u = standardize(x, tans[0], dims, eps, stats, fixed=not training)
+    return [_normalize(sw, op, x_hat, r, t_hat, u, vals[1], tans[1], tans[2], dims, shape), None, None]
 
 
 @rule(aten.native_layer_norm, curved=True)
 def _native_layer_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
-    x, normalized, eps = vals[0], tuple(op.args[1]), op.args[4]
+    r"""LayerNorm from the kernel's saved statistics; :math:`\dot{\hat x}` by the kernel's own backward."""
+    x, normalized, t = vals[0], tuple(op.args[1]), tans[0]
     dims = tuple(range(-len(normalized), 0))
-    return [_normalize(sw, op, x, tans[0], vals[2], tans[2], tans[3], dims, normalized, eps), None, None]
+    mean, r = op.outs[1], op.outs[2]
+    x_hat = (x - mean).mul_(r)
+    t_hat = u = None
+    if t is not None:
+        t_hat = _ops.layer_norm_backward(t, x, normalized, mean, r)
+        u = t - t.mean(dims, keepdim=True) if sw.exact else None
+    return [_normalize(sw, op, x_hat, r, t_hat, u, vals[2], tans[2], tans[3], dims, normalized), None, None]
 
 
 @rule(aten._softmax, aten._safe_softmax, curved=True)
@@ -394,7 +471,9 @@ def _native_group_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
     channel = (1, -1) + (1,) * (x.dim() - 2)
     dgamma, dbeta = (None if v is None else v.view(channel).expand_as(x).reshape(grouped) for v in tans[1:3])
     gamma = None if vals[1] is None else vals[1].view(channel).expand_as(x).reshape(grouped)
-    y = _normalize(sw, op, x.reshape(grouped), t, gamma, dgamma, dbeta, (2,), grouped, op.args[7])
+    stats = op.outs[1].view(*grouped[:2], 1), op.outs[2].view(*grouped[:2], 1)
+    x_hat, r, t_hat, u = standardize(x.reshape(grouped), t, (2,), op.args[7], stats)
+    y = _normalize(sw, op, x_hat, r, t_hat, u, gamma, dgamma, dbeta, (2,), grouped)
     return [None if y is None else y.reshape(x.shape), None, None]
 
 
