@@ -333,13 +333,16 @@ def _elementwise(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | No
         return None
     packet = op.func.overloadpacket
     x = None if packet in IN_PLACE else vals[0]
+    if packet is aten.gelu and op.kwargs.get("approximate", "none") == "none":  # gelu'' = φ(x)(2 - x²)
+        err = sw.error(op) if sw.exact else None
+        if err is not None:
+            x2 = x.square()
+            curv = (x2 * -0.5).exp_().mul_(2 - x2).mul_(t)
+            sw.terms.append(inner(err * t, curv) / math.sqrt(2 * math.pi))
+        return _ops.gelu_backward(t, x)
     derivs = _closed(packet, x, vals[0] if x is None else op.out, op.args)
     if derivs is not None:
         d1, d2 = derivs
-    elif packet is aten.gelu and op.kwargs.get("approximate", "none") == "none":  # gelu'' = φ(x)(2 - x²)
-        x2 = x.square()
-        d1 = _ops.gelu_backward(torch.ones_like(x), x)
-        d2 = (x2 * -0.5).exp_().mul_(2 - x2).div_(math.sqrt(2 * math.pi))
     else:
         fn = (lambda z: torch.nn.functional.gelu(z, approximate=op.kwargs["approximate"])) if packet is aten.gelu \
             else (lambda z: ELEMENTWISE[packet](z, *vals[1:]))
