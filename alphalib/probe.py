@@ -35,6 +35,7 @@ double backward) records ``flag="error"``, its reason in ``fallback``, and warns
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -131,6 +132,10 @@ class AlphaProbe:
         if self._capture is not None:
             self._capture.own = self._witness.own
         self.path = "generic" if self._why else "fast"
+        #: with path="auto" on recorded operations: (path, seconds) of the trial steps that choose the faster path
+        self._trials: list[tuple[str, float]] | None = [] if path == "auto" and isinstance(self._capture, OpCapture) \
+            else None
+        self._clock, self._last = time.perf_counter, None
 
     # ---- hooks and housekeeping ---------------------------------------------------------------------------
 
@@ -152,7 +157,34 @@ class AlphaProbe:
         self._witness.reset(armed=probed)
         if self._capture is not None:
             self._capture.clear()
-            self._capture.active = probed
+            self._capture.active = probed and not self._trying_generic()
+
+    # ---- path="auto" on recorded operations: time both paths in the user's own loop, keep the faster ---------
+
+    def _trying_generic(self) -> bool:
+        """Whether the next probed step is a trial of the generic path (the 2nd and 4th of the first five)."""
+        return self._trials is not None and len(self._trials) in (1, 3)
+
+    def _time_trial(self, path: str) -> None:
+        """Time the training iteration this probed step ends; after five, keep the faster path for good.
+
+        An iteration runs from the end of the previous ``probe.step`` call to the end of this one: the forward and
+        backward passes (recorded or not) and the probe's measurement, in the user's own loop. The first probed
+        step warms up and is not counted; then generic, recorded, generic, recorded.
+        """
+        if self._trials is None:
+            return
+        self._trials.append(("warm-up", 0.0) if self._last is None else (path, self._clock() - self._last))
+        if len(self._trials) < 5:
+            return
+        best = {k: min(s for p, s in self._trials[1:] if p == k) for k in ("fast", "generic")}
+        self._trials = None
+        if best["generic"] < best["fast"]:
+            self._capture.remove()
+            self._capture, self.path = None, "generic"
+            self._witness.tap = False
+            self._why = (f"path='auto' measured the generic path faster than the recorded operations on this model "
+                         f"({1e3 * best['generic']:.3g} against {1e3 * best['fast']:.3g} ms a training iteration)")
 
     def _check_optimizer(self, everything: list[Tensor] | None = None) -> None:
         owned = {id(p) for p in (self.model.parameters() if everything is None else everything)}
@@ -197,6 +229,7 @@ class AlphaProbe:
             self._take(closure)
             self.steps = t + 1
             self._arm(t + 1)
+            self._last = self._clock()
             return None
         everything = list(self.model.parameters())  # read at every step: layers may be frozen or unfrozen
         params = trainable(self.model, everything)
@@ -207,7 +240,11 @@ class AlphaProbe:
         cap = self._capture
         fallback = ([self._why] if self._why else verdict.reasons) + verdict.mismatch
         sweep = verdict.fast and cap is not None and not self._why
-        if sweep and (cap.output is None or cap.reused or cap.uncovered):
+        trial = sweep and self._trials is not None and self._trying_generic()
+        if trial:
+            fallback.append("path='auto' is timing the generic path against the recorded operations (5 probed steps)")
+            sweep = False
+        elif sweep and (cap.output is None or cap.reused or cap.uncovered):
             fallback.append("a module ran twice in the forward pass" if cap.reused else cap.uncovered or
                             "the capture is empty")
             sweep = False
@@ -231,7 +268,7 @@ class AlphaProbe:
             else:
                 delta = torch._foreach_sub(current, theta)
             step_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(delta))).item()
-        path, error = "fast", False
+        path, error, attempted = "fast", False, sweep
         try:
             with torch.autocast(params[0].device.type, enabled=False):
                 if sweep:
@@ -249,6 +286,10 @@ class AlphaProbe:
             res, error = Directional(math.nan, math.nan, math.nan), True
             fallback.append(f"error: {type(exc).__name__}: {exc}")
         finally:
+            if trial or attempted and sweep:  # a timed iteration of either path
+                self._time_trial("generic" if trial else "fast")
+            elif attempted:  # the recorded operations could not be followed: nothing to choose between
+                self._trials = None
             self._arm(t + 1)
         scopes = self._scopes(current, delta, fallback) if self.scopes and t % self.full_every == 0 else {}
         rec = make_record(
@@ -257,6 +298,7 @@ class AlphaProbe:
             mismatch=bool(verdict.mismatch), fallback="; ".join(fallback), scopes=scopes,
         )
         self.records.append(rec)
+        self._last = self._clock()
         return rec
 
     def _scopes(self, current: list[Tensor], delta: list[Tensor], fallback: list[str]) -> dict[str, Directional]:

@@ -65,7 +65,7 @@ from alphalib.models import CharTransformer, EncoderClassifier, ResNet, SmallCNN
 
 # ----------------------------------------------------------------------------------------------------------
 # config: the defaults take ~8 min on 2 idle CPU cores (--quick: ~90 s); the command line overrides them
-WORKLOADS = ("seed", "mlp", "cnn", "transformer", "resnet", "encoder")
+WORKLOADS = ("seed", "mlp", "gelu_mlp", "cnn", "transformer")  # the package's own models, every backend
 #: models as other libraries build them (make bench runs them for "hessian" and "ggn" into results/external/)
 EXTERNAL = ("resnet18", "vit", "gpt2", "nanogpt", "encoder", "lstm", "gru")
 OPTIMIZERS = ("adam", "adam_fused")  # torch.optim.Adam(lr=1e-3), and the same with fused=True
@@ -165,6 +165,9 @@ def make_workload(name: str, device: torch.device) -> Workload:
     elif name == "mlp":  # 784-512-512-10 ReLU, batch 128, cross-entropy
         batch = torch.randn(128, 784, generator=g), torch.randint(10, (128,), generator=g)
         make, loss = (lambda: mlp([784, 512, 512, 10], "relu")), nn.CrossEntropyLoss()
+    elif name == "gelu_mlp":  # 256-512-512-10 GELU, batch 256, cross-entropy: smooth activations' own terms
+        batch = torch.randn(256, 256, generator=g), torch.randint(10, (256,), generator=g)
+        make, loss = (lambda: mlp([256, 512, 512, 10], "gelu")), nn.CrossEntropyLoss()
     elif name == "cnn":  # SmallCNN on 3x32x32, batch 64, 10 classes
         batch = torch.randn(64, 3, 32, 32, generator=g), torch.randint(10, (64,), generator=g)
         make, loss = (lambda: SmallCNN(in_channels=3, n_classes=10, input_size=32)), nn.CrossEntropyLoss()

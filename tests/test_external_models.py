@@ -260,7 +260,7 @@ def test_fast_path_is_exact(name):
 def test_auto_takes_the_fast_path_and_is_exact(name):
     model, batch, loss_fn = _problem(name)
     for rec, *ref in _exact_steps(model, loss_fn, batch, path="auto"):
-        assert rec.path == "fast", rec.fallback
+        assert rec.path == "fast" or "timing the generic path" in rec.fallback, rec.fallback  # (its 2nd step)
         _exact(rec, *ref)
 
 
@@ -274,6 +274,29 @@ def test_objective_is_exact(name, path):
     for rec, *ref in _objective_steps(model, fn, batch(), path=path):
         assert rec.path == "generic" and rec.flag != "error"
         _exact(rec, *ref)
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "lstm"])  # (float32 LSTMs run one fused oneDNN op)
+def test_fast_path_in_float32_within_stated_tolerance(name):
+    """float32 training, probed on the fast path: within 1e-3 relative of the float64 reference at the same θ_t."""
+    torch.manual_seed(0)
+    build, make_batch, loss_fn = MODELS[name]
+    model = build().float().train()
+    x, y = make_batch()
+    x = x.float() if x.is_floating_point() else x
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    probe = alphalib.AlphaProbe(model, loss_fn, opt, path="fast")
+    for _ in range(2):
+        twin = copy.deepcopy(model).double()  # θ_t in float64
+        along = _reference(Case(twin, loss_fn, (x.double() if x.is_floating_point() else x, y)))
+        before = [p.detach().double() for p in model.parameters()]
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        rec = probe.step((x, y))
+        assert rec.path == "fast", rec.fallback
+        slope, curvature = along(flat([p.detach().double() - b for p, b in zip(model.parameters(), before)]))
+        assert rel_err(rec.curvature, curvature / rec.lr**2) <= 1e-3
+        assert rel_err(rec.slope, slope / rec.lr) <= 1e-3
 
 
 # ---- the fast path against the generic path on the same step ------------------------------------------------

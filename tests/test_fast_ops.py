@@ -228,3 +228,43 @@ def test_a_nanogpt_style_model_runs_fast_through_the_fused_attention_kernel(curv
         assert rel_err(rec.slope, delta @ g / rec.lr) <= 1e-10
     generic = next(_steps(twin, _sequence_ce, batch, curvature=curvature, path="generic", steps=1, dense=False))[0]
     assert generic.path == "generic"
+
+
+class _Clock:
+    """A fake clock for the probe, moved on by the test: a training iteration takes ``fast`` or ``generic`` seconds,
+    by the path the probe is about to take."""
+
+    def __init__(self, probe, fast: float, generic: float):
+        self.probe, self.cost, self.now = probe, {"fast": fast, "generic": generic}, 0.0
+
+    def tick(self) -> None:
+        p = self.probe
+        self.now += self.cost["generic" if p._capture is None or p._trying_generic() else "fast"]
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("fast_s", "generic_s", "kept"), [(1.0, 2.0, "fast"), (2.0, 1.0, "generic")])
+def test_auto_times_both_paths_in_the_users_loop_and_keeps_the_faster(fast_s, generic_s, kept):
+    torch.manual_seed(0)
+    model = tiny_resnet().double()
+    x, y = _batch("resnet")
+    probe = alphalib.AlphaProbe(model, F.mse_loss, torch.optim.Adam(model.parameters(), lr=1e-2))
+    probe._clock = _Clock(probe, fast_s, generic_s)
+    twin = copy.deepcopy(model)
+    reference = alphalib.AlphaProbe(twin, F.mse_loss, torch.optim.Adam(twin.parameters(), lr=1e-2), path="generic")
+    for _ in range(8):
+        probe._clock.tick()
+        for m, p in ((model, probe), (twin, reference)):
+            p.optimizer.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            p.step((x, y))
+    paths = [r.path for r in probe.records]
+    assert paths[:5] == ["fast", "generic", "fast", "generic", "fast"]  # warm-up, then the trials
+    assert "timing the generic path" in probe.records[1].fallback
+    assert set(paths[5:]) == {kept} and probe.path == kept
+    if kept == "generic":
+        assert probe._capture is None and "measured the generic path faster" in probe.records[-1].fallback
+    for a, b in zip(probe.records, reference.records):  # the same numbers whichever path measured them
+        assert rel_err(a.curvature, b.curvature) <= 1e-10 and rel_err(a.slope, b.slope) <= 1e-10
