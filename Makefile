@@ -34,11 +34,14 @@ test: install
 	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks build/nbval/
 	cd build/nbval && ../../$(BIN)/python -m pytest --nbval-lax notebooks
 
-# The probe's cost, side by side with plain training steps (about 20 minutes; run it on an idle machine): the
+# The probe's cost, side by side with plain training steps (about 25 minutes; run it on an idle machine): the
 # package's workloads with every backend, then models as other libraries build them with exact curvature and GGN.
 # Cockpit, the peer row, is installed when it can be; without it the table just lacks that row.
 bench: install
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]" || echo "cockpit-for-pytorch not installed: no peer row"
+	@# BackPACK lists torchvision, whose only wheel at torch's pin is a CUDA build: it fails to import on the CPU build
+	@# and then breaks transformers' import. BackPACK runs without it.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision
 	$(BIN)/python benchmarks/overhead.py --out benchmarks/results
 	$(BIN)/python benchmarks/overhead.py --out benchmarks/results/external --repeats 5 --no-sampled --no-peer \
 		--curvatures hessian,ggn --workloads resnet18,vit,gpt2,nanogpt,encoder,lstm,gru

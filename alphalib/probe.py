@@ -17,7 +17,9 @@ what it would reuse is this step's: one forward pass on the batch handed over, o
 of the probe's loss through the model's output, parameters unchanged since; :math:`g_t` is what reached the
 parameters through the output (so clipping or penalties on ``.grad`` do not leak in). Otherwise the generic
 path runs and the record's ``fallback`` says why; a batch that is not what training backpropagated is flagged
-``mismatch``.
+``mismatch``. On a model followed by recorded operations, where the fast path is not always the cheaper (many
+small operations cost Python time each), ``path="auto"`` times the training iteration in the user's own loop on
+both paths during its first five probed steps (the 2nd and 4th generic) and keeps the faster; ``fallback`` says so.
 
 **The function that is probed.** Slope and curvature come from one function: ``loss_fn(model(x), y)`` (or
 the :func:`alphalib.objective`) on the same batch, or on the union of the micro-batches that built ``.grad``,

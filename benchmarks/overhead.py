@@ -64,7 +64,7 @@ from alphalib import external
 from alphalib.models import CharTransformer, EncoderClassifier, ResNet, SmallCNN, mlp, sequence_cross_entropy
 
 # ----------------------------------------------------------------------------------------------------------
-# config: the defaults take ~8 min on 2 idle CPU cores (--quick: ~90 s); the command line overrides them
+# config: the defaults take ~13 min on 2 idle CPU cores (--quick: ~2 min); the command line overrides them
 WORKLOADS = ("seed", "mlp", "gelu_mlp", "cnn", "transformer")  # the package's own models, every backend
 #: models as other libraries build them (make bench runs them for "hessian" and "ggn" into results/external/)
 EXTERNAL = ("resnet18", "vit", "gpt2", "nanogpt", "encoder", "lstm", "gru")

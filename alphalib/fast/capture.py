@@ -158,7 +158,7 @@ _SPECS: dict[Any, _Spec] = {}
 
 def _spec(func: Any) -> _Spec:
     spec = _SPECS.get(func)
-    if spec is None:
+    if spec is None or not spec.known:  # (an op without a rule is looked up again: one may have been added)
         rule = _oprules.RULES.get(func, _oprules.RULES.get(func.overloadpacket))
         schema = func._schema.arguments
         written = tuple(i for i, a in enumerate(schema) if a.alias_info is not None and a.alias_info.is_write)
@@ -260,7 +260,7 @@ class OpCapture:
             self._derived.update(id(y) for y in outs)
         op = Op(func, args, kwargs, outs, ins, versions, spec.rule, spec.view)
         self.ops.append(op)
-        if self.errors and spec.curved:
+        if self.errors and spec.curved and _oprules.needs_error(func, args):
             op.other = _oprules.other_operand(func, args, self._derived)
             self._pending[id(outs[0])] = (op, outs[0], versions[id(outs[0])])
         return op

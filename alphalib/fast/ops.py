@@ -239,6 +239,18 @@ def _div(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
     return None if tans[0] is None else tans[0] / vals[1]
 
 
+#: bilinear operations and the positions of their two factors: their term needs both to move with the step
+FACTORS = {aten.mul: (0, 1), aten.mul_: (0, 1), aten.mm: (0, 1), aten.bmm: (0, 1), aten.addmm: (1, 2),
+           aten.convolution: (0, 1)}
+
+
+def needs_error(func: Any, args: tuple) -> bool:
+    """Whether ``func``'s second-order term can be non-zero: for a product, only if both factors require grad
+    (multiplying by a constant, such as a dropout mask, is linear)."""
+    factors = FACTORS.get(func.overloadpacket)
+    return factors is None or all(isinstance(args[i], Tensor) and args[i].requires_grad for i in factors)
+
+
 def other_operand(func: Any, args: tuple, params: set[int]) -> int | None:
     """For a product of an activation and a parameter (or a view of one, ids in ``params``), the activation's index."""
     packet = func.overloadpacket
