@@ -268,3 +268,24 @@ def test_auto_times_both_paths_in_the_users_loop_and_keeps_the_faster(fast_s, ge
         assert probe._capture is None and "measured the generic path faster" in probe.records[-1].fallback
     for a, b in zip(probe.records, reference.records):  # the same numbers whichever path measured them
         assert rel_err(a.curvature, b.curvature) <= 1e-10 and rel_err(a.slope, b.slope) <= 1e-10
+
+
+class _DictOut(nn.Module):
+    """A model that returns a dict, as Hugging Face models return a ModelOutput."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"logits": torch.tanh(self.fc(x))}
+
+
+def test_a_model_that_returns_no_tensor_is_measured_on_the_generic_path_and_says_so():
+    torch.manual_seed(0)
+    model = _DictOut().double()
+    loss_fn = lambda out, y: F.mse_loss(out["logits"], y)  # noqa: E731
+    x, y = _batch("residual-tanh")
+    for rec, delta, g, hess in _steps(model, loss_fn, (x, y), steps=2):
+        assert rec.path == "generic" and "output" in rec.fallback  # (the proof of capture needs a tensor output)
+        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10

@@ -235,9 +235,9 @@ class OpCapture:
             return
         mode, self._mode = self._mode, None
         mode.__exit__(None, None, None)
-        if not isinstance(output, Tensor) and self.uncovered is None:
-            self.uncovered = (f"the model returns a {type(output).__name__}, not a tensor; pass loss_fn the tensor "
-                              "it needs through a model that returns it")
+        if not isinstance(output, Tensor) and self.uncovered is None:  # (a structural fact: recording stops too)
+            self.uncovered = self.refused = (f"the model returns a {type(output).__name__}, not a tensor; give the "
+                                             "probe a model that returns the tensor loss_fn takes")
         self.output = output if isinstance(output, Tensor) else None
         self.watch([y for _, y, _ in self._pending.values()])
         self._pending.clear()
