@@ -8,6 +8,7 @@ contracted with the error :math:`\delta_y = \partial L/\partial y` the training 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -23,6 +24,50 @@ def plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 def inner(a: Tensor, b: Tensor) -> Tensor:
     """Return the inner product :math:`\\langle a, b\\rangle` of two same-shaped tensors."""
     return torch.vdot(a.reshape(-1), b.reshape(-1))
+
+
+# ---- elementwise activations ---------------------------------------------------------------------------
+
+def activation(
+    kind: str, t: Tensor, err: Tensor | None, *, x: Tensor | None = None, y: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    r"""Return :math:`\sigma'(x)\,t` and, given the error, :math:`\langle \delta_y, \sigma''(x)\,t^2\rangle`.
+
+    ``kind`` is ``"tanh"`` or ``"sigmoid"`` (from the output ``y``: :math:`\tanh' = 1 - y^2`,
+    :math:`\tanh'' = -2y(1 - y^2)`; :math:`\sigma' = y(1-y)`, :math:`\sigma'' = \sigma'(1 - 2y)`), or ``"gelu"``
+    (exact, :math:`\mathrm{gelu}'' = \varphi(x)(2 - x^2)`) or ``"silu"`` (from the input ``x``).
+    """
+    if kind == "tanh":
+        t1 = (1 - y * y) * t
+        return t1, None if err is None else -2 * inner(err * y, t1 * t)
+    if kind == "sigmoid":
+        t1 = y * (1 - y) * t
+        return t1, None if err is None else inner(err * (1 - 2 * y), t1 * t)
+    if kind == "gelu":
+        t1 = _ops.gelu_backward(t, x)
+        if err is None:
+            return t1, None
+        x2 = x.square()
+        curv = (x2 * -0.5).exp_().mul_(2 - x2)
+        return t1, inner(err * t, curv.mul_(t)) / math.sqrt(2 * math.pi)
+    if kind == "silu":
+        t1 = _ops.silu_backward(t, x)
+        if err is None:
+            return t1, None
+        s = torch.sigmoid(x)
+        return t1, inner(err * t * t, s * (1 - s) * (2 + x * (1 - 2 * s)))
+    raise ValueError(f"no closed form for the activation {kind!r}")
+
+
+def by_autograd(
+    fn: Callable[[Tensor], Tensor], x: Tensor, t: Tensor, err: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`activation` for any elementwise ``fn``: its derivatives from autograd on ``x``."""
+    with torch.enable_grad():  # elementwise: the gradient of the sum is the derivative at each entry
+        z = x.detach().requires_grad_(True)
+        (d1,) = torch.autograd.grad(fn(z).sum(), z, create_graph=err is not None)
+        d2 = None if err is None else torch.autograd.grad(d1.sum(), z)[0]
+    return d1.detach() * t, None if err is None else inner(err, d2 * t * t)
 
 
 # ---- normalization -----------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ Python calls per layer rather than per operation, and nothing recorded during tr
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +40,8 @@ from torch.nn import functional as F
 from .. import _ops
 from .._function import replay_rng
 from ..models import Block, CausalSelfAttention, CharTransformer
-from .calculus import attention, inner, normalization_term, normalization_terms, plus, standardize
+from .calculus import activation, attention, by_autograd, inner, normalization_term, normalization_terms, plus, \
+    standardize
 
 Keep = frozenset[str]  # what the training step leaves: "input", "output", "error_out", "error_in", "rng", ...
 TangentFn = Callable[["Sweep", nn.Module, "Tensor | None"], "Tensor | None"]
@@ -204,31 +204,11 @@ def _derivatives(
         return t * a.view(torch.uint8), None  # as bytes: several times faster than a boolean mask on CPU
     if isinstance(m, nn.LeakyReLU):
         return t * (a.to(t.dtype) * (1 - m.negative_slope) + m.negative_slope), None
-    if isinstance(m, nn.Tanh):
-        t1 = (1 - a * a) * t
-        return t1, None if err is None else -2 * inner(err * a, t1 * t)
-    if isinstance(m, nn.Sigmoid):
-        d1 = a * (1 - a)
-        t1 = d1 * t
-        return t1, None if err is None else inner(err * (1 - 2 * a), t1 * t)
-    if isinstance(m, nn.GELU) and m.approximate == "none":  # gelu'' = φ(z)(2 - z²)
-        t1 = _ops.gelu_backward(t, z)
-        if err is None:
-            return t1, None
-        z2 = z.square()
-        curv = (z2 * -0.5).exp_().mul_(2 - z2)
-        return t1, inner(err * t, curv.mul_(t)) / math.sqrt(2 * math.pi)
-    if isinstance(m, nn.SiLU):
-        t1 = _ops.silu_backward(t, z)
-        if err is None:
-            return t1, None
-        s = torch.sigmoid(z)
-        return t1, inner(err * t * t, s * (1 - s) * (2 + z * (1 - 2 * s)))
-    with torch.enable_grad():  # elementwise: the gradient of the sum is the derivative at each entry
-        x = z.detach().requires_grad_(True)
-        (d1,) = torch.autograd.grad(m(x).sum(), x, create_graph=err is not None)
-        d2 = None if err is None else torch.autograd.grad(d1.sum(), x)[0]
-    return d1.detach() * t, None if err is None else inner(err, d2 * t * t)
+    if isinstance(m, (nn.Tanh, nn.Sigmoid)):
+        return activation("tanh" if isinstance(m, nn.Tanh) else "sigmoid", t, err, y=a)
+    if isinstance(m, nn.GELU) and m.approximate == "none" or isinstance(m, nn.SiLU):
+        return activation("gelu" if isinstance(m, nn.GELU) else "silu", t, err, x=z)
+    return by_autograd(m, z, t, err)
 
 
 def _activation_tangent(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:

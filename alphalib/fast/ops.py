@@ -23,7 +23,6 @@ path, and the record's ``fallback`` names the op and the line of the model's sou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
-from .calculus import attention, inner, normalization_terms, plus, standardize
+from .calculus import activation, attention, by_autograd, inner, normalization_terms, plus, standardize
 
 aten = torch.ops.aten
 
@@ -254,14 +253,13 @@ def needs_error(func: Any, args: tuple) -> bool:
 def other_operand(func: Any, args: tuple, params: set[int]) -> int | None:
     """For a product of an activation and a parameter (or a view of one, ids in ``params``), the activation's index."""
     packet = func.overloadpacket
-    first = 1 if packet is aten.addmm else 0  # addmm(bias, a, b)
     if packet not in (aten.mm, aten.addmm, aten.convolution):
         return None
-    a, b = args[first], args[first + 1]
-    if id(b) in params and id(a) not in params:
-        return first
-    if id(a) in params and id(b) not in params and packet is not aten.convolution:
-        return first + 1
+    i, j = FACTORS[packet]
+    if id(args[j]) in params and id(args[i]) not in params:
+        return i
+    if id(args[i]) in params and id(args[j]) not in params and packet is not aten.convolution:
+        return j
     return None
 
 
@@ -308,14 +306,9 @@ def _relu(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
     return None if tans[0] is None else tans[0] * (op.out > 0)
 
 
-def _closed(packet: Any, x: Tensor | None, y: Tensor, args: Sequence) -> tuple[Tensor, Tensor] | None:
-    """First and second derivatives of the common elementwise functions, from the input ``x`` or output ``y``."""
-    if packet in (aten.tanh, aten.tanh_):
-        d1 = 1 - y * y
-        return d1, -2 * y * d1
-    if packet in (aten.sigmoid, aten.sigmoid_):
-        d1 = y * (1 - y)
-        return d1, d1 * (1 - 2 * y)
+def _closed(packet: Any, x: Tensor, y: Tensor, args: Sequence) -> tuple[Tensor, Tensor] | None:
+    """First and second derivatives of ``exp``, ``log`` and ``pow`` (see :func:`alphalib.fast.calculus.activation`
+    for the activations)."""
     if packet is aten.exp:
         return y, y
     if packet is aten.log:
@@ -324,13 +317,13 @@ def _closed(packet: Any, x: Tensor | None, y: Tensor, args: Sequence) -> tuple[T
     if packet is aten.pow:  # x ** p, p a number
         p = args[1]
         return p * x.pow(p - 1), p * (p - 1) * x.pow(p - 2)
-    if packet is aten.silu:
-        s = torch.sigmoid(x)
-        return _ops.silu_backward(torch.ones_like(x), x), s * (1 - s) * (2 + x * (1 - 2 * s))
     return None
 
 
-#: elementwise functions of one tensor (others' derivatives come from autograd on the input)
+#: activations with closed-form derivatives (:func:`alphalib.fast.calculus.activation`)
+ACTIVATIONS = {aten.tanh: "tanh", aten.tanh_: "tanh", aten.sigmoid: "sigmoid", aten.sigmoid_: "sigmoid",
+               aten.gelu: "gelu", aten.silu: "silu"}
+#: elementwise functions of one tensor whose derivatives come from autograd on the input
 ELEMENTWISE = {aten.softplus: torch.nn.functional.softplus}
 #: ... and those that overwrite their input: their derivatives come from the output
 IN_PLACE = {aten.tanh_, aten.sigmoid_}
@@ -344,28 +337,25 @@ def _elementwise(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | No
     if t is None:
         return None
     packet = op.func.overloadpacket
-    x = None if packet in IN_PLACE else vals[0]
-    if packet is aten.gelu and op.kwargs.get("approximate", "none") == "none":  # gelu'' = φ(x)(2 - x²)
-        err = sw.error(op) if sw.exact else None
-        if err is not None:
-            x2 = x.square()
-            curv = (x2 * -0.5).exp_().mul_(2 - x2).mul_(t)
-            sw.terms.append(inner(err * t, curv) / math.sqrt(2 * math.pi))
-        return _ops.gelu_backward(t, x)
-    derivs = _closed(packet, x, vals[0] if x is None else op.out, op.args)
+    derivs = _closed(packet, vals[0], op.out, op.args)
     if derivs is not None:
         d1, d2 = derivs
-    else:
-        fn = (lambda z: torch.nn.functional.gelu(z, approximate=op.kwargs["approximate"])) if packet is aten.gelu \
-            else (lambda z: ELEMENTWISE[packet](z, *vals[1:]))
-        with torch.enable_grad():
-            z = x.detach().requires_grad_(True)
-            (d1,) = torch.autograd.grad(fn(z).sum(), z, create_graph=sw.exact)
-            d2 = torch.autograd.grad(d1.sum(), z)[0] if sw.exact else None
-        d1 = d1.detach()
-    if sw.exact:
-        sw.add(op, d2 * t.square())
-    return d1 * t
+        if sw.exact:
+            sw.add(op, d2 * t.square())
+        return d1 * t
+    err = sw.error(op) if sw.exact else None
+    kind = None if op.kwargs.get("approximate", "none") != "none" else ACTIVATIONS.get(packet)
+    if kind in ("tanh", "sigmoid"):  # from the output (the in-place forms have overwritten their input)
+        t1, term = activation(kind, t, err, y=vals[0] if packet in IN_PLACE else op.out)
+    elif kind is not None:
+        t1, term = activation(kind, t, err, x=vals[0])
+    else:  # gelu(approximate="tanh"), softplus: autograd on the input
+        fn = (lambda z: torch.nn.functional.gelu(z, approximate=op.kwargs["approximate"])) \
+            if packet is aten.gelu else (lambda z: ELEMENTWISE[packet](z, *vals[1:]))
+        t1, term = by_autograd(fn, vals[0], t, err)
+    if term is not None:
+        sw.terms.append(term)
+    return t1
 
 
 @rule(aten.cat, aten.stack)
