@@ -121,6 +121,9 @@ class AlphaProbe:
                        if data is not None}
         self.full_every = full_every
         self.records: list[Record] = []
+        #: called with each new record, after it is appended (the live view, :func:`alphalib.live.watch`, is one);
+        #: one that raises is dropped with a warning, so it can never stop training
+        self.listeners: list[Callable[[Record], None]] = []
         self.steps = 0
         self._warned = self._validated = False
         self._capture: Capture | OpCapture | None = None
@@ -300,8 +303,19 @@ class AlphaProbe:
             mismatch=bool(verdict.mismatch), fallback="; ".join(fallback), scopes=scopes,
         )
         self.records.append(rec)
+        self._tell(rec)
         self._last = self._clock()
         return rec
+
+    def _tell(self, rec: Record) -> None:
+        """Hand ``rec`` to each listener; drop, with a warning, one that raises."""
+        for listener in list(self.listeners):
+            try:
+                listener(rec)
+            except Exception as exc:  # a view must never stop training
+                self.listeners.remove(listener)
+                warnings.warn(f"alphalib: listener {listener!r} raised {exc!r} and was detached; training goes on.",
+                              RuntimeWarning, stacklevel=3)
 
     def _scopes(self, current: list[Tensor], delta: list[Tensor], fallback: list[str]) -> dict[str, Directional]:
         """Slope and curvature along the same step of the full-data and held-out losses (generic path, at θ_t)."""

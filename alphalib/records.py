@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -125,6 +126,32 @@ def to_frame(records: Iterable[Record], tags: Mapping[str, Any] | None = None) -
     frame = pd.DataFrame([asdict(r) for r in records], columns=columns)
     for key, value in (tags or {}).items():
         frame[key] = value
+    return frame
+
+
+def write(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write records to ``path``: ``.csv`` or ``.csv.gz`` (every float exactly; the same records give the same
+    bytes), or ``.parquet`` (needs pyarrow); the folder is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".parquet"):
+        frame.to_parquet(path, index=False)
+    elif path.name.endswith((".csv", ".csv.gz")):
+        frame.to_csv(path, index=False, compression={"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None)
+    else:
+        raise ValueError(f"records are written as .csv, .csv.gz or .parquet, not {path.name!r}.")
+
+
+def read(path: str | Path) -> pd.DataFrame:
+    """Read records written by :func:`write` (``fallback`` stays a string; a missing ``epoch`` is NaN)."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.name.endswith(".parquet"):
+        return pd.read_parquet(path)
+    frame = pd.read_csv(path, dtype={"fallback": str})
+    if "fallback" in frame:
+        frame["fallback"] = frame["fallback"].fillna("")
     return frame
 
 

@@ -98,3 +98,24 @@ def test_seed_summary_medians_and_bootstrap_interval():
         assert row["runs"] == 3 and row["steps"] == 15 and row["undefined"] == 3
     single = seed_summary(pd.DataFrame(rows).query("seed == 0"))
     assert (single["lo"] == single["median"]).all() and (single["hi"] == single["median"]).all()
+
+
+@pytest.mark.parametrize("name", ["records.csv", "records.csv.gz"])
+def test_written_records_read_back_exactly_and_the_bytes_repeat(tmp_path, name):
+    model = torch.nn.Linear(3, 1).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt, tags={"problem": "toy", "seed": 3})
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    for epoch in range(3):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        probe.step((x, y), epoch=epoch)
+    frame = probe.to_frame()
+    alphalib.write_records(frame, tmp_path / "a" / name)
+    back = alphalib.read_records(tmp_path / "a" / name)
+    for column in frame:  # every float to the last bit; empty fallbacks stay empty strings
+        assert back[column].tolist() == frame[column].tolist() or frame[column].isna().all() and back[column].isna().all()
+    alphalib.write_records(frame, tmp_path / "b" / name)
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with pytest.raises(ValueError, match="written as .csv"):
+        alphalib.write_records(frame, tmp_path / "records.xlsx")
