@@ -14,10 +14,21 @@ from .direction import direction
 from .models import SimpleNet
 from .probe import AlphaProbe
 from .records import FLAGS, Record, epoch_summary, seed_summary, to_frame
+from .records import read as read_records, write as write_records
 from .spectrum import AlphaScope, LineProfile, alpha_over, line_profile, next_step_profiles
 from .train import History, evaluate, make_optimizer, run, train
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """Import the rings that pull in plotting and widgets, ``alphalib.live`` and ``alphalib.plot``, when first used."""
+    if name in ("live", "plot"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'alphalib' has no attribute {name!r}")
+
 
 __all__ = [
     # curvature along a direction
@@ -38,6 +49,8 @@ __all__ = [
     "to_frame",
     "epoch_summary",
     "seed_summary",
+    "write_records",
+    "read_records",
     # beyond the batch: full-data and held-out α*, line profiles
     "alpha_over",
     "AlphaScope",

@@ -65,14 +65,25 @@ def train(
     val: Iterable | None = None,
     progress: bool = True,
     after_epoch: Callable[[int], None] | None = None,
+    live: bool = False,
 ) -> History:
     """Train for ``epochs`` passes over ``batches``, letting ``probe`` take the steps.
 
     ``batches`` (and ``val``) yield ``(inputs, targets)`` pairs and are iterated once per epoch (a
-    ``DataLoader``). Validation runs after every epoch, in eval mode; then ``after_epoch(epochs_done)``.
+    ``DataLoader``). Validation runs after every epoch, in eval mode; then ``after_epoch(epochs_done)``. With
+    ``live`` the probe's records are drawn below the running cell where a notebook frontend shows them
+    (:func:`alphalib.live.watch`: nothing under papermill, nbval or in a script).
     """
     import pandas as pd
 
+    watching = None
+    if live:
+        from .live import watch
+
+        if probe is None:
+            raise ValueError("live=True draws the probe's records: pass a probe, or leave live off.")
+        lr = optimizer.param_groups[0]["lr"]
+        watching = watch(probe, title=f"{type(optimizer).__name__} (lr {lr:g}): α* as training runs")
     steps, per_epoch = [], []
     model.train()
     bar = tqdm(range(epochs), desc="epochs", disable=not progress)
@@ -94,6 +105,8 @@ def train(
         if after_epoch is not None:
             after_epoch(epoch + 1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "epoch"})
+    if watching is not None:
+        watching.close()
     records = probe.to_frame() if probe is not None else pd.DataFrame()
     return History(pd.DataFrame(steps, columns=["epoch", "step", "loss"]), pd.DataFrame(per_epoch), records)
 
@@ -125,6 +138,7 @@ def run(
     looks: Collection[int] = (),
     tags: Mapping[str, Any] | None = None,
     progress: bool = True,
+    live: bool = False,
 ) -> History:
     """Seed, build ``model()`` and the optimizer, train with a probe; tag every row with the run's settings.
 
@@ -133,7 +147,8 @@ def run(
     records, every k-th step, α* of the full training set and of ``val_set`` along the same step (``full_*``
     and ``heldout_*`` columns). ``looks``: after each of these epochs (counted from 1), the loss along the step
     the optimizer would take next on a fresh random batch is profiled on that batch and on the training set
-    (:func:`alphalib.next_step_profiles`, training untouched), into ``History.profiles``.
+    (:func:`alphalib.next_step_profiles`, training untouched), into ``History.profiles``. ``live``: watch the
+    records as they come, in JupyterLab (see :func:`train`).
     """
     import pandas as pd
 
@@ -159,7 +174,7 @@ def run(
                                                        alpha_star=prof.alpha_star, trust=prof.trust))
 
     history = train(net, loss_fn, opt, batches, epochs=epochs, probe=probe, val=val, progress=progress,
-                    after_epoch=look)
+                    after_epoch=look, live=live)
     probe.remove()
     looked = pd.concat(profiles, ignore_index=True) if profiles else None
     for frame in (history.steps, history.epochs, *([looked] if profiles else [])):

@@ -1,0 +1,425 @@
+r"""Watch :math:`\alpha^*` while a run trains, and click through finished runs: :func:`watch` and :func:`explore`.
+
+Both draw with :mod:`alphalib.plot`. The live view shows itself only where a notebook frontend is attached to the
+kernel (JupyterLab or Notebook through a Jupyter server, VS Code, Colab); under papermill or nbval, in IPython's
+terminal or in a plain script it attaches nothing to the probe and costs nothing. It draws on a budget: after a
+drawing that took :math:`s` seconds the next waits until training has had :math:`s(1-b)/b` seconds, so drawing
+takes at most the share :math:`b` (``budget``, 5% by default) of the run's time.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
+
+from . import plot
+from .records import Record, epoch_summary, read
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .probe import AlphaProbe
+
+#: the columns a live view keeps of each record, and the ones the explorer needs
+COLUMNS = ("step", "epoch", "lr", "alpha_star", "ratio", "flag", "loss")
+#: what the explorer lets you choose, in this order, and how its controls are labelled (``lr0``: a run's initial
+#: learning rate; records without it are told apart by ``lr``)
+DIMENSIONS = {"sweep": "results", "problem": "problem", "optimizer": "optimizer", "lr0": "lr", "seed": "seed",
+              "backend": "curvature"}
+
+
+def _plain(fig: Figure) -> None:
+    """Label log axes with plain numbers: mathtext labels (10⁻³) take much of a drawing's time."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_major_formatter(_Plain(labelOnlyBase=False))
+                axis.set_minor_formatter(_Plain(labelOnlyBase=False))
+
+
+_TABLE_STYLE = (".alphalib-epochs {border-collapse: collapse; font-size: 12px}"
+                ".alphalib-epochs th, .alphalib-epochs td {padding: 2px 10px; text-align: right}"
+                ".alphalib-epochs thead th {border-bottom: 1px solid #999; position: sticky; top: 0; background: #fff}")
+
+
+class _Plain(LogFormatter):
+    """Label log ticks as plain numbers (0.001, 2), choosing which as matplotlib's own log labels do."""
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return f"{x:g}"
+
+
+#: records without epochs are drawn every this many records when ``every="epoch"``
+_NO_EPOCHS = 25
+
+
+def frontend() -> bool:
+    """Return whether a notebook frontend shows this kernel's output while a cell runs.
+
+    True in a kernel that a Jupyter server started (JupyterLab, Notebook: the server sets ``JPY_SESSION_NAME``),
+    in VS Code and in Colab; False under papermill and nbval (they start their kernels without a server), in
+    IPython's terminal and in a plain script.
+    """
+    shell = _shell()
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+        return False
+    return bool(os.environ.get("JPY_SESSION_NAME")) or "__vsc_ipynb_file__" in shell.user_ns \
+        or "google.colab" in sys.modules
+
+
+def _shell() -> Any:
+    if "IPython" not in sys.modules:  # never imported: not a kernel
+        return None
+    from IPython import get_ipython
+
+    return get_ipython()
+
+
+class LiveView:
+    r"""A figure of :math:`\alpha^*` per step (with the lr), :math:`\alpha^*/\mathrm{lr}` per epoch and the loss
+    that redraws as records arrive: at each new epoch (``every="epoch"``) or every ``every`` records, within
+    the drawing ``budget``.
+
+    ``show=False`` draws into :attr:`png` without displaying anything (what tests and scripts can read);
+    :func:`watch` is the usual way to make one.
+    """
+
+    def __init__(self, *, every: int | Literal["epoch"] = "epoch", budget: float = 0.05, title: str = "",
+                 show: bool = True):
+        if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be 'epoch' or a positive number of records, got {every!r}.")
+        if not 0 < budget < 1:
+            raise ValueError(f"budget is the share of training time drawing may take, in (0, 1); got {budget!r}.")
+        self.every, self.budget, self.title, self.show = every, budget, title, show
+        self.rows: list[tuple] = []  #: the :data:`COLUMNS` of each record taken
+        self.times: list[float] = []  #: the seconds each drawing took
+        self.png = b""  #: the last drawing
+        #: not pyplot's: the inline backend would show a pyplot figure again when the cell ends
+        self.figure = Figure(figsize=(11, 6.6), dpi=80)
+        self._since, self._next, self._clock = 0, 0.0, time.perf_counter
+        self._handle = None
+        if show:
+            from IPython.display import HTML, display
+
+            self._handle = display(HTML("<i>α* live view: waiting for the first probed step…</i>"), display_id=True)
+
+    def update(self, rec: Record) -> None:
+        """Take one record; redraw when ``every`` says so and the budget allows."""
+        epoch = self.rows[-1][1] if self.rows else rec.epoch
+        self.rows.append(tuple(getattr(rec, c) for c in COLUMNS))
+        self._since += 1
+        if self.every == "epoch":
+            due = rec.epoch != epoch if rec.epoch is not None else self._since >= _NO_EPOCHS
+        else:
+            due = self._since >= self.every
+        if due and self._clock() >= self._next:
+            self.draw()
+
+    def frame(self) -> pd.DataFrame:
+        """Return the records taken so far (the :data:`COLUMNS`)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=list(COLUMNS))
+
+    def draw(self) -> None:
+        """Draw the records taken so far, and show the drawing where the view is shown."""
+        start = self._clock()
+        records, fig = self.frame(), self.figure
+        if not fig.axes:  # made once: new axes would make their ticks anew at every drawing, the slow part
+            for box in ([0.08, 0.56, 0.645, 0.34], [0.08, 0.075, 0.39, 0.36], [0.585, 0.075, 0.39, 0.36]):
+                fig.add_axes(box)  # α* per step (its legend to the right), α*/lr per epoch, the loss
+        alpha, ratio, loss = fig.axes
+        for ax in fig.axes:
+            for artist in [*ax.lines, *ax.collections, *ax.texts, *filter(None, [ax.get_legend()])]:
+                artist.remove()
+        plot.alpha_per_step(records, ax=alpha)
+        if records["epoch"].notna().any():
+            plot.ratio_per_epoch(records, ax=ratio)
+            ratio.set_title(f"α*/lr per epoch (epoch {int(records['epoch'].max()) + 1} so far)")
+        else:
+            ratio.text(0.5, 0.5, "no epochs: pass epoch= to probe.step", ha="center", va="center",
+                       transform=ratio.transAxes)
+        plot.loss_curve(records.fillna({"epoch": -1}), ax=loss)
+        loss.set_title("mini-batch loss at θ_t")
+        _plain(fig)
+        fig.suptitle(self.title or f"live: {len(records)} probed steps")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        self.png = buffer.getvalue()
+        if self._handle is not None:
+            from IPython.display import Image
+
+            self._handle.update(Image(data=self.png, format="png"))
+        end = self._clock()
+        spent = end - start
+        self.times.append(spent)
+        self._since = 0
+        self._next = end + spent * (1 - self.budget) / self.budget
+
+    @property
+    def draws(self) -> int:
+        """How often it has drawn."""
+        return len(self.times)
+
+    @property
+    def seconds(self) -> float:
+        """The time spent drawing, in seconds."""
+        return sum(self.times)
+
+    def close(self) -> None:
+        """Draw what has not been drawn yet, whatever the budget: the run's final picture."""
+        if self._since:
+            self.draw()
+
+
+class Watching:
+    """What :func:`watch` returns: the view, attached to the probe until :meth:`close` (or the ``with`` ends)."""
+
+    def __init__(self, probe: AlphaProbe, view: LiveView | None):
+        self.probe, self.view = probe, view
+        if view is not None:
+            probe.listeners.append(view.update)
+
+    def close(self) -> None:
+        """Detach the view and draw the final picture (a drawing that fails warns: the run's results come first)."""
+        if self.view is not None:
+            with suppress(ValueError):
+                self.probe.listeners.remove(self.view.update)
+            try:
+                self.view.close()
+            except Exception as exc:
+                warnings.warn(f"alphalib: the live view's final drawing failed ({exc!r}).", RuntimeWarning,
+                              stacklevel=2)
+
+    def __repr__(self) -> str:
+        if self.view is None:
+            return "Watching(nothing shown: no notebook frontend)"
+        return f"Watching({len(self.view.rows)} records, {self.view.draws} drawings)"
+
+    def __enter__(self) -> Watching:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def watch(probe: AlphaProbe, *, every: int | Literal["epoch"] = "epoch", budget: float = 0.05, title: str = "",
+          show: bool | None = None) -> Watching:
+    """Show the probe's records as a live figure below the running cell, where a notebook frontend shows it.
+
+    ``show=None`` (default) asks :func:`frontend`; where nothing would be seen the probe gets no listener at all.
+    Use it as a context manager around the training loop, or call ``close()`` after it. Example (silent here, as
+    in any script):
+
+        >>> import torch
+        >>> from alphalib import AlphaProbe
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        >>> probe = AlphaProbe(model, torch.nn.functional.mse_loss, opt)
+        >>> with watch(probe) as live:
+        ...     for epoch in range(2):
+        ...         opt.zero_grad()
+        ...         torch.nn.functional.mse_loss(model(torch.ones(4, 3)), torch.zeros(4, 1)).backward()
+        ...         rec = probe.step((torch.ones(4, 3), torch.zeros(4, 1)), epoch=epoch)
+        >>> live.view is None, probe.listeners
+        (True, [])
+    """
+    shown = frontend() if show is None else show
+    view = LiveView(every=every, budget=budget, title=title, show=True) if shown else None
+    return Watching(probe, view)
+
+
+# ---- the explorer -------------------------------------------------------------------------------------------
+
+
+def load(source: pd.DataFrame | str | Path) -> pd.DataFrame:
+    """Return records from a DataFrame, a records file, or a folder of them (searched recursively).
+
+    Files are read by :func:`alphalib.records.read`; in a folder each file's rows get a ``sweep`` column naming the
+    file (its path in the folder, without suffixes) unless they have one.
+    """
+    import pandas as pd
+
+    if isinstance(source, pd.DataFrame):
+        return source
+    path = Path(source)
+    if path.is_file():
+        return read(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no records at {path}: give a DataFrame, a records file or a folder of them.")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no records file (.csv, .csv.gz or .parquet).")
+    frames = []
+    for file in files:
+        frame = read(file)
+        if "sweep" not in frame:
+            frame.insert(0, "sweep", str(file.relative_to(path))[: -len(_suffix(file))])
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _suffix(path: Path) -> str:
+    return next((s for s in (".csv.gz", ".csv", ".parquet") if path.name.endswith(s)), "")
+
+
+class Explorer:
+    r"""Dropdowns over a records frame's runs — results, problem, optimizer, lr, seed, curvature: those that vary —
+    above the per-epoch median :math:`\alpha^*` against the learning rate (every lr of the chosen run's sweep; the
+    chosen lr ringed), :math:`\alpha^*/\mathrm{lr}` per epoch of the chosen run, and a table of its per-epoch
+    medians. Each control offers only what the ones before it leave.
+
+    It is displayed as an ipywidgets panel; :attr:`controls`, :attr:`figure` and :attr:`summary` hold what it
+    shows.
+    """
+
+    def __init__(self, records: pd.DataFrame | str | Path, **chosen: Any):
+        import ipywidgets as w
+
+        frame = load(records)
+        missing = [c for c in (*COLUMNS, "lr") if c not in frame]
+        if missing:
+            raise ValueError(f"these records lack the columns {missing}: give the probe's records "
+                             "(AlphaProbe.to_frame(), History.records) or files written from them.")
+        if frame.empty:
+            raise ValueError("there are no records to explore.")
+        self.records = frame
+        lr = "lr0" if "lr0" in frame else "lr"
+        self.dimensions = [d for d in DIMENSIONS if (d if d != "lr0" else lr) in frame]
+        self._column = {d: lr if d == "lr0" else d for d in self.dimensions}
+        self.controls = {d: w.Dropdown(description=DIMENSIONS[d], layout=w.Layout(width="220px"))
+                         for d in self.dimensions}
+        self.figure = Figure(figsize=(12.5, 4.6), dpi=80, layout="constrained")
+        self.summary: pd.DataFrame | None = None  #: the per-epoch medians of the chosen run, as in the table
+        self.caption = w.HTML()  #: the chosen run in words, drawn with the figure
+        self.image = w.Image(format="png")
+        self.table = w.HTML()
+        self.draws = 0  #: how often it has drawn
+        self._quiet = False
+        unknown = set(chosen) - set(self.dimensions)
+        if unknown:
+            raise ValueError(f"cannot choose {sorted(unknown)}: these records offer {self.dimensions}.")
+        self._cascade(0, chosen)
+        for control in self.controls.values():
+            control.observe(self._changed, names="value")
+        self.widget = w.VBox([w.HBox(list(self.controls.values()), layout=w.Layout(flex_flow="row wrap")),
+                              self.caption, self.image, self.table])
+        self.draw()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    @property
+    def selection(self) -> dict[str, Any]:
+        """Return the chosen value of each control."""
+        return {d: c.value for d, c in self.controls.items()}
+
+    def rows(self, *, every_lr: bool = False) -> pd.DataFrame:
+        """Return the chosen run's records, or with ``every_lr`` those of its sweep at every learning rate."""
+        keep = True
+        for d, value in self.selection.items():
+            if not (every_lr and d == "lr0"):
+                keep = keep & (self.records[self._column[d]] == value)
+        return self.records[keep] if keep is not True else self.records
+
+    def _cascade(self, start: int, chosen: dict[str, Any] | None = None) -> None:
+        """Offer each control from ``start`` on only the values the controls before it leave; keep its choice (or
+        take the one in ``chosen``)."""
+        self._quiet = True
+        try:
+            for i, d in enumerate(self.dimensions):
+                if i < start:
+                    continue
+                keep = True
+                for before in self.dimensions[:i]:
+                    keep = keep & (self.records[self._column[before]] == self.controls[before].value)
+                column = self.records[self._column[d]] if keep is True else self.records.loc[keep, self._column[d]]
+                values = sorted(column.dropna().unique().tolist(), key=_order)
+                control, keep = self.controls[d], self.controls[d].value
+                if chosen and d in chosen:
+                    keep = chosen[d]
+                    if keep not in values:
+                        raise ValueError(f"{DIMENSIONS[d]} {keep!r} is not among these records' {values}.")
+                control.options = [(_label(v), v) for v in values]
+                control.value = keep if keep in values else values[0]
+                control.disabled = len(values) < 2
+        finally:
+            self._quiet = False
+
+    def _changed(self, change: dict) -> None:
+        if self._quiet:
+            return
+        self._cascade(self.dimensions.index(next(d for d, c in self.controls.items() if c is change["owner"])) + 1)
+        self.draw()
+
+    def draw(self) -> None:
+        """Draw the chosen run and its sweep, and fill the table."""
+        run, sweep, fig = self.rows(), self.rows(every_lr=True), self.figure
+        fig.clear()
+        left, right = fig.subplots(1, 2, width_ratios=[1, 1.25])
+        plot.alpha_vs_lr(sweep, ax=left)
+        ok = run[run["flag"] == "ok"]
+        if len(ok):
+            chosen = ok.groupby("epoch")["alpha_star"].median().iloc[-1]
+            left.scatter([ok["lr"].iloc[-1]], [chosen], s=160, facecolors="none", edgecolors="tab:red", lw=2,
+                         zorder=5, label="chosen run")
+            left.legend(title="epoch", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+        plot.ratio_per_epoch(run, ax=right)
+        _plain(fig)
+        chosen = ", ".join(f"{DIMENSIONS[d]} {_label(v)}" for d, v in self.selection.items())
+        fig.suptitle(chosen)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        self.image.value = buffer.getvalue()
+        self.caption.value = (f"<b>{html.escape(chosen)}</b>: {len(run)} probed steps over {run['epoch'].nunique()} "
+                              f"epochs, {int((run['flag'] != 'ok').sum())} left out of the α* medians")
+        summary = epoch_summary(run)[["steps", "undefined", "median_alpha_star", "median_ratio",
+                                      "negative_curvature", "ascent", "loss"]]
+        summary.index = summary.index + 1
+        self.summary = summary.rename(columns={"median_alpha_star": "median α*", "median_ratio": "median α*/lr",
+                                               "undefined": "α* undefined", "negative_curvature": "H<0 share",
+                                               "ascent": "ascent share", "loss": "mean loss"})
+        table = self.summary.to_html(float_format="{:.3g}".format, classes="alphalib-epochs", border=0)
+        self.table.value = f"<style>{_TABLE_STYLE}</style><div style='max-height:260px;overflow:auto'>{table}</div>"
+        self.draws += 1
+
+
+def explore(records: pd.DataFrame | str | Path, **chosen: Any) -> Explorer:
+    """Open an explorer over records: a frame, a records file or a folder of them (a sweep's output).
+
+    ``chosen`` picks what it shows first, by the columns of :data:`DIMENSIONS` (``sweep="03_lr_sweep"``,
+    ``optimizer="SGD"``, ``lr0=1e-2``). The result displays itself as a widget panel as a cell's last expression.
+    Example:
+
+        >>> import pandas as pd
+        >>> rows = [dict(step=s, epoch=s // 4, lr=lr, lr0=lr, alpha_star=2 * lr, ratio=2.0, flag="ok", loss=1.0,
+        ...              optimizer="Adam") for lr in (1e-3, 1e-2) for s in range(8)]
+        >>> ex = explore(pd.DataFrame(rows))
+        >>> ex.controls["lr0"].options, ex.selection
+        ((('0.001', 0.001), ('0.01', 0.01)), {'optimizer': 'Adam', 'lr0': 0.001})
+        >>> ex.controls["lr0"].value = 0.01
+        >>> ex.summary["median α*"].tolist(), ex.draws
+        ([0.02, 0.02], 2)
+    """
+    return Explorer(records, **chosen)
+
+
+def _order(value: Any) -> tuple:
+    return (0, value, "") if isinstance(value, int | float) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}" if math.isfinite(value) else str(value)
+    return str(value)
