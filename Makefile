@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: install figures test bench lab clean FORCE
+.PHONY: install figures test browser bench lab clean FORCE
 
 install: $(VENV)/.installed
 
@@ -13,26 +13,39 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data,models]"
 	touch $@
 
-# Executed copies go to build/notebooks/, figures to figures/ (run alone, a notebook writes to build/figures). The
-# notebooks' own defaults are quick runs (what `make test` executes under nbval); the committed figures come from
-# the bigger runs below.
-PARAMS_01_adam_alpha_star := -p epochs 100 -p seeds 5
-PARAMS_06_objective_vs_batch := -p epochs 30 -p seeds 5
+# Executed copies go to build/notebooks/, figures to figures/ and the runs' records to results/ (run alone, a
+# notebook writes to build/figures and build/results). The notebooks' own defaults are quick runs (what `make test`
+# executes under nbval); the committed figures come from the bigger runs below. 00_explore, which reads results/,
+# runs last.
+FIGURES := -p figures_dir ../figures
+RECORDS := -p records_dir ../results
+PARAMS_01_adam_alpha_star := $(FIGURES) $(RECORDS) -p epochs 100 -p seeds 5
+PARAMS_02_optimizers := $(FIGURES) $(RECORDS)
+PARAMS_03_lr_sweep := $(FIGURES) $(RECORDS)
+PARAMS_04_models_and_data := $(FIGURES) $(RECORDS)
+PARAMS_05_mini_vs_epoch := $(FIGURES)
+PARAMS_06_objective_vs_batch := $(FIGURES) -p epochs 30 -p seeds 5
 
-figures: install $(NOTEBOOKS:notebooks/%=build/notebooks/%)
+figures: install $(filter-out %/00_explore.ipynb,$(NOTEBOOKS:notebooks/%=build/notebooks/%)) build/notebooks/00_explore.ipynb
 
 build/notebooks/%.ipynb: notebooks/%.ipynb FORCE
 	@mkdir -p build/notebooks
-	$(BIN)/papermill --cwd notebooks --no-progress-bar $< $@ -p figures_dir ../figures $(PARAMS_$*)
+	$(BIN)/papermill --cwd notebooks --no-progress-bar $< $@ $(PARAMS_$*)
 
 FORCE:
 
-# Unit tests and doctests, then every notebook under nbval. nbval runs on a scratch copy of notebooks/ so
-# that the quick runs it makes never overwrite the committed figures.
-test: install
+# Unit tests and doctests (with the end-to-end test in JupyterLab, driven by headless Chromium: Debian's package,
+# installed here where it is missing and the machine allows), then every notebook under nbval. nbval runs on a
+# scratch copy of notebooks/ so that the quick runs it makes never overwrite the committed figures and records.
+test: install browser
 	$(BIN)/python -m pytest tests alphalib
-	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks build/nbval/
+	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks results build/nbval/
 	cd build/nbval && ../../$(BIN)/python -m pytest --nbval-lax notebooks
+
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "no chromium and no way to install it here: the JupyterLab test will be skipped"; }
 
 # The probe's cost, side by side with plain training steps (about 25 minutes; run it on an idle machine): the
 # package's workloads with every backend, then models as other libraries build them with exact curvature and GGN.

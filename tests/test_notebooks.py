@@ -21,6 +21,22 @@ def test_notebook_is_stored_without_outputs_and_with_one_parameters_cell(path):
     assert all(not c["outputs"] and c["execution_count"] is None for c in code), "clear the outputs before committing"
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1 and tagged[0] is code[0], "the first code cell, and only it, is tagged 'parameters'"
-    assert "import alphalib" in "".join("".join(c["source"]) for c in code)
-    # an interactive run writes to a scratch folder; `make figures` passes -p figures_dir ../figures
-    assert 'figures_dir = "../build/figures"' in "".join(tagged[0]["source"])
+    source = "".join("".join(c["source"]) for c in code)
+    assert "import alphalib" in source
+    # an interactive run writes to scratch folders; `make figures` passes -p figures_dir ../figures and
+    # -p records_dir ../results
+    parameters = "".join(tagged[0]["source"])
+    assert "plot.save" not in source or 'figures_dir = "../build/figures"' in parameters
+    assert "write_records" not in source or 'records_dir = "../build/results"' in parameters
+
+
+def test_make_figures_writes_the_records_that_the_explorer_opens():
+    """01–04 write their records where 00_explore looks, and those files are committed."""
+    root = NOTEBOOKS[0].parents[1]
+    makefile = (root / "Makefile").read_text()
+    for path in NOTEBOOKS:
+        writes = "write_records" in path.read_text()
+        assert writes == (f"PARAMS_{path.stem} := $(FIGURES) $(RECORDS)" in makefile), path.stem
+        assert not writes or (root / "results" / f"{path.stem}.csv.gz").is_file(), path.stem
+    explore = json.loads((root / "notebooks" / "00_explore.ipynb").read_text())["cells"]
+    assert any('results = "../results"' in "".join(c["source"]) for c in explore)
