@@ -59,8 +59,9 @@ bench: install
 	$(BIN)/python benchmarks/overhead.py --out benchmarks/results/external --repeats 5 --no-sampled --no-peer \
 		--curvatures hessian,ggn --workloads resnet18,vit,gpt2,nanogpt,encoder,lstm,gru
 
+# JupyterLab in the project's environment, on the repository, opening the explorer (as root it needs --allow-root).
 lab: install
-	$(BIN)/jupyter lab notebooks $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+	$(BIN)/jupyter lab notebooks/00_explore.ipynb $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 clean:
 	rm -rf $(VENV) build

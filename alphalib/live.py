@@ -2,9 +2,10 @@ r"""Watch :math:`\alpha^*` while a run trains, and click through finished runs: 
 
 Both draw with :mod:`alphalib.plot`. The live view shows itself only where a notebook frontend is attached to the
 kernel (JupyterLab or Notebook through a Jupyter server, VS Code, Colab); under papermill or nbval, in IPython's
-terminal or in a plain script it attaches nothing to the probe and costs nothing. It draws on a budget: after a
-drawing that took :math:`s` seconds the next waits until training has had :math:`s(1-b)/b` seconds, so drawing
-takes at most the share :math:`b` (``budget``, 5% by default) of the run's time.
+terminal or in a plain script it attaches nothing to the probe and costs nothing. It draws on a budget: a drawing
+is made only while all drawings so far, with the next (estimated by the last one's time), stay within the share
+:math:`b` (``budget``, 5% by default) of the time since training began. The final drawing, made when training
+ends, comes on top; a run much shorter than a drawing's time over :math:`b` (about 10 s here) is drawn only then.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 from . import plot
-from .records import Record, epoch_summary, read
+from .records import Record, read
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -107,15 +108,20 @@ class LiveView:
         self.png = b""  #: the last drawing
         #: not pyplot's: the inline backend would show a pyplot figure again when the cell ends
         self.figure = Figure(figsize=(11, 6.6), dpi=80)
-        self._since, self._next, self._clock = 0, 0.0, time.perf_counter
+        self._since, self._clock, self._start = 0, time.perf_counter, None
+        self._estimate = 0.5  #: what the next drawing will take, in seconds: a guess until one has been made
         self._handle = None
         if show:
             from IPython.display import HTML, display
 
-            self._handle = display(HTML("<i>α* live view: waiting for the first probed step…</i>"), display_id=True)
+            self._handle = display(HTML(f"<i>α* live view: the first drawing comes after about "
+                                        f"{self._estimate / budget:.0f} s of training (drawing takes at most "
+                                        f"{budget:.0%} of the time)…</i>"), display_id=True)
 
     def update(self, rec: Record) -> None:
         """Take one record; redraw when ``every`` says so and the budget allows."""
+        if self._start is None:
+            self._start = self._clock()
         epoch = self.rows[-1][1] if self.rows else rec.epoch
         self.rows.append(tuple(getattr(rec, c) for c in COLUMNS))
         self._since += 1
@@ -123,7 +129,7 @@ class LiveView:
             due = rec.epoch != epoch if rec.epoch is not None else self._since >= _NO_EPOCHS
         else:
             due = self._since >= self.every
-        if due and self._clock() >= self._next:
+        if due and self.seconds + self._estimate <= self.budget * (self._clock() - self._start):
             self.draw()
 
     def frame(self) -> pd.DataFrame:
@@ -161,11 +167,9 @@ class LiveView:
             from IPython.display import Image
 
             self._handle.update(Image(data=self.png, format="png"))
-        end = self._clock()
-        spent = end - start
-        self.times.append(spent)
+        self._estimate = self._clock() - start
+        self.times.append(self._estimate)
         self._since = 0
-        self._next = end + spent * (1 - self.budget) / self.budget
 
     @property
     def draws(self) -> int:
@@ -384,12 +388,7 @@ class Explorer:
         self.image.value = buffer.getvalue()
         self.caption.value = (f"<b>{html.escape(chosen)}</b>: {len(run)} probed steps over {run['epoch'].nunique()} "
                               f"epochs, {int((run['flag'] != 'ok').sum())} left out of the α* medians")
-        summary = epoch_summary(run)[["steps", "undefined", "median_alpha_star", "median_ratio",
-                                      "negative_curvature", "ascent", "loss"]]
-        summary.index = summary.index + 1
-        self.summary = summary.rename(columns={"median_alpha_star": "median α*", "median_ratio": "median α*/lr",
-                                               "undefined": "α* undefined", "negative_curvature": "H<0 share",
-                                               "ascent": "ascent share", "loss": "mean loss"})
+        self.summary = _per_epoch(run)
         table = self.summary.to_html(float_format="{:.3g}".format, classes="alphalib-epochs", border=0)
         self.table.value = f"<style>{_TABLE_STYLE}</style><div style='max-height:260px;overflow:auto'>{table}</div>"
         self.draws += 1
@@ -413,6 +412,20 @@ def explore(records: pd.DataFrame | str | Path, **chosen: Any) -> Explorer:
         ([0.02, 0.02], 2)
     """
     return Explorer(records, **chosen)
+
+
+def _per_epoch(run: pd.DataFrame) -> pd.DataFrame:
+    """Return the explorer's table: per epoch (from 1), the medians of α* and α*/lr over the steps flagged ``"ok"``
+    (as in the figure), how many those are, the shares of steps with H < 0 along d and going uphill, the mean loss."""
+    flag = run["flag"]
+    ok = run.assign(alpha_star=run["alpha_star"].where(flag == "ok"), ratio=run["ratio"].where(flag == "ok"))
+    table = ok.assign(ok=flag == "ok", negative=flag.str.contains("negative_curvature"),
+                      ascent=flag.str.contains("ascent")).groupby("epoch").agg(
+        **{"steps": ("step", "size"), "ok steps": ("ok", "sum"), "median α*": ("alpha_star", "median"),
+           "median α*/lr": ("ratio", "median"), "H<0 share": ("negative", "mean"),
+           "ascent share": ("ascent", "mean"), "mean loss": ("loss", "mean")})
+    table.index = (table.index + 1).rename("epoch")
+    return table
 
 
 def _order(value: Any) -> tuple:

@@ -149,7 +149,8 @@ def test_explore_and_watch_in_jupyterlab(lab):
             panel.scroll_into_view_if_needed()
             caption = panel.locator(".widget-html").first
             image = "img.widget-image"
-            expect(caption).to_contain_text("results 03_lr_sweep, problem digits MLP, optimizer Adam", timeout=MINUTE)
+            first = "results 03_lr_sweep, problem digits MLP, optimizer Adam, lr 0.001"  # the notebook's start_*
+            expect(caption).to_contain_text(first, timeout=MINUTE)
             before = _image(page, image)
             panel.screenshot(path=SHOTS / "explorer_start.png")
             panel.get_by_label("results", exact=True).select_option("02_optimizers")
