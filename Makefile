@@ -59,7 +59,7 @@ bench: install
 	$(BIN)/python benchmarks/overhead.py --out benchmarks/results/external --repeats 5 --no-sampled --no-peer \
 		--curvatures hessian,ggn --workloads resnet18,vit,gpt2,nanogpt,encoder,lstm,gru
 
-# JupyterLab in the project's environment, on the repository, opening the explorer (as root it needs --allow-root).
+# JupyterLab in the project's environment, on notebooks/, opening 00_explore (as root it needs --allow-root).
 lab: install
 	$(BIN)/jupyter lab notebooks/00_explore.ipynb $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
