@@ -38,29 +38,6 @@ COLUMNS = ("step", "epoch", "lr", "alpha_star", "ratio", "flag", "loss")
 #: learning rate; records without it are told apart by ``lr``)
 DIMENSIONS = {"sweep": "results", "problem": "problem", "optimizer": "optimizer", "lr0": "lr", "seed": "seed",
               "backend": "curvature"}
-
-
-def _plain(fig: Figure) -> None:
-    """Label log axes with plain numbers: mathtext labels (10⁻³) take much of a drawing's time."""
-    for ax in fig.axes:
-        for axis in (ax.xaxis, ax.yaxis):
-            if axis.get_scale() == "log":
-                axis.set_major_formatter(_Plain(labelOnlyBase=False))
-                axis.set_minor_formatter(_Plain(labelOnlyBase=False))
-
-
-_TABLE_STYLE = (".alphalib-epochs {border-collapse: collapse; font-size: 12px}"
-                ".alphalib-epochs th, .alphalib-epochs td {padding: 2px 10px; text-align: right}"
-                ".alphalib-epochs thead th {border-bottom: 1px solid #999; position: sticky; top: 0; background: #fff}")
-
-
-class _Plain(LogFormatter):
-    """Label log ticks as plain numbers (0.001, 2), choosing which as matplotlib's own log labels do."""
-
-    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
-        return f"{x:g}"
-
-
 #: records without epochs are drawn every this many records when ``every="epoch"``
 _NO_EPOCHS = 25
 
@@ -436,3 +413,24 @@ def _label(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}" if math.isfinite(value) else str(value)
     return str(value)
+
+
+def _plain(fig: Figure) -> None:
+    """Label log axes with plain numbers: mathtext labels (10⁻³) take much of a drawing's time."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_major_formatter(_Plain(labelOnlyBase=False))
+                axis.set_minor_formatter(_Plain(labelOnlyBase=False))
+
+
+_TABLE_STYLE = (".alphalib-epochs {border-collapse: collapse; font-size: 12px}"
+                ".alphalib-epochs th, .alphalib-epochs td {padding: 2px 10px; text-align: right}"
+                ".alphalib-epochs thead th {border-bottom: 1px solid #999; position: sticky; top: 0; background: #fff}")
+
+
+class _Plain(LogFormatter):
+    """Label log ticks as plain numbers (0.001, 2), choosing which as matplotlib's own log labels do."""
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return f"{x:g}"
