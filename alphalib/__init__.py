@@ -12,6 +12,7 @@ from ._checks import ParamVector
 from ._function import Objective, objective
 from .direction import direction
 from .models import SimpleNet
+from .optim import AlphaScaled
 from .probe import AlphaProbe
 from .records import FLAGS, Record, epoch_summary, seed_summary, to_frame
 from .records import read as read_records, write as write_records
@@ -57,6 +58,8 @@ __all__ = [
     "line_profile",
     "LineProfile",
     "next_step_profiles",
+    # closing the loop: step by kappa * alpha*
+    "AlphaScaled",
     # training runs
     "train",
     "run",
