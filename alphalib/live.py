@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter
 
 from . import plot
 from .records import Record, read
@@ -135,7 +134,8 @@ class LiveView:
                        transform=ratio.transAxes)
         plot.loss_curve(records.fillna({"epoch": -1}), ax=loss)
         loss.set_title("mini-batch loss at θ_t")
-        _plain(fig)
+        for ax in fig.axes:
+            plot.plain_log(ax)
         fig.suptitle(self.title or f"live: {len(records)} probed steps")
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
@@ -357,7 +357,8 @@ class Explorer:
                          zorder=5, label="chosen run")
             left.legend(title="epoch", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
         plot.ratio_per_epoch(run, ax=right)
-        _plain(fig)
+        for ax in fig.axes:
+            plot.plain_log(ax)
         chosen = ", ".join(f"{DIMENSIONS[d]} {_label(v)}" for d, v in self.selection.items())
         fig.suptitle(chosen)
         buffer = io.BytesIO()
@@ -415,22 +416,6 @@ def _label(value: Any) -> str:
     return str(value)
 
 
-def _plain(fig: Figure) -> None:
-    """Label log axes with plain numbers: mathtext labels (10⁻³) take much of a drawing's time."""
-    for ax in fig.axes:
-        for axis in (ax.xaxis, ax.yaxis):
-            if axis.get_scale() == "log":
-                axis.set_major_formatter(_Plain(labelOnlyBase=False))
-                axis.set_minor_formatter(_Plain(labelOnlyBase=False))
-
-
 _TABLE_STYLE = (".alphalib-epochs {border-collapse: collapse; font-size: 12px}"
                 ".alphalib-epochs th, .alphalib-epochs td {padding: 2px 10px; text-align: right}"
                 ".alphalib-epochs thead th {border-bottom: 1px solid #999; position: sticky; top: 0; background: #fff}")
-
-
-class _Plain(LogFormatter):
-    """Label log ticks as plain numbers (0.001, 2), choosing which as matplotlib's own log labels do."""
-
-    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
-        return f"{x:g}"

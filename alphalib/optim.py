@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -47,7 +47,7 @@ from ._function import LossFn
 from .curvature import Backend, alpha_star, check_backend
 from .direction import _FAMILIES as FAMILIES
 from .direction import direction
-from .records import Record, make_record, to_frame
+from .records import Record, make_record, tell, to_frame
 from .spectrum import alpha_over
 
 if TYPE_CHECKING:
@@ -122,6 +122,8 @@ class AlphaScaled:
         self._held_out = itertools.cycle(held_out) if held_out is not None else None
         self.tags = dict(tags or {})
         self.records: list[Record] = []
+        #: called with each new record (the live view is one), as :attr:`alphalib.AlphaProbe.listeners`
+        self.listeners: list[Callable[[Record], None]] = []
         self.steps = 0
         self.lr = lrs.pop()  #: the learning rate of the last step (the optimizer's own before the first)
         self._log_mean, self._usable = 0.0, 0  # the smoothed source's running log-mean and its count
@@ -159,6 +161,7 @@ class AlphaScaled:
                           grad_norm=math.sqrt(sum(float(g.square().sum()) for g in grads)),
                           backend=self.curvature, fallback=why)
         self.records.append(rec)
+        tell(self.listeners, rec)
         self.steps += 1
         return rec
 

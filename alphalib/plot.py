@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -242,6 +242,22 @@ def loss_curve(steps: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.set_title("training loss")
     ax.legend(loc="best", fontsize="small")
     return ax
+
+
+def plain_log(ax: Axes) -> Axes:
+    """Label ``ax``'s log axes with plain numbers (0.001, 0.25, 2) instead of powers of ten, which also draw faster."""
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() == "log":
+            axis.set_major_formatter(_Plain(labelOnlyBase=False))
+            axis.set_minor_formatter(_Plain(labelOnlyBase=False))
+    return ax
+
+
+class _Plain(LogFormatter):
+    """Log tick labels as plain numbers, chosen as matplotlib's own log labels are."""
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return f"{x:g}"
 
 
 def save(fig: Figure, figures_dir: str | Path, name: str, *, svg: bool = False) -> None:

@@ -53,7 +53,7 @@ from .curvature import Backend, Directional, Known, check_backend, directional
 from .fast import Capture, NoRule, OpCapture
 from .fast import capture_for, measure
 from .fast.output import output_grad
-from .records import Record, make_record, to_frame
+from .records import Record, make_record, tell, to_frame
 from .spectrum import along
 
 Path = Literal["auto", "fast", "generic"]
@@ -303,19 +303,9 @@ class AlphaProbe:
             mismatch=bool(verdict.mismatch), fallback="; ".join(fallback), scopes=scopes,
         )
         self.records.append(rec)
-        self._tell(rec)
+        tell(self.listeners, rec)
         self._last = self._clock()
         return rec
-
-    def _tell(self, rec: Record) -> None:
-        """Hand ``rec`` to each listener; drop, with a warning, one that raises."""
-        for listener in list(self.listeners):
-            try:
-                listener(rec)
-            except Exception as exc:  # a view must never stop training
-                self.listeners.remove(listener)
-                warnings.warn(f"alphalib: listener {listener!r} raised {exc!r} and was detached; training goes on.",
-                              RuntimeWarning, stacklevel=3)
 
     def _scopes(self, current: list[Tensor], delta: list[Tensor], fallback: list[str]) -> dict[str, Directional]:
         """Slope and curvature along the same step of the full-data and held-out losses (generic path, at θ_t)."""

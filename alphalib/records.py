@@ -10,7 +10,8 @@ lands on the minimum of the quadratic model (1 = on it, < 1 = the step overshoot
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,17 @@ def make_record(
         **{f"{name}_{key}": value for name, res in (scopes or {}).items()
            for key, value in _scope(res.loss, res.slope, res.curvature, scale).items()},
     )
+
+
+def tell(listeners: list[Callable[[Record], None]], rec: Record) -> None:
+    """Hand ``rec`` to each listener; drop, with a warning, one that raises (a view must never stop training)."""
+    for listener in list(listeners):
+        try:
+            listener(rec)
+        except Exception as exc:
+            listeners.remove(listener)
+            warnings.warn(f"alphalib: listener {listener!r} raised {exc!r} and was detached; training goes on.",
+                          RuntimeWarning, stacklevel=3)
 
 
 def alpha(slope: float, curvature: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 from ._function import LossFn
 from .curvature import Backend
 from .data import loader
+from .optim import AlphaScaled
 from .probe import AlphaProbe
 from .spectrum import next_step_profiles
 
@@ -26,8 +28,10 @@ class History:
     """What a training run produced, as tidy frames that concatenate across runs."""
 
     steps: pd.DataFrame  #: one row per step: ``epoch``, ``step``, ``loss`` (mini-batch loss before the step)
-    epochs: pd.DataFrame  #: one row per epoch: ``train_loss`` (mean), ``val_loss``, ``val_accuracy`` if given
-    records: pd.DataFrame  #: the probe's records (empty without a probe)
+    #: one row per epoch: ``train_loss`` (mean), ``seconds`` (training time so far, the probe's included, validation
+    #: not), ``val_loss``, ``val_accuracy`` if given
+    epochs: pd.DataFrame
+    records: pd.DataFrame  #: the probe's records (empty without a probe), or the α*-scaled steps' records
     #: line profiles along the next step (``run(looks=...)``): ``alpha`` (a learning rate: ``alpha == lr`` is the
     #: step taken), ``loss``, ``quadratic``, ``scope``, ``epoch`` (epochs done), ``lr``, ``alpha_star``, ``trust``
     profiles: pd.DataFrame | None = field(default=None)
@@ -61,7 +65,7 @@ def train(
     batches: Iterable,
     *,
     epochs: int,
-    probe: AlphaProbe | None = None,
+    probe: AlphaProbe | AlphaScaled | None = None,
     val: Iterable | None = None,
     progress: bool = True,
     after_epoch: Callable[[int], None] | None = None,
@@ -87,8 +91,9 @@ def train(
     steps, per_epoch = [], []
     model.train()
     bar = tqdm(range(epochs), desc="epochs", disable=not progress)
+    seconds = 0.0  # training time so far: the steps (the probe's included), not validation
     for epoch in bar:
-        first = len(steps)
+        first, start = len(steps), time.perf_counter()
         for x, y in batches:
             optimizer.zero_grad()
             loss = loss_fn(model(x), y)
@@ -98,13 +103,15 @@ def train(
             else:
                 probe.step((x, y), epoch=epoch)
             steps.append((epoch, len(steps), loss.item()))
-        row = {"epoch": epoch, "train_loss": sum(s[2] for s in steps[first:]) / max(len(steps) - first, 1)}
+        seconds += time.perf_counter() - start
+        row = {"epoch": epoch, "train_loss": sum(s[2] for s in steps[first:]) / max(len(steps) - first, 1),
+               "seconds": seconds}
         if val is not None:
             row |= evaluate(model, loss_fn, val)
         per_epoch.append(row)
         if after_epoch is not None:
             after_epoch(epoch + 1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "epoch"})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("epoch", "seconds")})
     if watching is not None:
         watching.close()
     records = probe.to_frame() if probe is not None else pd.DataFrame()
@@ -136,6 +143,8 @@ def run(
     val_set: Dataset | None = None,
     full_every: int | None = None,
     looks: Collection[int] = (),
+    scaled: Mapping[str, Any] | None = None,
+    alpha_set: Dataset | None = None,
     tags: Mapping[str, Any] | None = None,
     progress: bool = True,
     live: bool = False,
@@ -149,6 +158,11 @@ def run(
     the optimizer would take next on a fresh random batch is profiled on that batch and on the training set
     (:func:`alphalib.next_step_profiles`, training untouched), into ``History.profiles``. ``live``: watch the
     records as they come, in JupyterLab (see :func:`train`).
+
+    ``scaled`` (keyword arguments of :class:`alphalib.AlphaScaled`: ``kappa``, ``source``, ``smoothing``,
+    ``bounds``, ``full_every``) steps the optimizer by :math:`\kappa\,\alpha^*` instead of probing it; its
+    ``"heldout"`` source measures on batches of ``alpha_set`` (keep it apart from ``val_set``, which judges the
+    run), its ``"full"`` source on the training set.
     """
     import pandas as pd
 
@@ -159,7 +173,12 @@ def run(
     full = loader(train_set, 1024) if full_every is not None or looks else None
     val = loader(val_set, 512) if val_set is not None else None
     scopes = dict(full_data=full, held_out=val, full_every=full_every) if full_every is not None else {}
-    probe = AlphaProbe(net, loss_fn, opt, curvature=curvature, every=every, tags=labels, **scopes)
+    if scaled is None:
+        probe = AlphaProbe(net, loss_fn, opt, curvature=curvature, every=every, tags=labels, **scopes)
+    else:
+        sources = dict(held_out=loader(alpha_set, batch_size, shuffle=True, seed=seed + 2) if alpha_set else None,
+                       full_data=loader(train_set, 1024))
+        probe = AlphaScaled(opt, net, loss_fn, curvature=curvature, tags=labels, **sources, **dict(scaled))
     batches = loader(train_set, batch_size, shuffle=shuffle, seed=seed)
     draw = torch.Generator().manual_seed(seed + 1)  # the looks' batches, apart from training's own stream
     profiles = []
@@ -175,7 +194,8 @@ def run(
 
     history = train(net, loss_fn, opt, batches, epochs=epochs, probe=probe, val=val, progress=progress,
                     after_epoch=look, live=live)
-    probe.remove()
+    if isinstance(probe, AlphaProbe):
+        probe.remove()
     looked = pd.concat(profiles, ignore_index=True) if profiles else None
     for frame in (history.steps, history.epochs, *([looked] if profiles else [])):
         for key, value in labels.items():

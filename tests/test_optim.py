@@ -230,3 +230,20 @@ def test_records_are_the_probes_kind():
     assert (frame["source"] == "batch").all() and (frame["kappa"] == 0.5).all() and (frame["seed"] == 0).all()
     ok = frame[frame["flag"] == "ok"]
     np.testing.assert_allclose(ok["ratio"], 2.0, rtol=1e-12)  # α*_batch / (κ α*_batch)
+
+
+def test_run_steps_by_kappa_alpha_with_each_source():
+    data, other = alphalib.gaussian_regression(n=96, seed=0), alphalib.gaussian_regression(n=64, seed=1)
+    for source in ("batch", "smoothed", "heldout", "full"):
+        history = alphalib.run(alphalib.SimpleNet, F.mse_loss, data, epochs=2, progress=False, alpha_set=other,
+                               scaled={"kappa": 0.5, "source": source, "full_every": 2}, tags={"problem": "seed"})
+        recs = history.records
+        assert len(recs) == 6 and (recs["source"] == source).all() and (recs["kappa"] == 0.5).all()
+        assert (recs["problem"] == "seed").all() and len(history.epochs) == 2
+        if source == "batch":
+            ok = recs[recs["flag"] == "ok"]
+            np.testing.assert_allclose(ok["ratio"], 2.0, rtol=1e-10)
+        else:  # another source's α*: the step is not the batch's own κ α*
+            assert not np.allclose(recs["ratio"], 2.0)
+    with pytest.raises(ValueError, match="needs held_out"):
+        alphalib.run(alphalib.SimpleNet, F.mse_loss, data, epochs=1, progress=False, scaled={"source": "heldout"})

@@ -127,3 +127,17 @@ def test_save_writes_png_and_svg(tmp_path, records):
     assert plot.save(ax.figure, tmp_path / "sub", "fig", svg=True) is None  # nothing for a notebook cell to show
     path = tmp_path / "sub" / "fig.png"
     assert path.read_bytes()[:4] == b"\x89PNG" and path.with_suffix(".svg").exists()
+
+
+def test_plain_log_labels_log_axes_with_plain_numbers():
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    ax = fig.subplots()
+    ax.plot([1, 2], [1e-3, 10])
+    ax.set_yscale("log")
+    plot.plain_log(ax)
+    fig.canvas.draw()
+    labels = {t.get_text() for t in ax.get_yticklabels() if t.get_text()}
+    assert {"0.001", "0.01", "0.1", "1", "10"} <= labels and not any("10^" in x or "$" in x for x in labels)
+    assert ax.xaxis.get_major_formatter().__class__.__name__ != "_Plain"  # linear axes are left alone
