@@ -21,11 +21,12 @@ where :math:`g, H` are the gradient and Hessian (or GGN, or a secant estimate) o
   in between.
 
 **Fallback.** Where the source has no step size (curvature :math:`\le 0`, an ascent direction :math:`d^\top g
-\ge 0`, a non-finite value), the step takes the last learning rate used (the optimizer's own lr before the
-first usable one) and the record's ``fallback`` says why. **The optimizer is untouched otherwise**: its state
-advances exactly as it would at any learning rate (for the families :func:`alphalib.direction` supports, the
-state does not depend on the lr), the step is :math:`\mathrm{lr}_t\, d`, and every param group's ``lr`` is
-restored after the step, so schedulers keep working on the nominal lr.
+\ge 0`, a non-finite value, or a :math:`\kappa\alpha^*` beyond :math:`\sqrt{\max}` of the parameters' dtype,
+1.8e19 in float32, where the optimizer's own arithmetic would overflow), the step takes the last learning rate
+used (the optimizer's own lr before the first usable one) and the record's ``fallback`` says why. **The
+optimizer is untouched otherwise**: its state advances exactly as it would at any learning rate (for the families
+:func:`alphalib.direction` supports, the state does not depend on the lr), the step is :math:`\mathrm{lr}_t\,
+d`, and every param group's ``lr`` is restored after the step, so schedulers keep working on the nominal lr.
 
 Each step leaves a :class:`~alphalib.records.Record` like the probe's, along the step taken on the training
 batch: ``lr`` is :math:`\mathrm{lr}_t`, ``alpha_star`` the batch's own, so ``ratio`` :math:`= \alpha^*_{batch} /
@@ -143,8 +144,11 @@ class AlphaScaled:
             lr = self.lr
         else:
             lr = min(max(self.kappa * found, self.bounds[0]), self.bounds[1])
+            dtype = next(iter(trainable(self.model))).dtype
             if lr <= 0:  # a lower bound of 0 that clipping reached: no step is no step size
-                lr, why = self.lr, "kappa * alpha* clipped to 0"
+                lr, why = self.lr, "kappa * alpha* clipped to 0; the last lr was used"
+            elif lr > math.sqrt(torch.finfo(dtype).max):  # the optimizer's arithmetic would overflow
+                lr, why = self.lr, f"kappa * alpha* = {lr:.3g} would overflow {dtype}; the last lr was used"
         nominal = [g["lr"] for g in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["lr"] = lr

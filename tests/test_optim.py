@@ -247,3 +247,18 @@ def test_run_steps_by_kappa_alpha_with_each_source():
             assert not np.allclose(recs["ratio"], 2.0)
     with pytest.raises(ValueError, match="needs held_out"):
         alphalib.run(alphalib.SimpleNet, F.mse_loss, data, epochs=1, progress=False, scaled={"source": "heldout"})
+
+
+def test_a_step_size_the_optimizer_could_not_take_falls_back_instead_of_crashing():
+    """A nearly flat direction (H = 1e-30 along g) asks for lr 1e30: beyond float32's arithmetic, so the last lr."""
+    a = torch.diag(torch.tensor([1e-30, 1.0]))
+    b = torch.tensor([1.0, 0.0])
+
+    def loss_fn(out, y):
+        return 0.5 * out @ a @ out - b @ out
+
+    model = Theta(torch.zeros(2))
+    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-3), model, loss_fn)
+    rec = _step(opt, model, loss_fn, (torch.zeros(1), torch.zeros(1)))
+    assert rec.lr == 1e-3 and "would overflow torch.float32" in rec.fallback
+    assert torch.isfinite(model.theta).all()
