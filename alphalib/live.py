@@ -78,7 +78,7 @@ class LiveView:
             raise ValueError(f"every must be 'epoch' or a positive number of records, got {every!r}.")
         if not 0 < budget < 1:
             raise ValueError(f"budget is the share of training time drawing may take, in (0, 1); got {budget!r}.")
-        self.every, self.budget, self.title, self.show = every, budget, title, show
+        self.every, self.budget, self.title = every, budget, title
         self.rows: list[tuple] = []  #: the :data:`COLUMNS` of each record taken
         self.times: list[float] = []  #: the seconds each drawing took
         self.png = b""  #: the last drawing
@@ -308,11 +308,14 @@ class Explorer:
 
     def rows(self, *, every_lr: bool = False) -> pd.DataFrame:
         """Return the chosen run's records, or with ``every_lr`` those of its sweep at every learning rate."""
+        return self._matching([d for d in self.dimensions if not (every_lr and d == "lr0")])
+
+    def _matching(self, dimensions: list[str]) -> pd.DataFrame:
+        """Return the records whose ``dimensions`` hold the controls' chosen values (all records for none)."""
         keep = True
-        for d, value in self.selection.items():
-            if not (every_lr and d == "lr0"):
-                keep = keep & (self.records[self._column[d]] == value)
-        return self.records[keep] if keep is not True else self.records
+        for d in dimensions:
+            keep = keep & (self.records[self._column[d]] == self.controls[d].value)
+        return self.records if keep is True else self.records[keep]
 
     def _cascade(self, start: int, chosen: dict[str, Any] | None = None) -> None:
         """Offer each control from ``start`` on only the values the controls before it leave; keep its choice (or
@@ -322,10 +325,7 @@ class Explorer:
             for i, d in enumerate(self.dimensions):
                 if i < start:
                     continue
-                keep = True
-                for before in self.dimensions[:i]:
-                    keep = keep & (self.records[self._column[before]] == self.controls[before].value)
-                column = self.records[self._column[d]] if keep is True else self.records.loc[keep, self._column[d]]
+                column = self._matching(self.dimensions[:i])[self._column[d]]
                 values = sorted(column.dropna().unique().tolist(), key=_order)
                 control, keep = self.controls[d], self.controls[d].value
                 if chosen and d in chosen:
