@@ -245,6 +245,7 @@ def alpha_star(
     *,
     curvature: Backend = "hessian",
     lr: float | None = None,
+    rng: Tensor | None = None,
 ) -> AlphaResult:
     r"""Return :math:`\alpha^* = -d^\top g / d^\top H d` along ``d`` at the model's current parameters.
 
@@ -253,7 +254,10 @@ def alpha_star(
     at learning rate ``lr`` use :func:`alphalib.direction`, whose ``ParamVector`` makes the order of the
     optimizer's param groups irrelevant; then :math:`\alpha^*` is in learning-rate units and
     :math:`\alpha^*/\mathrm{lr} = 1` means the step lands on the model's minimum. ``lr`` is needed
-    by the ``"secant"`` backend only, which evaluates the loss at :math:`\theta + \mathrm{lr}\, d`.
+    by the ``"secant"`` backend only, which evaluates the loss at :math:`\theta + \mathrm{lr}\, d`. ``rng``: the
+    RNG state the model's random operations (dropout) draw from, e.g. that of the training forward pass (taken
+    with ``torch.get_rng_state()`` just before it), so that the loss measured is the one that gave the gradient;
+    by default one mask is drawn from the current state. The global RNG is left as it was either way.
 
     Example:
         >>> import torch
@@ -267,7 +271,7 @@ def alpha_star(
     """
     params = trainable(model)
     d = check_vector(d, model, name="d")
-    fn = BatchLoss(model, loss_fn, batch)
+    fn = BatchLoss(model, loss_fn, batch, rng)
     check_backend(curvature)
     if curvature == "secant" and lr is None:
         raise ValueError(

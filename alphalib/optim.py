@@ -28,6 +28,11 @@ optimizer is untouched otherwise**: its state advances exactly as it would at an
 :func:`alphalib.direction` supports, the state does not depend on the lr), the step is :math:`\mathrm{lr}_t\,
 d`, and every param group's ``lr`` is restored after the step, so schedulers keep working on the nominal lr.
 
+The batch's :math:`\alpha^*` is that of the loss the gradient came from: a forward pre-hook keeps the RNG state
+of the last forward pass with gradients enabled (the training one; evaluation under ``torch.no_grad`` is passed
+over), and the measurement replays it, so a model with dropout is measured with the training step's own mask
+(call :meth:`remove` to detach the hook).
+
 Each step leaves a :class:`~alphalib.records.Record` like the probe's, along the step taken on the training
 batch: ``lr`` is :math:`\mathrm{lr}_t`, ``alpha_star`` the batch's own, so ``ratio`` :math:`= \alpha^*_{batch} /
 \mathrm{lr}_t` (:math:`1/\kappa` for ``"batch"`` inside the bounds).
@@ -44,7 +49,7 @@ import torch
 from torch import nn
 
 from ._checks import trainable
-from ._function import LossFn
+from ._function import LossFn, rng_state
 from .curvature import Backend, alpha_star, check_backend
 from .direction import _FAMILIES as FAMILIES
 from .direction import direction
@@ -129,7 +134,18 @@ class AlphaScaled:
         self.lr = lrs.pop()  #: the learning rate of the last step (the optimizer's own before the first)
         self._log_mean, self._usable = 0.0, 0  # the smoothed source's running log-mean and its count
         self._full: float | None = None  # the full-data alpha*, held between measurements
-        trainable(model)
+        device = trainable(model)[0].device
+        self._rng: torch.Tensor | None = None  # the RNG state of the last forward with gradients enabled
+
+        def keep_rng(module: nn.Module, args: object) -> None:
+            if torch.is_grad_enabled():
+                self._rng = rng_state(device)
+
+        self._hook = model.register_forward_pre_hook(keep_rng)
+
+    def remove(self) -> None:
+        """Detach the forward pre-hook that keeps the training forward's RNG state (records stay)."""
+        self._hook.remove()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the wrapped optimizer's gradients."""
@@ -137,14 +153,14 @@ class AlphaScaled:
 
     def step(self, batch: object, *, epoch: int | None = None) -> Record:
         """Take the wrapped optimizer's step with :math:`\\mathrm{lr}_t = \\kappa\\,\\alpha^*`; return its record."""
-        d = direction(self.optimizer)
-        own = alpha_star(self.model, self.loss_fn, batch, d, **self._kw())
+        d, params = direction(self.optimizer), trainable(self.model)
+        own = alpha_star(self.model, self.loss_fn, batch, d, rng=self._rng, **self._kw())
         found, why = self._source(own, d)
         if found is None:
             lr = self.lr
         else:
             lr = min(max(self.kappa * found, self.bounds[0]), self.bounds[1])
-            dtype = next(iter(trainable(self.model))).dtype
+            dtype = params[0].dtype
             if lr <= 0:  # a lower bound of 0 that clipping reached: no step is no step size
                 lr, why = self.lr, "kappa * alpha* clipped to 0; the last lr was used"
             elif lr > math.sqrt(torch.finfo(dtype).max):  # the optimizer's arithmetic would overflow
@@ -159,7 +175,7 @@ class AlphaScaled:
                 group["lr"] = value
         self.lr = lr
         norm = math.sqrt(sum(float(di.square().sum()) for di in d))
-        grads = [p.grad for p in trainable(self.model) if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
         rec = make_record(step=self.steps, epoch=epoch, loss=own.loss, lr=lr, step_slope=lr * own.slope,
                           step_curvature=lr * lr * own.curvature, step_norm=lr * norm,
                           grad_norm=math.sqrt(sum(float(g.square().sum()) for g in grads)),
@@ -176,9 +192,9 @@ class AlphaScaled:
     def _source(self, own: Any, d: Any) -> tuple[float | None, str]:
         """Return the source's α* (None where it has no step size) and, if None, why."""
         if self.source == "batch":
-            return _usable(own.slope, own.curvature, "the batch")
+            return _usable(own, "the batch")
         if self.source == "smoothed":
-            found, why = _usable(own.slope, own.curvature, "the batch")
+            found, why = _usable(own, "the batch")
             if found is not None:
                 self._usable += 1
                 self._log_mean = self.smoothing * self._log_mean + (1 - self.smoothing) * math.log(found)
@@ -187,10 +203,10 @@ class AlphaScaled:
             return math.exp(self._log_mean / (1 - self.smoothing ** self._usable)), why
         if self.source == "heldout":
             res = alpha_star(self.model, self.loss_fn, next(self._held_out), d, **self._kw())
-            return _usable(res.slope, res.curvature, "the held-out batch")
+            return _usable(res, "the held-out batch")
         if self.steps % self.full_every == 0:
             res = alpha_over(self.model, self.loss_fn, self.full_data, d, curvature=self.curvature)
-            self._full, why = _usable(res.slope, res.curvature, "the full data")
+            self._full, why = _usable(res, "the full data")
             return self._full, why
         return self._full, "" if self._full is not None else "no usable full-data alpha* measured yet"
 
@@ -199,12 +215,13 @@ class AlphaScaled:
         return to_frame(self.records, {"source": self.source, "kappa": self.kappa, **self.tags})
 
 
-def _usable(slope: float, curvature: float, what: str) -> tuple[float | None, str]:
-    """Return :math:`-\\text{slope}/\\text{curvature}` if it is a step size, else None and why not."""
+def _usable(res: Any, what: str) -> tuple[float | None, str]:
+    """Return ``res.alpha_star`` (from :func:`alphalib.records.alpha`) if it is a step size, else None and why not."""
+    slope, curvature = res.slope, res.curvature
     if not (math.isfinite(slope) and math.isfinite(curvature)):
         return None, f"{what}: slope or curvature not finite; the last lr was used"
     if curvature <= 0:
         return None, f"{what}: curvature {curvature:.3g} <= 0 along d; the last lr was used"
     if slope >= 0:
         return None, f"{what}: d goes uphill (slope {slope:.3g} >= 0); the last lr was used"
-    return -slope / curvature, ""
+    return res.alpha_star, ""

@@ -177,7 +177,7 @@ def run(
         probe = AlphaProbe(net, loss_fn, opt, curvature=curvature, every=every, tags=labels, **scopes)
     else:
         sources = dict(held_out=loader(alpha_set, batch_size, shuffle=True, seed=seed + 2) if alpha_set else None,
-                       full_data=loader(train_set, 1024))
+                       full_data=full if full is not None else loader(train_set, 1024))
         probe = AlphaScaled(opt, net, loss_fn, curvature=curvature, tags=labels, **sources, **dict(scaled))
     batches = loader(train_set, batch_size, shuffle=shuffle, seed=seed)
     draw = torch.Generator().manual_seed(seed + 1)  # the looks' batches, apart from training's own stream
@@ -194,8 +194,7 @@ def run(
 
     history = train(net, loss_fn, opt, batches, epochs=epochs, probe=probe, val=val, progress=progress,
                     after_epoch=look, live=live)
-    if isinstance(probe, AlphaProbe):
-        probe.remove()
+    probe.remove()
     looked = pd.concat(profiles, ignore_index=True) if profiles else None
     for frame in (history.steps, history.epochs, *([looked] if profiles else [])):
         for key, value in labels.items():

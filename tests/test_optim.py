@@ -262,3 +262,23 @@ def test_a_step_size_the_optimizer_could_not_take_falls_back_instead_of_crashing
     rec = _step(opt, model, loss_fn, (torch.zeros(1), torch.zeros(1)))
     assert rec.lr == 1e-3 and "would overflow torch.float32" in rec.fallback
     assert torch.isfinite(model.theta).all()
+
+
+def test_dropout_is_measured_with_the_training_steps_own_mask():
+    """The record's slope is dᵀg of the gradient training computed, through a dropout mask the measurement replays;
+    an evaluation forward under no_grad in between does not change which mask that is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1)).double()
+    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, kappa=0.5)
+    x, y = torch.randn(32, 4, dtype=DT), torch.randn(32, 1, dtype=DT)
+    for _ in range(3):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        with torch.no_grad():
+            model(x)  # a metric forward: another mask, no gradient
+        d = alphalib.direction(opt.optimizer)
+        slope = sum(float((di * p.grad).sum()) for di, p in zip(d, model.parameters()))
+        rec = opt.step((x, y))
+        assert rec.slope == pytest.approx(slope, rel=1e-12)
+    opt.remove()
+    assert not model._forward_pre_hooks
