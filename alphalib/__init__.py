@@ -12,12 +12,14 @@ from ._checks import ParamVector
 from ._function import Objective, objective
 from .direction import direction
 from .models import SimpleNet
-from .optim import AlphaScaled
+from .scaled import AlphaScaled
 from .probe import AlphaProbe
+from .problems import PROBLEMS, Problem, problem
 from .records import FLAGS, Record, epoch_summary, seed_summary, to_frame
 from .records import read as read_records, write as write_records
 from .spectrum import AlphaScope, LineProfile, alpha_over, line_profile, next_step_profiles
-from .train import History, evaluate, make_optimizer, run, train
+from .optim import OPTIMIZERS, make_optimizer, step_size
+from .train import History, evaluate, run, train
 
 __version__ = "0.1.0"
 
@@ -58,6 +60,10 @@ __all__ = [
     "line_profile",
     "LineProfile",
     "next_step_profiles",
+    # optimizers by name (torch.optim's, the learning-rate-free ones, the alpha*-scaled wrapper)
+    "make_optimizer",
+    "OPTIMIZERS",
+    "step_size",
     # closing the loop: step by kappa * alpha*
     "AlphaScaled",
     # training runs
@@ -65,9 +71,11 @@ __all__ = [
     "run",
     "History",
     "evaluate",
-    "make_optimizer",
     # reference data and models
     "gaussian_regression",
     "loader",
     "SimpleNet",
+    "problem",
+    "Problem",
+    "PROBLEMS",
 ]

@@ -1,227 +1,173 @@
-r"""Step by the quadratic model's own step size: :class:`AlphaScaled` wraps an optimizer and sets its learning rate.
+r"""Optimizers by name: ``torch.optim``'s, the learning-rate-free ones, and the α*-scaled wrapper.
 
-At each step the wrapped optimizer's direction :math:`d` (its step at unit learning rate, from
-:func:`alphalib.direction`, before it steps) is measured along a chosen *source* of curvature, and the optimizer
-steps with
+:func:`make_optimizer` is the one place a name becomes an optimizer; :func:`alphalib.run`, the notebooks and
+sweep grids go through it, so a grid can name any of these:
 
-.. math::
+==========================  ====================================================================================
+name                        optimizer
+==========================  ====================================================================================
+``"adam"``, ``"sgd"``, …    the ``torch.optim`` class of that name, any case (``"Adam"``, ``"adamw"``, …)
+``"prodigy"``               ``prodigyopt.Prodigy`` (Mishchenko & Defazio 2024)
+``"dadapt_adam"``           ``dadaptation.DAdaptAdam`` (Defazio & Mishchenko 2023); ``"dadapt_sgd"`` too
+``"dog"``                   ``dog.DoG`` from ``dog-optimizer`` (Ivgi et al. 2023); ``"ldog"``: layer-wise
+``"schedulefree_adamw"``    ``schedulefree.AdamWScheduleFree`` (Defazio et al. 2024); ``"schedulefree_sgd"`` too
+``"alpha_scaled"``          :class:`alphalib.AlphaScaled` around the ``base`` optimizer (``"adam"`` by default)
+==========================  ====================================================================================
 
-    \mathrm{lr}_t = \operatorname{clip}\bigl(\kappa\, \alpha^*_{\text{source}},\ \mathrm{lr}_{\min},
-    \mathrm{lr}_{\max}\bigr), \qquad \alpha^* = -\frac{d^\top g}{d^\top H d},
+The learning-rate-free packages are the ones on the package index, an optional extra: ``pip install
+"alphalib[lrfree]"`` (with torch held at its pin: ``-c constraints.txt``).
 
-where :math:`g, H` are the gradient and Hessian (or GGN, or a secant estimate) of the source's mean loss at
-:math:`\theta_t`. Sources:
+**Their own step size.** Each of these picks the length of its step: :func:`step_size` reads the one a step used,
+so that a record can set it against :math:`\alpha^*` (records give :math:`\alpha^*` in units of it):
 
-* ``"batch"``: the mini-batch the gradient came from (greedy, one step);
-* ``"smoothed"``: the batch's :math:`\alpha^*` averaged across steps in log space, :math:`\log s_t = \beta \log
-  s_{t-1} + (1-\beta) \log \alpha^*_t` with bias correction :math:`s_t / (1 - \beta^{n})` over the :math:`n`
-  usable steps so far (a geometric mean that forgets);
-* ``"heldout"``: the next batch of ``held_out`` (cycled), which the step never saw, along the same :math:`d`;
-* ``"full"``: the mean loss over ``full_data`` along :math:`d`, measured every ``full_every`` steps and held
-  in between.
+* Prodigy and D-Adaptation: :math:`d_t\,\mathrm{lr}` (times Adam's bias correction where it is on), with the
+  distance estimate :math:`d_t` the step starts from (the step updates it for the next one);
+* DoG: :math:`\eta_t = \mathrm{lr}\,\bar r_t/\sqrt{\sum_{i\le t}\|g_i\|^2}`, which the step computes first
+  (with multiple param groups, the first group's);
+* Schedule-Free: its scheduled lr (the lr, after warm-up) of the :math:`z` step;
+* every other optimizer: the first param group's ``lr``.
 
-**Fallback.** Where the source has no step size (curvature :math:`\le 0`, an ascent direction :math:`d^\top g
-\ge 0`, a non-finite value, or a :math:`\kappa\alpha^*` beyond :math:`\sqrt{\max}` of the parameters' dtype,
-1.8e19 in float32, where the optimizer's own arithmetic would overflow), the step takes the last learning rate
-used (the optimizer's own lr before the first usable one) and the record's ``fallback`` says why. **The
-optimizer is untouched otherwise**: its state advances exactly as it would at any learning rate (for the families
-:func:`alphalib.direction` supports, the state does not depend on the lr), the step is :math:`\mathrm{lr}_t\,
-d`, and every param group's ``lr`` is restored after the step, so schedulers keep working on the nominal lr.
-
-The batch's :math:`\alpha^*` is that of the loss the gradient came from: a forward pre-hook keeps the RNG state
-of the last forward pass with gradients enabled (the training one; evaluation under ``torch.no_grad`` is passed
-over), and the measurement replays it, so a model with dropout is measured with the training step's own mask
-(call :meth:`remove` to detach the hook).
-
-Each step leaves a :class:`~alphalib.records.Record` like the probe's, along the step taken on the training
-batch: ``lr`` is :math:`\mathrm{lr}_t`, ``alpha_star`` the batch's own, so ``ratio`` :math:`= \alpha^*_{batch} /
-\mathrm{lr}_t` (:math:`1/\kappa` for ``"batch"`` inside the bounds).
+**Schedule-Free's two points.** It keeps a gradient point :math:`y_t` (train mode: what the parameters hold
+while stepping), the fast iterate :math:`z_t` and their average :math:`x_t` (eval mode: the point it returns).
+The probe measures at :math:`\theta_t = y_t`, where the gradient is computed, along :math:`\Delta = y_{t+1}-y_t`:
+that is the step the loss sees. :func:`train_mode` and :func:`eval_mode` switch optimizers that have the two
+modes and leave the others alone; :func:`alphalib.train` steps in train mode, validates in eval mode and ends in
+eval mode.
 """
 
 from __future__ import annotations
 
-import itertools
+import importlib
+import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._checks import trainable
-from ._function import LossFn, rng_state
-from .curvature import Backend, alpha_star, check_backend
-from .direction import _FAMILIES as FAMILIES
-from .direction import direction
-from .records import Record, make_record, tell, to_frame
-from .spectrum import alpha_over
+from ._function import LossFn
 
-if TYPE_CHECKING:
-    import pandas as pd
+__all__ = ["OPTIMIZERS", "make_optimizer", "step_size", "train_mode", "eval_mode"]
 
-Source = Literal["batch", "smoothed", "heldout", "full"]
-SOURCES: tuple[str, ...] = ("batch", "smoothed", "heldout", "full")
+#: the names :func:`make_optimizer` builds beside ``torch.optim``'s classes: (module, class, pip package)
+LR_FREE: dict[str, tuple[str, str, str]] = {
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "dadapt_adam": ("dadaptation", "DAdaptAdam", "dadaptation"),
+    "dadapt_sgd": ("dadaptation", "DAdaptSGD", "dadaptation"),
+    "dog": ("dog", "DoG", "dog-optimizer"),
+    "ldog": ("dog", "LDoG", "dog-optimizer"),
+    "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
+    "schedulefree_sgd": ("schedulefree", "SGDScheduleFree", "schedulefree"),
+}
+_TORCH = {name.lower(): cls for name, cls in vars(torch.optim).items()
+          if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer}
+#: every name :func:`make_optimizer` knows
+OPTIMIZERS: tuple[str, ...] = (*sorted(_TORCH), *LR_FREE, "alpha_scaled")
 
 
-class AlphaScaled:
-    r"""Step ``optimizer`` with learning rate :math:`\kappa\,\alpha^*` of the chosen ``source`` (see the module).
+def _class(name: str) -> type[torch.optim.Optimizer]:
+    """Return the optimizer class a name stands for; a clear error for unknown names and missing packages."""
+    key = name.lower()
+    if key in _TORCH:
+        return _TORCH[key]
+    if key not in LR_FREE:
+        raise ValueError(f"unknown optimizer {name!r}: give one of {', '.join(OPTIMIZERS)} "
+                         "(torch.optim's names in any case).")
+    module, cls, package = LR_FREE[key]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise ImportError(f"optimizer {name!r} needs the package {package!r}: install the extra with "
+                          f'pip install -c constraints.txt "alphalib[lrfree]"  (or: pip install {package} with '
+                          "torch held at its pin).") from exc
 
-    Call :meth:`step` after ``loss.backward()`` in place of ``optimizer.step()``, with the batch the loss was
-    computed on. Example (on a quadratic, ``"batch"`` with :math:`\kappa = 1` is exact line search):
+
+def make_optimizer(
+    name: str,
+    params: Iterable,
+    *,
+    lr: float | None = None,
+    model: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Build the optimizer ``name`` over ``params`` with ``lr`` (``None``: the optimizer's own default) and ``kwargs``.
+
+    ``"alpha_scaled"`` returns :class:`alphalib.AlphaScaled` around ``base`` (a name, ``"adam"`` by default) built
+    with ``lr`` and the keywords :class:`~alphalib.AlphaScaled` does not take; it needs ``model`` and ``loss_fn``.
 
         >>> import torch
-        >>> model = torch.nn.Linear(2, 1, bias=False).double()
-        >>> x = torch.eye(2, dtype=torch.float64)
-        >>> y = torch.ones(2, 1, dtype=torch.float64)
-        >>> opt = AlphaScaled(torch.optim.SGD(model.parameters(), lr=0.1), model, torch.nn.functional.mse_loss)
-        >>> opt.zero_grad()
-        >>> torch.nn.functional.mse_loss(model(x), y).backward()
-        >>> rec = opt.step((x, y))
-        >>> round(rec.ratio, 12), [round(w, 12) for w in model.weight[0].tolist()]  # H = I: one step, the minimum
-        (1.0, [1.0, 1.0])
+        >>> net = torch.nn.Linear(3, 1)
+        >>> type(make_optimizer("adamw", net.parameters(), lr=1e-3, weight_decay=0.1)).__name__
+        'AdamW'
+        >>> scaled = make_optimizer("alpha_scaled", net.parameters(), model=net,
+        ...                         loss_fn=torch.nn.functional.mse_loss, base="sgd", momentum=0.9, kappa=0.5)
+        >>> type(scaled.optimizer).__name__, scaled.kappa
+        ('SGD', 0.5)
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, one of {', '.join(OPTIMIZERS)}; got {type(name).__name__}.")
+    if name.lower() == "alpha_scaled":
+        from .scaled import AlphaScaled
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        model: nn.Module,
-        loss_fn: LossFn,
-        *,
-        kappa: float = 1.0,
-        source: Source = "batch",
-        curvature: Backend = "hessian",
-        smoothing: float = 0.9,
-        bounds: tuple[float, float] = (0.0, math.inf),
-        held_out: Iterable[object] | None = None,
-        full_data: Iterable[object] | None = None,
-        full_every: int = 10,
-        tags: Mapping[str, Any] | None = None,
-    ):
-        if not (isinstance(kappa, int | float) and kappa > 0 and math.isfinite(kappa)):
-            raise ValueError(f"kappa scales alpha*: give a positive number, got {kappa!r}.")
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}.")
-        if check_backend(curvature) not in ("hessian", "ggn", "secant"):
-            raise ValueError(f"curvature must be 'hessian', 'ggn' or 'secant' here; got {curvature!r}.")
-        if not 0 <= smoothing < 1:
-            raise ValueError(f"smoothing is the weight of the past in [0, 1); got {smoothing!r}.")
-        lo, hi = bounds
-        if not 0 <= lo < hi:
-            raise ValueError(f"bounds must be (low, high) with 0 <= low < high; got {bounds!r}.")
-        if source == "heldout" and held_out is None:
-            raise ValueError("source='heldout' needs held_out=<batches the step never sees> (a DataLoader).")
-        if source == "full" and full_data is None:
-            raise ValueError("source='full' needs full_data=<the training set's batches> (a DataLoader).")
-        if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1:
-            raise ValueError(f"full_every must be a positive integer (every k-th step), got {full_every!r}.")
-        lrs = {float(g["lr"]) for g in optimizer.param_groups}
-        if len(lrs) != 1:
-            raise ValueError(f"every param group must share one lr (got {sorted(lrs)}): the wrapper sets one "
-                             "step length for the whole direction.")
-        if type(optimizer) not in FAMILIES:
-            raise TypeError(f"AlphaScaled needs the step direction before the step, which alphalib.direction gives "
-                            f"for {', '.join(c.__name__ for c in FAMILIES)}; got {type(optimizer).__qualname__}.")
-        self.optimizer, self.model, self.loss_fn = optimizer, model, loss_fn
-        self.kappa, self.source, self.curvature, self.smoothing = float(kappa), source, curvature, smoothing
-        self.bounds = (float(lo), float(hi))
-        self.full_data, self.full_every = full_data, full_every
-        self._held_out = itertools.cycle(held_out) if held_out is not None else None
-        self.tags = dict(tags or {})
-        self.records: list[Record] = []
-        #: called with each new record (the live view is one), as :attr:`alphalib.AlphaProbe.listeners`
-        self.listeners: list[Callable[[Record], None]] = []
-        self.steps = 0
-        self.lr = lrs.pop()  #: the learning rate of the last step (the optimizer's own before the first)
-        self._log_mean, self._usable = 0.0, 0  # the smoothed source's running log-mean and its count
-        self._full: float | None = None  # the full-data alpha*, held between measurements
-        device = trainable(model)[0].device
-        self._rng: torch.Tensor | None = None  # the RNG state of the last forward with gradients enabled
-
-        def keep_rng(module: nn.Module, args: object) -> None:
-            if torch.is_grad_enabled():
-                self._rng = rng_state(device)
-
-        self._hook = model.register_forward_pre_hook(keep_rng)
-
-    def remove(self) -> None:
-        """Detach the forward pre-hook that keeps the training forward's RNG state (records stay)."""
-        self._hook.remove()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the wrapped optimizer's gradients."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self, batch: object, *, epoch: int | None = None) -> Record:
-        """Take the wrapped optimizer's step with :math:`\\mathrm{lr}_t = \\kappa\\,\\alpha^*`; return its record."""
-        d, params = direction(self.optimizer), trainable(self.model)
-        own = alpha_star(self.model, self.loss_fn, batch, d, rng=self._rng, **self._kw())
-        found, why = self._source(own, d)
-        if found is None:
-            lr = self.lr
-        else:
-            lr = min(max(self.kappa * found, self.bounds[0]), self.bounds[1])
-            dtype = params[0].dtype
-            if lr <= 0:  # a lower bound of 0 that clipping reached: no step is no step size
-                lr, why = self.lr, "kappa * alpha* clipped to 0; the last lr was used"
-            elif lr > math.sqrt(torch.finfo(dtype).max):  # the optimizer's arithmetic would overflow
-                lr, why = self.lr, f"kappa * alpha* = {lr:.3g} would overflow {dtype}; the last lr was used"
-        nominal = [g["lr"] for g in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        try:
-            self.optimizer.step()
-        finally:
-            for group, value in zip(self.optimizer.param_groups, nominal):
-                group["lr"] = value
-        self.lr = lr
-        norm = math.sqrt(sum(float(di.square().sum()) for di in d))
-        grads = [p.grad for p in params if p.grad is not None]
-        rec = make_record(step=self.steps, epoch=epoch, loss=own.loss, lr=lr, step_slope=lr * own.slope,
-                          step_curvature=lr * lr * own.curvature, step_norm=lr * norm,
-                          grad_norm=math.sqrt(sum(float(g.square().sum()) for g in grads)),
-                          backend=self.curvature, fallback=why)
-        self.records.append(rec)
-        tell(self.listeners, rec)
-        self.steps += 1
-        return rec
-
-    def _kw(self) -> dict[str, Any]:
-        """The curvature backend, and for ``"secant"`` the lr whose step it measures over."""
-        return {"curvature": self.curvature, "lr": self.lr if self.curvature == "secant" else None}
-
-    def _source(self, own: Any, d: Any) -> tuple[float | None, str]:
-        """Return the source's α* (None where it has no step size) and, if None, why."""
-        if self.source == "batch":
-            return _usable(own, "the batch")
-        if self.source == "smoothed":
-            found, why = _usable(own, "the batch")
-            if found is not None:
-                self._usable += 1
-                self._log_mean = self.smoothing * self._log_mean + (1 - self.smoothing) * math.log(found)
-            if not self._usable:
-                return None, why
-            return math.exp(self._log_mean / (1 - self.smoothing ** self._usable)), why
-        if self.source == "heldout":
-            res = alpha_star(self.model, self.loss_fn, next(self._held_out), d, **self._kw())
-            return _usable(res, "the held-out batch")
-        if self.steps % self.full_every == 0:
-            res = alpha_over(self.model, self.loss_fn, self.full_data, d, curvature=self.curvature)
-            self._full, why = _usable(res, "the full data")
-            return self._full, why
-        return self._full, "" if self._full is not None else "no usable full-data alpha* measured yet"
-
-    def to_frame(self) -> pd.DataFrame:
-        """Return the records as a DataFrame (one row per step), with the tags as columns."""
-        return to_frame(self.records, {"source": self.source, "kappa": self.kappa, **self.tags})
+        if model is None or loss_fn is None:
+            raise ValueError("'alpha_scaled' measures alpha* on the model's loss: pass model= and loss_fn=.")
+        own = set(inspect.signature(AlphaScaled).parameters) - {"optimizer", "model", "loss_fn"}
+        base = kwargs.pop("base", "adam")
+        if base.lower() == "alpha_scaled":
+            raise ValueError("base must be an optimizer alphalib.direction knows, e.g. 'adam'; not 'alpha_scaled'.")
+        wrapped = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
+        return AlphaScaled(make_optimizer(base, params, lr=lr, **kwargs), model, loss_fn, **wrapped)
+    cls = _class(name)
+    return cls(params, **({} if lr is None else {"lr": lr}), **kwargs)
 
 
-def _usable(res: Any, what: str) -> tuple[float | None, str]:
-    """Return ``res.alpha_star`` (from :func:`alphalib.records.alpha`) if it is a step size, else None and why not."""
-    slope, curvature = res.slope, res.curvature
-    if not (math.isfinite(slope) and math.isfinite(curvature)):
-        return None, f"{what}: slope or curvature not finite; the last lr was used"
-    if curvature <= 0:
-        return None, f"{what}: curvature {curvature:.3g} <= 0 along d; the last lr was used"
-    if slope >= 0:
-        return None, f"{what}: d goes uphill (slope {slope:.3g} >= 0); the last lr was used"
-    return res.alpha_star, ""
+def step_size(optimizer: torch.optim.Optimizer) -> Callable[[], float]:
+    """Call before ``optimizer.step()``; return a function that, called after it, gives the step size it used.
+
+    See the module for what each optimizer's step size is. For Prodigy, whose distance estimate :math:`d` is
+    updated inside the step, the step size is read before it; for DoG, whose :math:`\\eta` the step computes
+    first, after it.
+    """
+    group = optimizer.param_groups[0]
+    kind = type(optimizer).__name__
+    if kind in ("Prodigy", "DAdaptAdam") and "d" in group:
+        lr = max(g["lr"] for g in optimizer.param_groups)
+        size = group["d"] * lr
+        if group.get("use_bias_correction"):
+            k, (beta1, beta2) = group["k"], group["betas"]
+            size *= (1 - beta2 ** (k + 1)) ** 0.5 / (1 - beta1 ** (k + 1))
+        return lambda: float(size)
+    if kind == "DAdaptSGD" and "d" in group:
+        size = group["d"] * group["lr"]
+        return lambda: float(size)
+    if "eta" in group or kind in ("DoG", "LDoG"):  # DoG: eta is set inside the step (LDoG: one per tensor)
+        return lambda: float(group["eta"][0]) if "eta" in group else math.nan
+    if "scheduled_lr" in group:  # Schedule-Free: the warmed-up lr of this step, set inside the step
+        return lambda: float(group["scheduled_lr"])
+    lr = float(group["lr"])
+    return lambda: lr
+
+
+def _modes(optimizer: object) -> bool:
+    """Whether ``optimizer`` keeps a train and an eval point (Schedule-Free)."""
+    groups = getattr(optimizer, "param_groups", None)
+    return bool(groups) and "train_mode" in groups[0] and callable(getattr(optimizer, "eval", None))
+
+
+def train_mode(optimizer: object) -> None:
+    """Put an optimizer that has train and eval points (Schedule-Free) in train mode; leave others alone."""
+    if _modes(optimizer):
+        optimizer.train()
+
+
+def eval_mode(optimizer: object) -> None:
+    """Put an optimizer that has train and eval points (Schedule-Free) in eval mode; leave others alone."""
+    if _modes(optimizer):
+        optimizer.eval()
+
+
+def in_eval_mode(optimizer: object) -> bool:
+    """Whether ``optimizer`` has train and eval points and is in eval mode (it cannot step then)."""
+    return _modes(optimizer) and not optimizer.param_groups[0]["train_mode"]

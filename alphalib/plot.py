@@ -37,7 +37,8 @@ def _kind(flag: str) -> str | None:
 
 
 def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    r"""Plot :math:`\alpha^*` per step on a log axis with its per-epoch median and the learning rate.
+    r"""Plot :math:`\alpha^*` per step on a log axis with its per-epoch median and the learning rate (or the step
+    size the optimizer chose, where that is not its lr).
 
     Only descent steps with positive curvature have an :math:`\alpha^*` that is a step size; steps with
     negative curvature or an ascent direction are marked as ticks along the bottom (counted in the legend), not
@@ -60,7 +61,9 @@ def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     if "epoch" in records and records["epoch"].notna().any():
         ok = records[kinds == "descent, H>0"].groupby("epoch").agg(step=("step", "mean"), a=("alpha_star", "median"))
         ax.plot(ok["step"], ok["a"], color="black", lw=1.8, label="per-epoch median α*")
-    ax.plot(records["step"], records["lr"], color="tab:green", ls="--", lw=1.8, label="lr")
+    size = records["step_size"] if "step_size" in records else records["lr"]  # α* is in units of the step size
+    own = not size.equals(records["lr"])  # chosen by a learning-rate-free optimizer
+    ax.plot(records["step"], size, color="tab:green", ls="--", lw=1.8, label="step size" if own else "lr")
     ax.set_yscale("log")
     ax.set(xlabel="optimizer step", ylabel="α*")
     undefined = int(kinds.isna().sum())

@@ -53,6 +53,7 @@ from .curvature import Backend, Directional, Known, check_backend, directional
 from .fast import Capture, NoRule, OpCapture
 from .fast import capture_for, measure
 from .fast.output import output_grad
+from .optim import in_eval_mode, step_size
 from .records import Record, make_record, tell, to_frame
 from .spectrum import along
 
@@ -125,6 +126,9 @@ class AlphaProbe:
         #: one that raises is dropped with a warning, so it can never stop training
         self.listeners: list[Callable[[Record], None]] = []
         self.steps = 0
+        #: seconds spent in :meth:`step` apart from the optimizer's own step: what observing costs (the hooks'
+        #: small share of the forward and backward passes is not in it)
+        self.seconds = 0.0
         self._warned = self._validated = False
         self._capture: Capture | OpCapture | None = None
         self._why = "path='generic' was asked for" if path == "generic" else ""
@@ -228,13 +232,20 @@ class AlphaProbe:
         weighted them). For optimizers that take a closure (LBFGS) pass it as ``closure``. What cannot be measured
         raises a ``ValueError`` *before* the optimizer steps; after it, failures become records flagged ``error``.
         """
+        start = self._clock()
         batches = self._split(batch)
+        if in_eval_mode(self.optimizer):
+            raise ValueError(f"{type(self.optimizer).__name__} is in eval mode, where it cannot step: call "
+                             "optimizer.train() before the training steps (and optimizer.eval() before evaluating).")
         t = self.steps
         if t % self.every:
+            stepping = self._clock()
             self._take(closure)
+            stepped = self._clock() - stepping
             self.steps = t + 1
             self._arm(t + 1)
             self._last = self._clock()
+            self.seconds += self._last - start - stepped
             return None
         everything = list(self.model.parameters())  # read at every step: layers may be frozen or unfrozen
         params = trainable(self.model, everything)
@@ -260,10 +271,13 @@ class AlphaProbe:
         self._witness.armed = False  # what runs from here on (a closure, the probe's passes) is not training's
         if cap is not None:
             cap.active = False
+        size = step_size(self.optimizer)
+        stepping = self._clock()
         try:
             self._take(closure)
         finally:
             self.steps = t + 1
+        stepped, size = self._clock() - stepping, size()
         with torch.no_grad():
             current = [p.detach() for p in params]
             if sweep:  # θ_t is not needed again: turn its copy into Δ in place
@@ -298,13 +312,15 @@ class AlphaProbe:
             self._arm(t + 1)
         scopes = self._scopes(current, delta, fallback) if self.scopes and t % self.full_every == 0 else {}
         rec = make_record(
-            step=t, epoch=epoch, loss=res.loss, lr=lr, step_slope=res.slope, step_curvature=res.curvature,
+            step=t, epoch=epoch, loss=res.loss, lr=lr, step_size=size, step_slope=res.slope,
+            step_curvature=res.curvature,
             grad_norm=res.grad_norm, step_norm=step_norm, backend=self.curvature, path=path, error=error,
             mismatch=bool(verdict.mismatch), fallback="; ".join(fallback), scopes=scopes,
         )
         self.records.append(rec)
         tell(self.listeners, rec)
         self._last = self._clock()
+        self.seconds += self._last - start - stepped
         return rec
 
     def _scopes(self, current: list[Tensor], delta: list[Tensor], fallback: list[str]) -> dict[str, Directional]:

@@ -1,10 +1,11 @@
 r"""One record per probed step, the flags for odd curvature, and the tidy DataFrame built from them.
 
-A record describes the step :math:`\Delta = \theta_{t+1} - \theta_t` the optimizer really took, in
-learning-rate units: :math:`d = \Delta/\mathrm{lr}`, ``slope`` :math:`= d^\top g_t`, ``curvature``
+A record describes the step :math:`\Delta = \theta_{t+1} - \theta_t` the optimizer really took, in units of
+the step size :math:`s` it used (``step_size``: the learning rate, or the one a learning-rate-free optimizer chose,
+see :func:`alphalib.optim.step_size`): :math:`d = \Delta/s`, ``slope`` :math:`= d^\top g_t`, ``curvature``
 :math:`= d^\top H_t d`, ``alpha_star`` :math:`= -d^\top g_t / d^\top H_t d` and ``ratio`` :math:`=
-\alpha^*/\mathrm{lr} = -\Delta^\top g_t / \Delta^\top H_t \Delta`, the multiple of the realized step that
-lands on the minimum of the quadratic model (1 = on it, < 1 = the step overshoots).
+\alpha^*/s = -\Delta^\top g_t / \Delta^\top H_t \Delta`, the multiple of the realized step that lands on the
+minimum of the quadratic model (1 = on it, < 1 = the step overshoots).
 """
 
 from __future__ import annotations
@@ -29,16 +30,18 @@ FLAGS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class Record:
-    """What the probe measured on one step (all in learning-rate units of the first param group)."""
+    """What the probe measured on one step (all in units of ``step_size``: the first param group's lr, or the step
+    size a learning-rate-free optimizer chose)."""
 
     step: int  #: index of the optimizer step, counted from 0 over all ``probe.step`` calls
     epoch: int | None  #: epoch, when the caller gives it
     loss: float  #: :math:`L_B(\theta_t)`
     lr: float  #: learning rate of the first param group
+    step_size: float  #: the step size the optimizer used: ``lr``, or Prodigy's :math:`d\,\mathrm{lr}`, DoG's η, …
     slope: float  #: :math:`d^\top g_t`
     curvature: float  #: :math:`d^\top H_t d` by ``backend``
     alpha_star: float  #: :math:`-d^\top g_t / d^\top H_t d`, NaN when undefined
-    ratio: float  #: ``alpha_star / lr``
+    ratio: float  #: ``alpha_star / step_size``
     grad_norm: float  #: :math:`\|g_t\|`, the gradient of the measured loss (before any clipping)
     step_norm: float  #: :math:`\|\theta_{t+1} - \theta_t\|`
     flag: str  #: ``"ok"`` or ``"|"``-joined names from :data:`FLAGS`
@@ -78,16 +81,19 @@ def make_record(
     *, step: int, epoch: int | None, loss: float, lr: float, step_slope: float, step_curvature: float,
     grad_norm: float, step_norm: float, backend: str, path: str = "generic", error: bool = False,
     mismatch: bool = False, fallback: str = "", scopes: Mapping[str, Any] | None = None,
+    step_size: float | None = None,
 ) -> Record:
-    """Build a record from slope and curvature along the realized step :math:`\\Delta` (not yet in lr units)."""
+    """Build a record from slope and curvature along the realized step :math:`\\Delta` (not yet in step-size units;
+    ``step_size`` defaults to ``lr``)."""
     flag = "error" if error else classify(step_slope, step_curvature, loss, step_norm=step_norm)
     if mismatch and flag != "error":
         flag = "|".join(sorted({"mismatch", *flag.split("|")} - {"ok"}, key=FLAGS.index))
     usable = not {"error", "nonfinite", "zero_step"} & set(flag.split("|"))
     ratio = alpha(step_slope, step_curvature) if usable else math.nan
-    scale = lr if lr > 0 else math.nan
+    size = lr if step_size is None else step_size
+    scale = size if size > 0 else math.nan
     return Record(
-        step=step, epoch=epoch, loss=loss, lr=lr,
+        step=step, epoch=epoch, loss=loss, lr=lr, step_size=size,
         slope=step_slope / scale, curvature=step_curvature / scale**2,
         alpha_star=ratio * scale, ratio=ratio,
         grad_norm=grad_norm, step_norm=step_norm, flag=flag, backend=backend, path=path, fallback=fallback,

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from ._function import LossFn
 from .curvature import Backend
 from .data import loader
-from .optim import AlphaScaled
+from .optim import eval_mode, make_optimizer, train_mode
+from .scaled import AlphaScaled
 from .probe import AlphaProbe
 from .spectrum import next_step_profiles
 
@@ -30,6 +31,8 @@ class History:
     steps: pd.DataFrame  #: one row per step: ``epoch``, ``step``, ``loss`` (mini-batch loss before the step)
     #: one row per epoch: ``train_loss`` (mean), ``seconds`` (training time so far, the probe's included, validation
     #: not), ``val_loss``, ``val_accuracy`` if given
+    #: ``probe_seconds`` (the probe's share of ``seconds``: what observing cost; 0 without a probe and for the
+    #: α*-scaled steps, whose measurement is part of the method)
     epochs: pd.DataFrame
     records: pd.DataFrame  #: the probe's records (empty without a probe), or the α*-scaled steps' records
     #: line profiles along the next step (``run(looks=...)``): ``alpha`` (a learning rate: ``alpha == lr`` is the
@@ -74,7 +77,9 @@ def train(
     """Train for ``epochs`` passes over ``batches``, letting ``probe`` take the steps.
 
     ``batches`` (and ``val``) yield ``(inputs, targets)`` pairs and are iterated once per epoch (a
-    ``DataLoader``). Validation runs after every epoch, in eval mode; then ``after_epoch(epochs_done)``. With
+    ``DataLoader``). Validation runs after every epoch, in eval mode; then ``after_epoch(epochs_done)``. An
+    optimizer with train and eval points (Schedule-Free) steps in train mode, is validated in eval mode and is left
+    in eval mode, so that the model ends on the point it returns (see :mod:`alphalib.optim`). With
     ``live`` the probe's records are drawn below the running cell where a notebook frontend shows them
     (:func:`alphalib.live.watch`: nothing under papermill, nbval or in a script).
     """
@@ -90,6 +95,7 @@ def train(
         watching = watch(probe, title=f"{type(optimizer).__name__} (lr {lr:g}): α* as training runs")
     steps, per_epoch = [], []
     model.train()
+    train_mode(optimizer)
     bar = tqdm(range(epochs), desc="epochs", disable=not progress)
     seconds = 0.0  # training time so far: the steps (the probe's included), not validation
     for epoch in bar:
@@ -105,25 +111,20 @@ def train(
             steps.append((epoch, len(steps), loss.item()))
         seconds += time.perf_counter() - start
         row = {"epoch": epoch, "train_loss": sum(s[2] for s in steps[first:]) / max(len(steps) - first, 1),
-               "seconds": seconds}
+               "seconds": seconds, "probe_seconds": getattr(probe, "seconds", 0.0)}
         if val is not None:
+            eval_mode(optimizer)
             row |= evaluate(model, loss_fn, val)
+            train_mode(optimizer)
         per_epoch.append(row)
         if after_epoch is not None:
             after_epoch(epoch + 1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("epoch", "seconds")})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("epoch", "seconds", "probe_seconds")})
+    eval_mode(optimizer)
     if watching is not None:
         watching.close()
     records = probe.to_frame() if probe is not None else pd.DataFrame()
     return History(pd.DataFrame(steps, columns=["epoch", "step", "loss"]), pd.DataFrame(per_epoch), records)
-
-
-def make_optimizer(name: str, params: Iterable, *, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
-    """Return ``torch.optim.<name>(params, lr=lr, **kwargs)``, with a clear error for unknown names."""
-    cls = getattr(torch.optim, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ValueError(f"unknown optimizer {name!r}: give a class name from torch.optim, e.g. 'Adam' or 'SGD'.")
-    return cls(params, lr=lr, **kwargs)
 
 
 def run(
@@ -132,7 +133,7 @@ def run(
     train_set: Dataset,
     *,
     optimizer: str = "Adam",
-    lr: float = 1e-3,
+    lr: float | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     epochs: int = 10,
     batch_size: int = 32,
@@ -143,15 +144,16 @@ def run(
     val_set: Dataset | None = None,
     full_every: int | None = None,
     looks: Collection[int] = (),
-    scaled: Mapping[str, Any] | None = None,
     alpha_set: Dataset | None = None,
     tags: Mapping[str, Any] | None = None,
     progress: bool = True,
     live: bool = False,
 ) -> History:
-    """Seed, build ``model()`` and the optimizer, train with a probe; tag every row with the run's settings.
+    r"""Seed, build ``model()`` and the optimizer, train with a probe; tag every row with the run's settings.
 
-    Every frame of the result carries ``optimizer``, ``seed`` and ``lr0`` (the initial learning rate) plus
+    ``optimizer`` is any name :func:`alphalib.make_optimizer` knows, built with ``lr`` (``None``: the optimizer's
+    own default, e.g. 1e-3 for Adam, 1 for Prodigy) and ``optimizer_kwargs``. Every frame of the result carries
+    ``optimizer``, ``seed`` and ``lr0`` (the initial learning rate) plus
     ``tags`` as columns, so runs concatenate into one tidy DataFrame. With ``full_every=k`` the probe also
     records, every k-th step, α* of the full training set and of ``val_set`` along the same step (``full_*``
     and ``heldout_*`` columns). ``looks``: after each of these epochs (counted from 1), the loss along the step
@@ -159,26 +161,34 @@ def run(
     (:func:`alphalib.next_step_profiles`, training untouched), into ``History.profiles``. ``live``: watch the
     records as they come, in JupyterLab (see :func:`train`).
 
-    ``scaled`` (keyword arguments of :class:`alphalib.AlphaScaled`: ``kappa``, ``source``, ``smoothing``,
-    ``bounds``, ``full_every``) steps the optimizer by :math:`\kappa\,\alpha^*` instead of probing it; its
-    ``"heldout"`` source measures on batches of ``alpha_set`` (keep it apart from ``val_set``, which judges the
-    run), its ``"full"`` source on the training set.
+    ``optimizer="alpha_scaled"`` steps the ``base`` optimizer of ``optimizer_kwargs`` (``"adam"`` by default) by
+    :math:`\kappa\,\alpha^*` instead of probing it (the other keywords of :class:`alphalib.AlphaScaled`:
+    ``kappa``, ``source``, ``smoothing``, ``bounds``, ``full_every``); its ``"heldout"`` source measures on batches
+    of ``alpha_set`` (keep it apart from ``val_set``, which judges the run), its ``"full"`` source on the training
+    set.
     """
     import pandas as pd
 
     torch.manual_seed(seed)
     net = model()
-    opt = make_optimizer(optimizer, net.parameters(), lr=lr, **dict(optimizer_kwargs or {}))
-    labels = {"optimizer": optimizer, "seed": seed, "lr0": lr, **dict(tags or {})}
     full = loader(train_set, 1024) if full_every is not None or looks else None
     val = loader(val_set, 512) if val_set is not None else None
-    scopes = dict(full_data=full, held_out=val, full_every=full_every) if full_every is not None else {}
-    if scaled is None:
-        probe = AlphaProbe(net, loss_fn, opt, curvature=curvature, every=every, tags=labels, **scopes)
+    kwargs = dict(optimizer_kwargs or {})
+    if isinstance(optimizer, str) and optimizer.lower() == "alpha_scaled":
+        if kwargs.get("source") == "heldout" and alpha_set is None:
+            raise ValueError("the 'heldout' source measures alpha* on data the run never trains on: pass alpha_set= "
+                             "(apart from val_set, which judges the run).")
+        kwargs = dict(curvature=curvature, full_data=full if full is not None else loader(train_set, 1024),
+                      held_out=loader(alpha_set, batch_size, shuffle=True, seed=seed + 2) if alpha_set else None,
+                      ) | kwargs
+    built = make_optimizer(optimizer, net.parameters(), lr=lr, model=net, loss_fn=loss_fn, **kwargs)
+    opt = built.optimizer if isinstance(built, AlphaScaled) else built
+    labels = {"optimizer": optimizer, "seed": seed, "lr0": opt.param_groups[0]["lr"], **dict(tags or {})}
+    if isinstance(built, AlphaScaled):
+        probe, built.tags = built, {**built.tags, **labels}
     else:
-        sources = dict(held_out=loader(alpha_set, batch_size, shuffle=True, seed=seed + 2) if alpha_set else None,
-                       full_data=full if full is not None else loader(train_set, 1024))
-        probe = AlphaScaled(opt, net, loss_fn, curvature=curvature, tags=labels, **sources, **dict(scaled))
+        scopes = dict(full_data=full, held_out=val, full_every=full_every) if full_every is not None else {}
+        probe = AlphaProbe(net, loss_fn, opt, curvature=curvature, every=every, tags=labels, **scopes)
     batches = loader(train_set, batch_size, shuffle=shuffle, seed=seed)
     draw = torch.Generator().manual_seed(seed + 1)  # the looks' batches, apart from training's own stream
     profiles = []

@@ -1,284 +1,243 @@
-"""AlphaScaled against closed forms: exact line search on a quadratic, dense float64 Hessians elsewhere."""
+"""Optimizers by name, the learning-rate-free ones under the probe against dense float64 Hessians, their step sizes."""
 
 from __future__ import annotations
 
-import copy
 import math
 
-import numpy as np
 import pytest
 import torch
+from conftest import CASES, dense_hessian, flat, rel_err
 from torch import nn
-from torch.func import functional_call
 from torch.nn import functional as F
 
 import alphalib
-from alphalib.optim import AlphaScaled
+from alphalib import optim
 
-DT = torch.float64
+#: each learning-rate-free optimizer with settings that exercise it: Prodigy's coupled weight decay writes into
+#: .grad, Schedule-Free warms up over two steps and normalises .grad in place
+LR_FREE = {
+    "prodigy": dict(d0=1e-3, weight_decay=0.01, decouple=False, use_bias_correction=True),
+    "dadapt_adam": dict(d0=1e-3),
+    "dog": dict(reps_rel=1e-3),
+    "schedulefree_adamw": dict(lr=0.02, warmup_steps=2),
+}
 
-
-class Theta(nn.Module):
-    """A bare parameter vector: ``model(x)`` is θ, so a loss_fn of the output is a function of θ."""
-
-    def __init__(self, theta: torch.Tensor):
-        super().__init__()
-        self.theta = nn.Parameter(theta.clone())
-
-    def forward(self, x):
-        return self.theta
+pytestmark = pytest.mark.filterwarnings("ignore:.*lr parameter.*")
 
 
-def _quadratic(n: int = 5, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    m = torch.randn(n, n, generator=gen, dtype=DT)
-    a = m @ m.T + 0.5 * torch.eye(n, dtype=DT)
-    b = torch.randn(n, generator=gen, dtype=DT)
-    return a, b, (lambda out, y: 0.5 * out @ a @ out - b @ out), torch.randn(n, generator=gen, dtype=DT)
+def _build(name, params, **changes):
+    kwargs = LR_FREE[name] | changes
+    lr = kwargs.pop("lr", None)
+    opt = alphalib.make_optimizer(name, params, lr=lr, **kwargs)
+    optim.train_mode(opt)
+    return opt
 
 
-BATCH = (torch.zeros(1, dtype=DT), torch.zeros(1, dtype=DT))
-
-
-def _step(opt: AlphaScaled, model: nn.Module, loss_fn, batch=BATCH):
-    opt.zero_grad()
-    loss_fn(model(batch[0]), batch[1]).backward()
-    return opt.step(batch)
-
-
-def test_sgd_scaled_by_the_batch_alpha_is_steepest_descent_with_exact_line_search():
-    a, b, loss_fn, theta0 = _quadratic()
-    model = Theta(theta0)
-    opt = AlphaScaled(torch.optim.SGD(model.parameters(), lr=0.1), model, loss_fn)
-    theta = theta0.clone()
-    for _ in range(8):
-        g = a @ theta - b
-        step = (g @ g) / (g @ a @ g)  # the exact minimiser along -g
-        theta = theta - step * g
-        rec = _step(opt, model, loss_fn)
-        assert rec.lr == pytest.approx(float(step), rel=1e-12)
-        assert rec.ratio == pytest.approx(1.0, rel=1e-12) and rec.flag == "ok" and rec.fallback == ""
-        torch.testing.assert_close(model.theta.detach(), theta, rtol=1e-12, atol=1e-14)
-    assert opt.optimizer.param_groups[0]["lr"] == 0.1  # the nominal lr is restored after every step
-
-
-def test_kappa_scales_the_step_and_bounds_clip_it():
-    a, b, loss_fn, theta0 = _quadratic()
-    g = a @ theta0 - b
-    exact = float((g @ g) / (g @ a @ g))
-    for kappa, bounds, expected in ((0.25, (0.0, math.inf), 0.25 * exact), (1.0, (0.0, exact / 3), exact / 3),
-                                    (1.0, (2 * exact, math.inf), 2 * exact)):
-        model = Theta(theta0)
-        opt = AlphaScaled(torch.optim.SGD(model.parameters(), lr=0.1), model, loss_fn, kappa=kappa, bounds=bounds)
-        rec = _step(opt, model, loss_fn)
-        assert rec.lr == pytest.approx(expected, rel=1e-12)
-        torch.testing.assert_close(model.theta.detach(), theta0 - expected * g, rtol=1e-12, atol=1e-14)
-        assert rec.ratio == pytest.approx(exact / expected, rel=1e-12)
-
-
-def _least_squares(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Linear(4, 2).double()
-    batches = [(torch.randn(16, 4, dtype=DT), torch.randn(16, 2, dtype=DT)) for _ in range(4)]
-    return model, batches
-
-
-def test_ggn_and_hessian_coincide_on_linear_least_squares():
-    model, batches = _least_squares()
-    runs = []
-    for curvature in ("hessian", "ggn"):
-        net = copy.deepcopy(model)
-        opt = AlphaScaled(torch.optim.Adam(net.parameters(), lr=1e-2), net, F.mse_loss, curvature=curvature)
-        lrs = [_step(opt, net, F.mse_loss, batch).lr for batch in batches * 2]
-        runs.append((lrs, torch.cat([p.detach().flatten() for p in net.parameters()])))
-    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-12)
-    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-12, atol=1e-14)
-
-
-def _dense_alpha(model: nn.Module, batches, d) -> float:
-    """α* along ``d`` of the mean loss over ``batches``, from a dense float64 Hessian of the flattened parameters."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    v = torch.cat([di.flatten() for di in d])
-
-    def loss(theta):
-        chunks = torch.split(theta, [math.prod(s) for s in shapes])
-        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
-        return sum(F.mse_loss(functional_call(model, params, (x,)), y) for x, y in batches) / len(batches)
-
-    g = torch.autograd.functional.jacobian(loss, flat)
-    h = torch.autograd.functional.hessian(loss, flat)
-    return float(-(v @ g) / (v @ h @ v))
-
-
-def test_the_optimizer_state_advances_as_it_would_and_the_step_is_lr_times_d():
-    model, batches = _least_squares()
-    twin = copy.deepcopy(model)
-    plain = torch.optim.Adam(twin.parameters(), lr=1e-2)
-    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss)
-    for batch in batches:
-        for net, o in ((model, opt.optimizer), (twin, plain)):
-            o.zero_grad()
-            F.mse_loss(net(batch[0]), batch[1]).backward()
-        d = alphalib.direction(opt.optimizer)
-        expected = _dense_alpha(model, [batch], d)
-        before = [p.detach().clone() for p in model.parameters()]
-        rec = opt.step(batch)
-        plain.step()
-        assert rec.lr == pytest.approx(expected, rel=1e-10)
-        for p, p0, di in zip(model.parameters(), before, d):
-            torch.testing.assert_close(p.detach() - p0, rec.lr * di, rtol=1e-10, atol=1e-15)
-        for p, q in zip(model.parameters(), twin.parameters()):  # Adam's moments and step count, bit for bit
-            s, t = opt.optimizer.state[p], plain.state[q]
-            assert torch.equal(s["exp_avg"], t["exp_avg"]) and torch.equal(s["exp_avg_sq"], t["exp_avg_sq"])
-            assert float(s["step"]) == float(t["step"])
-        twin.load_state_dict(model.state_dict())  # the same θ for the next gradients
-
-
-def test_no_step_size_falls_back_to_the_last_lr_and_says_why():
-    a, b, loss_fn, theta0 = _quadratic()
-    model = Theta(theta0)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    opt = AlphaScaled(sgd, model, loss_fn)
-    first = _step(opt, model, loss_fn)  # a usable step: exact line search
-    sgd.param_groups[0]["maximize"] = True  # now d = +g goes uphill
-    theta, g = model.theta.detach().clone(), a @ model.theta.detach() - b
-    rec = _step(opt, model, loss_fn)
-    assert rec.lr == first.lr and "uphill" in rec.fallback and rec.flag == "ascent"
-    torch.testing.assert_close(model.theta.detach(), theta + first.lr * g, rtol=1e-12, atol=1e-14)
-
-    concave = Theta(theta0)  # L = -½|θ|² + bᵀθ: curvature < 0 along any d; before any usable step, the own lr
-    neg = AlphaScaled(torch.optim.SGD(concave.parameters(), lr=0.1), concave, lambda out, y: -0.5 * out @ out + b @ out)
-    rec = _step(neg, concave, lambda out, y: -0.5 * out @ out + b @ out)
-    assert rec.lr == 0.1 and "curvature" in rec.fallback and rec.flag == "negative_curvature"
-
-
-def test_smoothed_source_is_a_forgetting_geometric_mean_of_the_batch_alphas():
-    model, batches = _least_squares()
-    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, source="smoothed",
-                      smoothing=0.8, kappa=0.5)
-    recs = [_step(opt, model, F.mse_loss, batch) for batch in batches * 2]
-    logs = []
-    for rec in recs:
-        if rec.flag == "ok":  # the batch's own α*, recorded beside the step; odd steps leave the mean as it was
-            logs.append(math.log(rec.alpha_star))
-        weights = [(1 - 0.8) * 0.8 ** (len(logs) - 1 - i) for i in range(len(logs))]
-        mean = sum(w * x for w, x in zip(weights, logs)) / (1 - 0.8 ** len(logs))
-        assert rec.lr == pytest.approx(0.5 * math.exp(mean), rel=1e-12)
-    assert recs[0].lr == pytest.approx(0.5 * recs[0].alpha_star, rel=1e-12)
-    assert 0 < len(logs) < len(recs)  # both kinds of step were met
-
-
-def test_heldout_and_full_sources_measure_along_the_same_direction():
-    model, batches = _least_squares()
-    held = [(torch.randn(8, 4, dtype=DT), torch.randn(8, 2, dtype=DT))]
-    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, source="heldout",
-                      held_out=held)
-    for batch in batches:
-        opt.zero_grad()
-        F.mse_loss(model(batch[0]), batch[1]).backward()
-        expected = _dense_alpha(model, held, alphalib.direction(opt.optimizer))
-        assert opt.step(batch).lr == pytest.approx(expected, rel=1e-10)
-
-    model, batches = _least_squares(seed=1)
-    opt = AlphaScaled(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), model, F.mse_loss, source="full",
-                      full_data=batches, full_every=3)
-    lrs = []
-    for i, batch in enumerate(batches * 2):
-        opt.zero_grad()
-        F.mse_loss(model(batch[0]), batch[1]).backward()
-        expected = _dense_alpha(model, batches, alphalib.direction(opt.optimizer)) if i % 3 == 0 else lrs[-1]
-        lrs.append(opt.step(batch).lr)
-        assert lrs[-1] == pytest.approx(expected, rel=1e-10)  # measured at steps 0 and 3, held in between
-
-
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"kappa": 0}, ValueError, "kappa"),
-    ({"source": "line"}, ValueError, "source must be one of"),
-    ({"curvature": "fd"}, ValueError, "'hessian', 'ggn' or 'secant'"),
-    ({"bounds": (1.0, 0.5)}, ValueError, "bounds"),
-    ({"source": "heldout"}, ValueError, "needs held_out"),
-    ({"source": "full"}, ValueError, "needs full_data"),
-    ({"full_every": 0}, ValueError, "full_every"),
-])
-def test_bad_arguments_are_refused_before_anything_changes(kwargs, error, match):
-    model, _ = _least_squares()
-    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
-    with pytest.raises(error, match=match):
-        AlphaScaled(adam, model, F.mse_loss, **kwargs)
-    assert adam.state == {} and adam.param_groups[0]["lr"] == 1e-2
-
-
-def test_optimizers_it_cannot_follow_are_refused():
-    model, _ = _least_squares()
-    with pytest.raises(TypeError, match="LBFGS"):
-        AlphaScaled(torch.optim.LBFGS(model.parameters()), model, F.mse_loss)
-    groups = [{"params": [model.weight], "lr": 1e-2}, {"params": [model.bias], "lr": 1e-3}]
-    with pytest.raises(ValueError, match="share one lr"):
-        AlphaScaled(torch.optim.Adam(groups), model, F.mse_loss)
-
-
-def test_records_are_the_probes_kind():
-    model, batches = _least_squares()
-    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, kappa=0.5,
-                      tags={"seed": 0})
-    for batch in batches:
-        _step(opt, model, F.mse_loss, batch)
-    frame = opt.to_frame()
-    assert list(frame.columns[:len(alphalib.Record.__dataclass_fields__)]) == list(alphalib.Record.__dataclass_fields__)
-    assert (frame["source"] == "batch").all() and (frame["kappa"] == 0.5).all() and (frame["seed"] == 0).all()
-    ok = frame[frame["flag"] == "ok"]
-    np.testing.assert_allclose(ok["ratio"], 2.0, rtol=1e-12)  # α*_batch / (κ α*_batch)
-
-
-def test_run_steps_by_kappa_alpha_with_each_source():
-    data, other = alphalib.gaussian_regression(n=96, seed=0), alphalib.gaussian_regression(n=64, seed=1)
-    for source in ("batch", "smoothed", "heldout", "full"):
-        history = alphalib.run(alphalib.SimpleNet, F.mse_loss, data, epochs=2, progress=False, alpha_set=other,
-                               scaled={"kappa": 0.5, "source": source, "full_every": 2}, tags={"problem": "seed"})
-        recs = history.records
-        assert len(recs) == 6 and (recs["source"] == source).all() and (recs["kappa"] == 0.5).all()
-        assert (recs["problem"] == "seed").all() and len(history.epochs) == 2
-        if source == "batch":
-            ok = recs[recs["flag"] == "ok"]
-            np.testing.assert_allclose(ok["ratio"], 2.0, rtol=1e-10)
-        else:  # another source's α*: the step is not the batch's own κ α*
-            assert not np.allclose(recs["ratio"], 2.0)
-    with pytest.raises(ValueError, match="needs held_out"):
-        alphalib.run(alphalib.SimpleNet, F.mse_loss, data, epochs=1, progress=False, scaled={"source": "heldout"})
-
-
-def test_a_step_size_the_optimizer_could_not_take_falls_back_instead_of_crashing():
-    """A nearly flat direction (H = 1e-30 along g) asks for lr 1e30: beyond float32's arithmetic, so the last lr."""
-    a = torch.diag(torch.tensor([1e-30, 1.0]))
-    b = torch.tensor([1.0, 0.0])
-
-    def loss_fn(out, y):
-        return 0.5 * out @ a @ out - b @ out
-
-    model = Theta(torch.zeros(2))
-    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-3), model, loss_fn)
-    rec = _step(opt, model, loss_fn, (torch.zeros(1), torch.zeros(1)))
-    assert rec.lr == 1e-3 and "would overflow torch.float32" in rec.fallback
-    assert torch.isfinite(model.theta).all()
-
-
-def test_dropout_is_measured_with_the_training_steps_own_mask():
-    """The record's slope is dᵀg of the gradient training computed, through a dropout mask the measurement replays;
-    an evaluation forward under no_grad in between does not change which mask that is."""
+def _case(name):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1)).double()
-    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, kappa=0.5)
-    x, y = torch.randn(32, 4, dtype=DT), torch.randn(32, 1, dtype=DT)
+    case = CASES[name]()
+    case.model.double().train()
+    case.batch = tuple(t.double() if t.is_floating_point() else t for t in case.batch)
+    return case
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("problem", ["mlp-mse", "mlp-ce", "batchnorm-train"])
+@pytest.mark.parametrize("name", list(LR_FREE))
+def test_records_match_dense_hessian_for_learning_rate_free_optimizers(name, problem, path):
+    """Three consecutive steps: slope and curvature along the realized step against a dense float64 Hessian."""
+    case = _case(problem)
+    opt = _build(name, case.model.parameters())
+    probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt, path=path)
+    x, y = case.batch
     for _ in range(3):
+        before = [p.detach().clone() for p in case.model.parameters()]  # θ_t (Schedule-Free: y_t, the gradient point)
+        g, hess = dense_hessian(case)
         opt.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        with torch.no_grad():
-            model(x)  # a metric forward: another mask, no gradient
-        d = alphalib.direction(opt.optimizer)
-        slope = sum(float((di * p.grad).sum()) for di, p in zip(d, model.parameters()))
-        rec = opt.step((x, y))
-        assert rec.slope == pytest.approx(slope, rel=1e-12)
-    opt.remove()
-    assert not model._forward_pre_hooks
+        case.loss_fn(case.model(x), y).backward()
+        rec = probe.step(case.batch)
+        assert rec.path == path and rec.flag in ("ok", "negative_curvature", "ascent")
+        delta = flat([p.detach() - b for p, b in zip(case.model.parameters(), before)])
+        s = rec.step_size
+        assert s > 0 and s != rec.lr or name == "schedulefree_adamw"
+        assert rel_err(rec.slope * s, delta @ g) <= 1e-10
+        assert rel_err(rec.curvature * s**2, delta @ hess @ delta) <= 1e-10
+        assert rel_err(rec.ratio, -(delta @ g) / (delta @ hess @ delta)) <= 1e-10
+        assert rel_err(rec.alpha_star, rec.ratio * s) <= 1e-15
+
+
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _mlp_steps(name, steps=4, **changes):
+    """Steps of a float64 MLP on one batch: (record, params before, gradients, params after) each, the optimizer."""
+    case = _case("mlp-mse")
+    opt = _build(name, case.model.parameters(), **changes)
+    probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt)
+    x, y = case.batch
+    out = []
+    for _ in range(steps):
+        before = [p.detach().clone() for p in case.model.parameters()]
+        opt.zero_grad()
+        case.loss_fn(case.model(x), y).backward()
+        grads = _grads(case.model)
+        rec = probe.step((x, y))
+        out.append((rec, before, grads, [p.detach().clone() for p in case.model.parameters()]))
+        opt.estimates = [*getattr(opt, "estimates", []), opt.param_groups[0].get("d")]  # the d each step leaves
+    return out, opt
+
+
+def test_dog_step_size_is_distance_over_gradients():
+    """η_t = max(r_ε, max_i ||x_i - x_0||) / sqrt(Σ ||g_i||² + ε), and the step is -η_t g_t."""
+    steps, opt = _mlp_steps("dog")
+    x0 = flat(steps[0][1])
+    r, g2 = LR_FREE["dog"]["reps_rel"] * (1 + x0.norm().item()), 1e-8
+    for rec, before, grads, after in steps:
+        r = max(r, (flat(before) - x0).norm().item())
+        g2 += flat(grads).square().sum().item()
+        assert rel_err(rec.step_size, r / math.sqrt(g2)) <= 1e-12
+        assert rel_err(flat(after) - flat(before), -rec.step_size * flat(grads)) <= 1e-12
+
+
+def test_prodigy_step_size_is_d_lr_with_the_estimate_the_step_starts_from():
+    """The first step is d0 · lr (bias-corrected); every step is -s · m / (sqrt(v) + d_new · eps)."""
+    steps, opt = _mlp_steps("prodigy")
+    beta1, beta2 = opt.param_groups[0]["betas"]
+    assert rel_err(steps[0][0].step_size, 1e-3 * math.sqrt(1 - beta2) / (1 - beta1)) <= 1e-15
+    rec, before, _, after = steps[-1]  # the last step's state is what it used
+    group = opt.param_groups[0]
+    params = list(opt.state)
+    step = torch.cat([(opt.state[p]["exp_avg"] / (opt.state[p]["exp_avg_sq"].sqrt() + group["d"] * group["eps"]))
+                      .reshape(-1) for p in params])
+    assert rel_err(flat(after) - flat(before), -rec.step_size * step) <= 1e-12  # coupled decay went into .grad
+    assert len({r.step_size for r, *_ in steps}) > 1  # d moved
+
+
+def test_dadapt_step_size_is_d_lr_of_the_estimate_before_the_step():
+    """The first step uses d0 · lr; each next step the d the previous one left (here with lr 0.5)."""
+    steps, opt = _mlp_steps("dadapt_adam", steps=6, d0=1e-6, lr=0.5)
+    sizes = [r.step_size for r, *_ in steps]
+    assert sizes[0] == 1e-6 * 0.5 and sizes[1:] == [d * 0.5 for d in opt.estimates[:-1]]
+    assert sizes[-1] > 10 * sizes[0]  # the estimate grew, so the test tells old d from new
+
+
+def test_schedulefree_step_size_is_its_warmed_up_lr():
+    steps, _ = _mlp_steps("schedulefree_adamw")
+    assert [r.step_size for r, *_ in steps] == [0.01, 0.02, 0.02, 0.02]
+    assert all(r.lr == 0.02 for r, *_ in steps)
+
+
+def test_torch_optimizers_step_size_is_their_lr():
+    model = nn.Linear(3, 1).double()
+    opt = alphalib.make_optimizer("sgd", model.parameters(), lr=0.05, momentum=0.9)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    F.mse_loss(model(x), y).backward()
+    rec = probe.step((x, y))
+    assert rec.step_size == rec.lr == 0.05 and rec.alpha_star == rec.ratio * 0.05
+
+
+def _noisy_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 1))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or a != a and b != b
+
+
+@pytest.mark.parametrize("name", list(LR_FREE))
+def test_probe_is_a_pure_observer_of_learning_rate_free_training(name):
+    """alphalib.train with and without the probe (validation switches Schedule-Free's modes every epoch): the
+    model, .grad, the optimizer's state and groups (d, η, the averaging weights) and the RNG end bit-identical."""
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(5)]
+    runs = []
+    for probed in (False, True):
+        torch.manual_seed(0)
+        model = _noisy_net()
+        opt = _build(name, model.parameters())
+        optim.eval_mode(opt)  # train() must put it in train mode itself
+        probe = alphalib.AlphaProbe(model, F.mse_loss, opt) if probed else None
+        history = alphalib.train(model, F.mse_loss, opt, data, epochs=3, probe=probe, val=data[:2], progress=False)
+        if probed:
+            assert len(history.records) == 15 and (history.records.flag != "error").all()
+            assert (history.records.step_size > 0).all() and history.records.step_size.nunique() > 1
+            assert history.epochs.probe_seconds.is_monotonic_increasing and history.epochs.probe_seconds.iloc[-1] > 0
+        runs.append((model, opt, torch.get_rng_state(), history.epochs.val_loss.tolist()))
+    (m0, o0, rng0, v0), (m1, o1, rng1, v1) = runs
+    assert _same(m0.state_dict(), m1.state_dict()) and _same(_grads(m0), _grads(m1))
+    assert _same(o0.state_dict(), o1.state_dict()) and torch.equal(rng0, rng1) and v0 == v1
+    assert not optim.in_eval_mode(o0) or name == "schedulefree_adamw"
+    assert optim.in_eval_mode(o1) == (name == "schedulefree_adamw")  # training ends on the averaged iterate x
+
+
+def test_schedulefree_in_eval_mode_is_refused_before_anything_changes():
+    model = nn.Linear(3, 1)
+    opt = alphalib.make_optimizer("schedulefree_adamw", model.parameters())  # built in eval mode
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    F.mse_loss(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"eval mode.*optimizer.train\(\)"):
+        probe.step((x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and probe.steps == 0
+
+
+def test_schedulefree_is_measured_at_the_gradient_point_not_the_average():
+    """θ_t is y_t: the records' slope is Δ'∇L(y_t), not Δ'∇L(x_t)."""
+    case = _case("mlp-mse")
+    opt = _build("schedulefree_adamw", case.model.parameters())
+    probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt)
+    for _ in range(3):
+        y_t = [p.detach().clone() for p in case.model.parameters()]
+        optim.eval_mode(opt)
+        x_t = [p.detach().clone() for p in case.model.parameters()]
+        optim.train_mode(opt)
+        opt.zero_grad()
+        case.loss_fn(case.model(case.batch[0]), case.batch[1]).backward()
+        rec = probe.step(case.batch)
+        delta = flat(case.model.parameters()).detach() - flat(y_t)
+        at_y, _ = dense_hessian(case, y_t)
+        at_x, _ = dense_hessian(case, x_t)
+        assert rel_err(rec.slope * rec.step_size, delta @ at_y) <= 1e-10
+    assert rel_err(delta @ at_x, delta @ at_y) > 1e-6  # the two points differ, so the test can tell them apart
+
+
+def test_names_kwargs_and_errors():
+    model = nn.Linear(3, 1)
+    assert type(alphalib.make_optimizer("Adam", model.parameters())).__name__ == "Adam"
+    assert alphalib.make_optimizer("prodigy", model.parameters()).param_groups[0]["lr"] == 1.0  # its own default
+    assert {"adam", "sgd", "prodigy", "dadapt_adam", "dog", "schedulefree_adamw", "alpha_scaled"} <= set(
+        alphalib.OPTIMIZERS)
+    with pytest.raises(ValueError, match="unknown optimizer 'prodigi'.*prodigy"):
+        alphalib.make_optimizer("prodigi", model.parameters())
+    with pytest.raises(ValueError, match="model= and loss_fn="):
+        alphalib.make_optimizer("alpha_scaled", model.parameters())
+    with pytest.raises(TypeError, match="needs the step direction before the step"):
+        alphalib.make_optimizer("alpha_scaled", model.parameters(), model=model, loss_fn=F.mse_loss, base="prodigy")
+
+
+def test_a_missing_package_names_the_extra(monkeypatch):
+    def missing(module):
+        raise ModuleNotFoundError(f"No module named {module!r}")
+
+    monkeypatch.setattr(optim.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match=r"'dog-optimizer'.*alphalib\[lrfree\]"):
+        alphalib.make_optimizer("dog", nn.Linear(2, 1).parameters())
+
+
+def test_run_builds_every_optimizer_by_name():
+    data = alphalib.gaussian_regression(n=64, seed=0)
+    for name in ("prodigy", "dadapt_adam", "dog", "schedulefree_adamw"):
+        history = alphalib.run(alphalib.SimpleNet, F.mse_loss, data, optimizer=name, epochs=2, progress=False,
+                               val_set=data)
+        recs = history.records
+        assert len(recs) == 4 and (recs.optimizer == name).all() and (recs.flag != "error").all()
+        assert (history.epochs.lr0 == recs.lr.iloc[0]).all() and recs.step_size.notna().all()

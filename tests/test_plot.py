@@ -40,6 +40,14 @@ def test_alpha_per_step_accounts_for_every_step(records):
     assert np.all(descent.get_offsets()[:, 1] > 0)
 
 
+def test_alpha_per_step_draws_the_step_size_a_learning_rate_free_optimizer_chose(records):
+    size = [0.02 * (1 + k) for k in range(10)]  # Prodigy's d * lr, say, with lr = 0.01 nominal
+    ax = plot.alpha_per_step(records.assign(step_size=size, alpha_star=records.ratio * size))
+    (line,) = [line for line in ax.lines if line.get_label() == "step size"]
+    assert np.allclose(line.get_ydata(), size)
+    assert [line.get_label() for line in plot.alpha_per_step(records.assign(step_size=0.01)).lines][-1] == "lr"
+
+
 def test_ratio_bands_and_losses_draw_each_scope_and_the_references():
     summary = pd.DataFrame({"epoch": [0, 1] * 2, "median": [3.0, 4.0, 30.0, 40.0], "lo": [2.0, 3.0, 20.0, 30.0],
                             "hi": [4.0, 5.0, 40.0, 50.0], "scope": ["full data"] * 2 + ["batch"] * 2})
