@@ -10,7 +10,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data,models]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data,models,lrfree]"
 	touch $@
 
 # Executed copies go to build/notebooks/, figures to figures/ and the runs' records to results/ (run alone, a
@@ -26,6 +26,7 @@ PARAMS_04_models_and_data := $(FIGURES) $(RECORDS)
 PARAMS_05_mini_vs_epoch := $(FIGURES)
 PARAMS_06_objective_vs_batch := $(FIGURES) -p epochs 30 -p seeds 5
 PARAMS_09_closing_the_loop := $(FIGURES) -p epochs 8 -p seeds 3 -y "kappas: [0.1, 0.25, 0.5, 1.0]"
+PARAMS_10_lr_free := $(FIGURES) -p epochs 8 -p seeds 3
 
 figures: install $(filter-out %/00_explore.ipynb,$(NOTEBOOKS:notebooks/%=build/notebooks/%)) build/notebooks/00_explore.ipynb
 
