@@ -25,6 +25,7 @@ PARAMS_03_lr_sweep := $(FIGURES) $(RECORDS)
 PARAMS_04_models_and_data := $(FIGURES) $(RECORDS)
 PARAMS_05_mini_vs_epoch := $(FIGURES)
 PARAMS_06_objective_vs_batch := $(FIGURES) -p epochs 30 -p seeds 5
+PARAMS_07_edge_of_stability := $(FIGURES) -p steps 1500 -p sharpness_every 25
 PARAMS_09_closing_the_loop := $(FIGURES) -p epochs 8 -p seeds 3 -y "kappas: [0.1, 0.25, 0.5, 1.0]"
 PARAMS_10_lr_free := $(FIGURES) -p epochs 8 -p seeds 3
 

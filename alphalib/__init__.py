@@ -17,6 +17,7 @@ from .probe import AlphaProbe
 from .problems import PROBLEMS, Problem, problem
 from .records import FLAGS, Record, epoch_summary, seed_summary, to_frame
 from .records import read as read_records, write as write_records
+from .sharpness import Sharpness, hessian_trace, stability_threshold, top_eigenvalue
 from .spectrum import AlphaScope, LineProfile, alpha_over, line_profile, next_step_profiles
 from .optim import OPTIMIZERS, make_optimizer, step_size
 from .train import History, evaluate, run, train
@@ -64,6 +65,11 @@ __all__ = [
     "make_optimizer",
     "OPTIMIZERS",
     "step_size",
+    # sharpness: the Hessian's extreme eigenvalues, Adam's preconditioned sharpness, the stability edge
+    "top_eigenvalue",
+    "Sharpness",
+    "hessian_trace",
+    "stability_threshold",
     # closing the loop: step by kappa * alpha*
     "AlphaScaled",
     # training runs

@@ -27,6 +27,12 @@ evaluated in the model's current mode and the parameters' precision, with the ra
 forward pass replayed, so a model with dropout is probed with the training step's own mask; BatchNorm in
 train mode uses the batch statistics, as in training.
 
+**Step size.** The record gives :math:`\alpha^*` in units of the step size the optimizer chose,
+``step_size`` (:func:`alphalib.optim.step_size`: the lr, or a learning-rate-free optimizer's own, such as
+Prodigy's :math:`d\,\mathrm{lr}` or DoG's :math:`\eta`), so ``ratio`` is the multiple of the realized step for
+every optimizer. Schedule-Free is measured at its gradient point :math:`y_t`, the parameters in its train mode;
+an optimizer left in eval mode is refused before it steps.
+
 **A pure observer.** Parameters, ``.grad``, optimizer state, buffers (BatchNorm running statistics) and the
 global RNG stream end up bit-for-bit as they would without the probe. What cannot be measured raises a
 ``ValueError`` before the optimizer steps; after it nothing raises: odd curvature is recorded and named in
@@ -55,6 +61,7 @@ from .fast import capture_for, measure
 from .fast.output import output_grad
 from .optim import in_eval_mode, step_size
 from .records import Record, make_record, tell, to_frame
+from .sharpness import preconditioner, top_eigenvalue
 from .spectrum import along
 
 Path = Literal["auto", "fast", "generic"]
@@ -69,6 +76,11 @@ class AlphaProbe:
     ``loss`` is the ``loss_fn(outputs, targets)`` training minimises on ``model(inputs)``, or an
     :func:`alphalib.objective` ``fn(model, batch) -> scalar`` for anything else (penalties, models that return
     their loss, dict batches). Use it as a context manager, or call :meth:`remove`, to detach its hooks.
+    ``full_data``/``held_out``: also record α* of those along the same step on probed steps whose index is a
+    multiple of ``full_every``; ``sharpness_every=k``: also record the batch Hessian's largest eigenvalue at
+    :math:`\theta_t` (and, for Adam, its preconditioned sharpness) on those whose index is a multiple of ``k``
+    (:func:`alphalib.top_eigenvalue`, by Lanczos: a few tens of Hessian-vector products each; the smallest
+    eigenvalue, which takes ten times as many, is left to a direct call).
 
     Example:
         >>> import torch
@@ -97,8 +109,10 @@ class AlphaProbe:
         full_data: Iterable[object] | None = None,
         held_out: object | None = None,
         full_every: int = 1,
+        sharpness_every: int | None = None,
     ):
-        for name, k in (("every", every), ("full_every", full_every)):
+        counts = (("every", every), ("full_every", full_every), ("sharpness_every", sharpness_every))
+        for name, k in counts[:2] if sharpness_every is None else counts:
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ValueError(f"{name} must be a positive integer (every k-th step), got {k!r}.")
         if path not in ("auto", "fast", "generic"):
@@ -120,7 +134,7 @@ class AlphaProbe:
         self.every, self.tags = every, dict(tags or {})
         self.scopes = {name: data for name, data in (("full", full_data), ("heldout", _batches(held_out)))
                        if data is not None}
-        self.full_every = full_every
+        self.full_every, self.sharpness_every = full_every, sharpness_every
         self.records: list[Record] = []
         #: called with each new record, after it is appended (the live view, :func:`alphalib.live.watch`, is one);
         #: one that raises is dropped with a warning, so it can never stop training
@@ -311,11 +325,13 @@ class AlphaProbe:
                 self._trials = None
             self._arm(t + 1)
         scopes = self._scopes(current, delta, fallback) if self.scopes and t % self.full_every == 0 else {}
+        sharp = self._sharpness(current, delta, batches, fallback) if self.sharpness_every and \
+            t % self.sharpness_every == 0 else {}
         rec = make_record(
             step=t, epoch=epoch, loss=res.loss, lr=lr, step_size=size, step_slope=res.slope,
             step_curvature=res.curvature,
             grad_norm=res.grad_norm, step_norm=step_norm, backend=self.curvature, path=path, error=error,
-            mismatch=bool(verdict.mismatch), fallback="; ".join(fallback), scopes=scopes,
+            mismatch=bool(verdict.mismatch), fallback="; ".join(fallback), scopes=scopes, sharpness=sharp,
         )
         self.records.append(rec)
         tell(self.listeners, rec)
@@ -332,6 +348,21 @@ class AlphaProbe:
                     out[name] = along(self.model, self.loss, data, delta, curvature=self.curvature, theta=theta)
             except Exception as exc:  # the step is taken: record, never raise
                 fallback.append(f"{name}: {type(exc).__name__}: {exc}")
+        return out
+
+    def _sharpness(self, current: list[Tensor], delta: list[Tensor], batches: list[object],
+                   fallback: list[str]) -> dict[str, float]:
+        """The batch Hessian's largest eigenvalue at θ_t, and Adam's preconditioned sharpness (after its step)."""
+        theta, out = torch._foreach_sub(current, delta), {}
+        try:
+            with torch.autocast(current[0].device.type, enabled=False):
+                out["lambda_max"] = top_eigenvalue(self.model, self.loss, batches, theta=theta, which="max").lambda_max
+                if type(self.optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+                    preconditioner(self.optimizer, trainable(self.model))  # raises before Lanczos if it cannot
+                    out["precond_lambda_max"] = top_eigenvalue(self.model, self.loss, batches, theta=theta,
+                                                               optimizer=self.optimizer, which="max").lambda_max
+        except Exception as exc:  # the step is taken: record, never raise
+            fallback.append(f"sharpness: {type(exc).__name__}: {exc}")
         return out
 
     def _take(self, closure: Callable[[], Tensor] | None) -> None:

@@ -59,6 +59,10 @@ class Record:
     heldout_slope: float = math.nan
     heldout_curvature: float = math.nan
     heldout_ratio: float = math.nan
+    #: the batch Hessian's largest eigenvalue at :math:`\theta_t` (every ``sharpness_every``-th probed step)
+    lambda_max: float = math.nan
+    #: :math:`\lambda_{\max}(P_t^{-1} H)`, Adam's preconditioned sharpness (see :mod:`alphalib.sharpness`)
+    precond_lambda_max: float = math.nan
 
 
 def classify(slope: float, curvature: float, *values: float, step_norm: float = 1.0) -> str:
@@ -81,7 +85,7 @@ def make_record(
     *, step: int, epoch: int | None, loss: float, lr: float, step_slope: float, step_curvature: float,
     grad_norm: float, step_norm: float, backend: str, path: str = "generic", error: bool = False,
     mismatch: bool = False, fallback: str = "", scopes: Mapping[str, Any] | None = None,
-    step_size: float | None = None,
+    step_size: float | None = None, sharpness: Mapping[str, float] | None = None,
 ) -> Record:
     """Build a record from slope and curvature along the realized step :math:`\\Delta` (not yet in step-size units;
     ``step_size`` defaults to ``lr``)."""
@@ -100,6 +104,7 @@ def make_record(
         lr_over_alpha=_inverse(step_slope, step_curvature) if flag != "error" else math.nan,
         **{f"{name}_{key}": value for name, res in (scopes or {}).items()
            for key, value in _scope(res.loss, res.slope, res.curvature, scale).items()},
+        **dict(sharpness or {}),
     )
 
 

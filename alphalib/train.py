@@ -143,6 +143,7 @@ def run(
     shuffle: bool = True,
     val_set: Dataset | None = None,
     full_every: int | None = None,
+    sharpness_every: int | None = None,
     looks: Collection[int] = (),
     alpha_set: Dataset | None = None,
     tags: Mapping[str, Any] | None = None,
@@ -156,7 +157,8 @@ def run(
     ``optimizer``, ``seed`` and ``lr0`` (the initial learning rate) plus
     ``tags`` as columns, so runs concatenate into one tidy DataFrame. With ``full_every=k`` the probe also
     records, every k-th step, α* of the full training set and of ``val_set`` along the same step (``full_*``
-    and ``heldout_*`` columns). ``looks``: after each of these epochs (counted from 1), the loss along the step
+    and ``heldout_*`` columns); with ``sharpness_every=k``, the batch Hessian's largest eigenvalue (and Adam's
+    preconditioned sharpness) every k-th step (``lambda_max``, ``precond_lambda_max``). ``looks``: after each of these epochs (counted from 1), the loss along the step
     the optimizer would take next on a fresh random batch is profiled on that batch and on the training set
     (:func:`alphalib.next_step_profiles`, training untouched), into ``History.profiles``. ``live``: watch the
     records as they come, in JupyterLab (see :func:`train`).
@@ -188,7 +190,8 @@ def run(
         probe, built.tags = built, {**built.tags, **labels}
     else:
         scopes = dict(full_data=full, held_out=val, full_every=full_every) if full_every is not None else {}
-        probe = AlphaProbe(net, loss_fn, opt, curvature=curvature, every=every, tags=labels, **scopes)
+        probe = AlphaProbe(net, loss_fn, opt, curvature=curvature, every=every, tags=labels,
+                           sharpness_every=sharpness_every, **scopes)
     batches = loader(train_set, batch_size, shuffle=shuffle, seed=seed)
     draw = torch.Generator().manual_seed(seed + 1)  # the looks' batches, apart from training's own stream
     profiles = []
