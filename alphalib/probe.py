@@ -38,6 +38,13 @@ global RNG stream end up bit-for-bit as they would without the probe. What canno
 ``ValueError`` before the optimizer steps; after it nothing raises: odd curvature is recorded and named in
 ``flag`` (see :data:`alphalib.records.FLAGS`), and a backend that fails (for example an operation without a
 double backward) records ``flag="error"``, its reason in ``fallback``, and warns once.
+
+**DistributedDataParallel.** Given a DDP model, the probe follows the module it wraps and records the *global*
+batch's :math:`\alpha^*`: each rank measures its own shard, then loss, slope, curvature (averaged) and the norm of the
+averaged gradient are all-reduced over DDP's process group, the same collectives on every rank whatever path it
+took, so every rank holds the same records (write them on one: :func:`alphalib.distributed.is_main_process`). With
+a mean-reduced loss and equal shards this is a single process's :math:`\alpha^*` on the concatenated batch; unequal
+shards, costs and failures: see :mod:`alphalib.distributed`.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from . import _ops, distributed
 from ._checks import check_batch, check_loss, trainable
 from ._function import BatchLoss, LossFn, Objective, rng_state
 from ._proof import Verdict, Witness
@@ -81,6 +88,8 @@ class AlphaProbe:
     :math:`\theta_t` (and, for Adam, its preconditioned sharpness) on those whose index is a multiple of ``k``
     (:func:`alphalib.top_eigenvalue`, by Lanczos: a few tens of Hessian-vector products each; the smallest
     eigenvalue, which takes ten times as many, is left to a direct call).
+    ``model`` may be a ``DistributedDataParallel``: records are then of the global batch, the same on every rank
+    (:mod:`alphalib.distributed`; ``full_data``, ``held_out`` and ``sharpness_every`` are refused there).
 
     Example:
         >>> import torch
@@ -120,6 +129,12 @@ class AlphaProbe:
         if not callable(loss):
             raise TypeError("loss must be a loss_fn(outputs, targets) or an alphalib.objective, "
                             f"got {type(loss).__name__}.")
+        # DistributedDataParallel: keep its process group to average each record over the ranks, and probe the
+        # module it wraps, so that the probe's hooks and its own passes never run DDP's forward (which would
+        # prepare a gradient reduction); an objective is handed that module too
+        self._ranks = distributed.for_probe(model, scopes=full_data is not None or held_out is not None,
+                                            sharpness=sharpness_every is not None)
+        model = distributed.unwrap(model)
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.curvature = check_backend(curvature)
         self.objective = isinstance(loss, Objective)
@@ -155,9 +170,10 @@ class AlphaProbe:
         if self._capture is not None:
             self._capture.own = self._witness.own
         self.path = "generic" if self._why else "fast"
-        #: with path="auto" on recorded operations: (path, seconds) of the trial steps that choose the faster path
+        #: with path="auto" on recorded operations: (path, seconds) of the trial steps that choose the faster path;
+        #: not under DDP, where each rank's clock could choose differently (path="generic" is there to ask for it)
         self._trials: list[tuple[str, float]] | None = [] if path == "auto" and isinstance(self._capture, OpCapture) \
-            else None
+            and self._ranks is None else None
         self._clock, self._last = time.perf_counter, None
 
     # ---- hooks and housekeeping ---------------------------------------------------------------------------
@@ -279,6 +295,8 @@ class AlphaProbe:
                             "the capture is empty")
             sweep = False
         reuse = verdict.fast and not self._why and cap is None
+        tapped = verdict.fast and not self._why  # verdict.grad holds c ∇L, as the training backward sent it (DDP)
+        grad = None  # (DDP) this rank's ∇L at θ_t, for the global batch's grad_norm
         theta = [p.detach().clone() for p in params]
         lr = float(self.optimizer.param_groups[0]["lr"])
         rngs = verdict.rngs if closure is None else [rng_state(params[0].device)]
@@ -314,6 +332,10 @@ class AlphaProbe:
                         sweep = False
                 if not sweep:
                     res, path = self._measure(params, batches, theta, delta, verdict, rngs, reuse)
+                if self._ranks is not None:  # DDP: the gradient of this rank's loss; else one more backward pass
+                    grad = torch._foreach_div(verdict.grad, verdict.scale) if tapped else distributed.local_gradient(
+                        BatchLoss(self.model, self.loss, None, batches=batches, weights=verdict.weights, rngs=rngs),
+                        theta)
         except Exception as exc:  # never raise after the optimizer has stepped: record it
             self._warn(exc)
             res, error = Directional(math.nan, math.nan, math.nan), True
@@ -324,6 +346,11 @@ class AlphaProbe:
             elif attempted:  # the recorded operations could not be followed: nothing to choose between
                 self._trials = None
             self._arm(t + 1)
+        mismatch = bool(verdict.mismatch)
+        if self._ranks is not None:  # DDP: the global batch's numbers; the same two all-reduces on every rank
+            fast = path == "fast" and not error
+            res, path, error, mismatch = self._ranks.reduce(res, grad, params, batches, fast=fast, error=error,
+                                                            mismatch=mismatch, fallback=fallback)
         scopes = self._scopes(current, delta, fallback) if self.scopes and t % self.full_every == 0 else {}
         sharp = self._sharpness(current, delta, batches, fallback) if self.sharpness_every and \
             t % self.sharpness_every == 0 else {}
@@ -331,7 +358,7 @@ class AlphaProbe:
             step=t, epoch=epoch, loss=res.loss, lr=lr, step_size=size, step_slope=res.slope,
             step_curvature=res.curvature,
             grad_norm=res.grad_norm, step_norm=step_norm, backend=self.curvature, path=path, error=error,
-            mismatch=bool(verdict.mismatch), fallback="; ".join(fallback), scopes=scopes, sharpness=sharp,
+            mismatch=mismatch, fallback="; ".join(fallback), scopes=scopes, sharpness=sharp,
         )
         self.records.append(rec)
         tell(self.listeners, rec)
