@@ -10,7 +10,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data,models,lrfree]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data,models,lrfree,sweep,lightning,hf]"
 	touch $@
 
 # Executed copies go to build/notebooks/, figures to figures/ and the runs' records to results/ (run alone, a
@@ -26,6 +26,10 @@ PARAMS_04_models_and_data := $(FIGURES) $(RECORDS)
 PARAMS_05_mini_vs_epoch := $(FIGURES)
 PARAMS_06_objective_vs_batch := $(FIGURES) -p epochs 30 -p seeds 5
 PARAMS_07_edge_of_stability := $(FIGURES) -p steps 1500 -p sharpness_every 25
+# 08 sweeps 01 over four lrs x 3 seeds on a Dask LocalCluster (its runs land in build/sweeps/08_figures; a second
+# make figures reuses the runs done)
+PARAMS_08_sweep_summary := $(FIGURES) -y "axes: {lr: [0.0003, 0.001, 0.003, 0.01]}" -p seeds 3 \
+	-y "fixed: {seeds: 1, epochs: 20}" -p sweep_dir ../build/sweeps/08_figures
 PARAMS_09_closing_the_loop := $(FIGURES) -p epochs 8 -p seeds 3 -y "kappas: [0.1, 0.25, 0.5, 1.0]"
 PARAMS_10_lr_free := $(FIGURES) -p epochs 8 -p seeds 3
 

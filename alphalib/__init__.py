@@ -18,6 +18,8 @@ from .problems import PROBLEMS, Problem, problem
 from .records import FLAGS, Record, epoch_summary, seed_summary, to_frame
 from .records import read as read_records, write as write_records
 from .sharpness import Sharpness, hessian_trace, stability_threshold, top_eigenvalue
+from . import sweep
+from .sweep import grid, runs
 from .spectrum import AlphaScope, LineProfile, alpha_over, line_profile, next_step_profiles
 from .optim import OPTIMIZERS, make_optimizer, step_size
 from .train import History, evaluate, run, train
@@ -72,9 +74,12 @@ __all__ = [
     "stability_threshold",
     # closing the loop: step by kappa * alpha*
     "AlphaScaled",
-    # training runs
+    # training runs, and grids of them
     "train",
     "run",
+    "grid",
+    "runs",
+    "sweep",
     "History",
     "evaluate",
     # reference data and models

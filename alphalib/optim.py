@@ -130,6 +130,8 @@ def step_size(optimizer: torch.optim.Optimizer) -> Callable[[], float]:
     updated inside the step, the step size is read before it; for DoG, whose :math:`\\eta` the step computes
     first, after it.
     """
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper, ...
+        optimizer = optimizer.optimizer
     group = optimizer.param_groups[0]
     kind = type(optimizer).__name__
     if kind in ("Prodigy", "DAdaptAdam") and "d" in group:

@@ -40,3 +40,14 @@ def test_make_figures_writes_the_records_that_the_explorer_opens():
         assert not writes or (root / "results" / f"{path.stem}.csv.gz").is_file(), path.stem
     explore = json.loads((root / "notebooks" / "00_explore.ipynb").read_text())["cells"]
     assert any('results = "../results"' in "".join(c["source"]) for c in explore)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter_the_cell_assigns(path):
+    """papermill -p and the sweep can set only what papermill parses (a comment holding '=' hides a line)."""
+    import re
+
+    papermill = pytest.importorskip("papermill")
+    cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
+    assigned = re.findall(r"^([A-Za-z_]\w*)\s*=", "".join(cell["source"]), re.M)
+    assert list(papermill.inspect_notebook(str(path))) == assigned

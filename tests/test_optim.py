@@ -241,3 +241,18 @@ def test_run_builds_every_optimizer_by_name():
         recs = history.records
         assert len(recs) == 4 and (recs.optimizer == name).all() and (recs.flag != "error").all()
         assert (history.epochs.lr0 == recs.lr.iloc[0]).all() and recs.step_size.notna().all()
+
+
+def test_step_size_looks_through_a_wrapper_that_holds_the_optimizer():
+    """accelerate's AcceleratedOptimizer (what the Hugging Face Trainer steps) holds the optimizer as .optimizer."""
+
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, inner):  # like accelerate's: no Optimizer.__init__, the inner one's groups
+            self.optimizer, self.param_groups, self.state = inner, inner.param_groups, inner.state
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+    steps, opt = _mlp_steps("prodigy", steps=2)
+    read = alphalib.step_size(Wrapper(opt))
+    assert read() == opt.param_groups[0]["d"] * 1.0 * math.sqrt(1 - 0.999**3) / (1 - 0.9**3) != opt.param_groups[0]["lr"]

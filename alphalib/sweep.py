@@ -1,0 +1,228 @@
+r"""Sweeps: a grid of runs in this process (:func:`runs`), or of notebook executions on Dask (:func:`sweep`).
+
+A *grid* is a list of points, each a dict of parameters; :func:`grid` builds the product of axes. :func:`runs` calls
+:func:`alphalib.run` once per point and concatenates the histories: what a notebook does with its own grid.
+
+:func:`sweep` executes a parameterized notebook once per point through papermill, each execution a Dask task: on a
+``dask.distributed.LocalCluster`` sized to the machine (one single-threaded worker process per core) or, given
+``scheduler``, on an existing cluster unchanged (the notebook and the output folder must then be on a file system
+the workers share). Each run gets a folder under ``out`` named after its parameters, holding the executed notebook,
+what the notebook wrote there (its ``records_dir`` and ``figures_dir`` are pointed at it when it has them), its
+records gathered into ``records.parquet`` and ``run.json`` (parameters, status, seconds, error). A failed run is
+reported with its error and the others finish; running the same sweep again skips the runs whose ``run.json`` says
+``ok`` for the same parameters (a folder left by other parameters is run again), so a killed sweep loses at most the
+runs in flight. The command line is the same function::
+
+    python -m alphalib sweep notebooks/01_adam_alpha_star.ipynb --grid lr=1e-3,1e-2 --seeds 3 -p seeds 1 \
+        --out runs/lr [--scheduler tcp://host:8786]
+
+Needs the ``sweep`` extra (``dask[distributed]``, ``pyarrow``) besides papermill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .records import read, write
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .train import History
+
+__all__ = ["grid", "runs", "sweep", "load"]
+
+
+def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
+    """Return every combination of the axes' values as a list of dicts, the last axis varying fastest.
+
+        >>> grid(lr=[1e-3, 1e-2], seed=[0, 1])
+        [{'lr': 0.001, 'seed': 0}, {'lr': 0.001, 'seed': 1}, {'lr': 0.01, 'seed': 0}, {'lr': 0.01, 'seed': 1}]
+    """
+    for name, values in axes.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise TypeError(f"axis {name!r} must be a list of values, got {values!r}.")
+    names = list(axes)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(list(axes[n]) for n in names))]
+
+
+def runs(points: Iterable[Mapping[str, Any]], **common: Any) -> History:
+    """Call :func:`alphalib.run` with ``common`` updated by each point; return the histories concatenated.
+
+    A point's ``problem`` names an :func:`alphalib.problem`, which gives the model, loss, training, α* and judging
+    sets for the point's ``seed``. Keys :func:`alphalib.run` does not take become tags (columns of every frame).
+    """
+    import inspect
+
+    import pandas as pd
+
+    from .problems import problem
+    from .train import History, run
+
+    accepted = set(inspect.signature(run).parameters)
+    histories = []
+    for point in points:
+        kw = {**common, **point}
+        tags = dict(kw.pop("tags", None) or {})
+        if "problem" in kw:
+            p = problem(kw["problem"], seed=kw.get("seed", 0))
+            tags["problem"] = kw.pop("problem")
+            kw = dict(model=p.model, loss_fn=p.loss_fn, train_set=p.train, val_set=p.val, alpha_set=p.alpha) | kw
+        tags |= {k: kw.pop(k) for k in list(kw) if k not in accepted}
+        histories.append(run(**kw, tags=tags))
+    if not histories:
+        raise ValueError("points is empty: give at least one point (alphalib.sweep.grid(...) builds them).")
+    looked = [h.profiles for h in histories if h.profiles is not None]
+    return History(*(pd.concat([getattr(h, f) for h in histories], ignore_index=True)
+                     for f in ("steps", "epochs", "records")),
+                   profiles=pd.concat(looked, ignore_index=True) if looked else None)
+
+
+def _name(params: Mapping[str, Any]) -> str:
+    """Return a run's folder name: ``lr=0.001,seed=1`` (characters a path cannot hold replaced)."""
+    text = ",".join(f"{k}={v}" for k, v in params.items()) or "defaults"
+    return "".join(c if c.isalnum() or c in "=,.-_+" else "_" for c in text)
+
+
+def _status(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Send file descriptor 2 (which the kernel papermill starts inherits) to ``path`` for the block."""
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def execute(notebook: str, folder: str, params: dict[str, Any], outputs: Sequence[str] = ()) -> dict[str, Any]:
+    """Execute ``notebook`` with ``params`` into ``folder``; gather its records; write and return ``run.json``.
+
+    ``outputs``: the notebook's parameters that name folders (``records_dir``, ``figures_dir``), pointed at
+    ``folder``. Never raises: a failure is returned (and written) with its error.
+    """
+    import pandas as pd
+    import papermill
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per run: the cluster runs one per core
+    out, start = Path(folder), time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("run.json", "records.parquet"):  # what an earlier run left here
+        (out / stale).unlink(missing_ok=True)
+    info: dict[str, Any] = {"run": out.name, "params": params, "status": "ok", "error": ""}
+    try:
+        with _stderr_to(out / "kernel.log"):  # the kernel's own log lines, not the caller's output
+            papermill.execute_notebook(notebook, str(out / Path(notebook).name), parameters={
+                **params, **{name: str(out.resolve()) for name in outputs}}, cwd=str(Path(notebook).parent),
+                progress_bar=False, log_output=False)
+        found = sorted(p for p in out.iterdir() if p.name.endswith((".csv", ".csv.gz")))
+        if found:
+            frame = pd.concat([read(p) for p in found], ignore_index=True)
+            frame = frame.assign(run=out.name, **{k: v for k, v in params.items()
+                                                  if k not in frame and not isinstance(v, (list, dict))})
+            write(frame, out / "records.parquet")
+    except Exception as exc:  # a failed run is reported, the others go on
+        info.update(status="failed", error=f"{type(exc).__name__}: {exc}"[-4000:], traceback=traceback.format_exc())
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    (out / "run.json").write_text(json.dumps(info, indent=1, default=str))
+    return info
+
+
+def sweep(
+    notebook: str | Path,
+    axes: Mapping[str, Sequence[Any]],
+    *,
+    out: str | Path,
+    seeds: int | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Execute ``notebook`` once per point of the ``axes`` grid (× ``seed`` in ``range(seeds)``) as Dask tasks.
+
+    ``parameters`` are passed to every run unchanged. Returns one row per run: ``run``, ``status`` (``ok``,
+    ``failed`` or ``skipped``: done by an earlier sweep), ``seconds``, ``error``. See the module for the folders.
+    """
+    import pandas as pd
+    import papermill
+    from tqdm.auto import tqdm
+
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:
+        raise ImportError('sweep needs dask.distributed: pip install -c constraints.txt "alphalib[sweep]".') from exc
+    notebook = Path(notebook).resolve()
+    if not notebook.is_file():
+        raise FileNotFoundError(f"no notebook at {notebook}.")
+    declared = papermill.inspect_notebook(str(notebook))
+    axes = dict(axes)
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ValueError(f"seeds must be a positive integer, got {seeds!r}.")
+        axes["seed"] = list(range(seeds))
+    fixed = dict(parameters or {})
+    unknown = [k for k in [*axes, *fixed] if k not in declared]
+    if unknown:
+        raise ValueError(f"{notebook.name} has no parameter {', '.join(map(repr, unknown))}; its parameters cell "
+                         f"declares {', '.join(declared) or 'none'}.")
+    outputs = [k for k in ("records_dir", "figures_dir") if k in declared and k not in fixed]
+    root = Path(out)
+    plan = [(root / _name(point), {**fixed, **point}) for point in grid(**axes)]
+    rows, todo = [], []
+    for folder, params in plan:
+        done = _status(folder)
+        same = done is not None and done.get("params") == json.loads(json.dumps(params, default=str))
+        if same and done.get("status") == "ok":
+            rows.append({"run": folder.name, "status": "skipped", "seconds": done.get("seconds"), "error": ""})
+        else:
+            todo.append((folder, params))
+    if todo:
+        cluster = None if scheduler else LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
+                                                      processes=True, dashboard_address=None)
+        try:
+            with Client(scheduler or cluster) as client:
+                futures = [client.submit(execute, str(notebook), str(folder.resolve()), params, outputs,
+                                         key=f"alphalib-sweep-{folder.name}-{time.time_ns()}", pure=False)
+                           for folder, params in todo]
+                for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
+                    info = future.result()
+                    rows.append({k: info.get(k) for k in ("run", "status", "seconds", "error")})
+        finally:
+            if cluster is not None:
+                cluster.close()
+    table = pd.DataFrame(rows, columns=["run", "status", "seconds", "error"])
+    counts = table.status.value_counts()
+    if progress:
+        print(f"{len(table)} runs: {counts.get('ok', 0)} done, {counts.get('failed', 0)} failed, "
+              f"{counts.get('skipped', 0)} already done")
+        for r in table[table.status == "failed"].itertuples():
+            print(f"  failed {r.run}: {r.error.splitlines()[-1] if r.error else ''}")
+    return table
+
+
+def load(folder: str | Path) -> pd.DataFrame:
+    """Return the records of every finished run of the sweep in ``folder`` as one DataFrame (a ``run`` column)."""
+    import pandas as pd
+
+    found = sorted(Path(folder).glob("*/records.parquet"))
+    if not found:
+        raise FileNotFoundError(f"no runs with records under {folder}: run alphalib.sweep.sweep(..., out={folder!r}).")
+    return pd.concat([read(p) for p in found], ignore_index=True)

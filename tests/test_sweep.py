@@ -1,0 +1,110 @@
+"""Grids of runs in process, and sweeps of a notebook on a Dask LocalCluster: failures, resumption, same records."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pandas as pd
+import pytest
+import torch.nn.functional as F
+
+import alphalib
+from alphalib.__main__ import main
+
+PARAMETERS = """\
+scale = 1                  # the lr is scale * 1e-3; scale 3 fails on purpose
+seed = 0
+records_dir = "."
+"""
+BODY = """\
+import torch.nn.functional as F
+import alphalib
+
+if scale == 3:
+    raise ValueError("injected failure")
+history = alphalib.run(alphalib.SimpleNet, F.mse_loss, alphalib.gaussian_regression(n=64, seed=seed),
+                       lr=scale * 1e-3, epochs=1, batch_size=16, seed=seed, progress=False)
+alphalib.write_records(history.records, f"{records_dir}/tiny.csv.gz")
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A parameterized notebook that trains one small probed run, and fails for scale == 3."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell(BODY)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def _direct(scale: int, seed: int) -> pd.DataFrame:
+    return alphalib.run(alphalib.SimpleNet, F.mse_loss, alphalib.gaussian_regression(n=64, seed=seed),
+                        lr=scale * 1e-3, epochs=1, batch_size=16, seed=seed, progress=False).records
+
+
+def test_grid_is_the_product_of_the_axes():
+    points = alphalib.grid(optimizer=["adam", "sgd"], lr=[1e-3, 1e-2, 1e-1])
+    assert len(points) == 6 and points[1] == {"optimizer": "adam", "lr": 1e-2}
+    assert len({tuple(p.items()) for p in points}) == 6
+    with pytest.raises(TypeError, match="axis 'lr' must be a list"):
+        alphalib.grid(lr=1e-3)
+
+
+def test_runs_equal_the_runs_made_one_by_one_and_tag_what_run_does_not_take():
+    data = alphalib.gaussian_regression(n=64, seed=0)
+    points = alphalib.grid(lr=[1e-3, 1e-2], seed=[0, 1])
+    history = alphalib.runs([p | {"note": "x"} for p in points], model=alphalib.SimpleNet, loss_fn=F.mse_loss,
+                            train_set=data, epochs=1, batch_size=16, progress=False)
+    one_by_one = pd.concat([alphalib.run(alphalib.SimpleNet, F.mse_loss, data, epochs=1, batch_size=16,
+                                         progress=False, **p).records for p in points], ignore_index=True)
+    pd.testing.assert_frame_equal(history.records.drop(columns="note"), one_by_one)
+    assert (history.records.note == "x").all() and len(history.epochs) == 4
+    by_name = alphalib.runs([{"problem": "seed problem", "seed": 1}], epochs=1, progress=False)
+    p = alphalib.problem("seed problem", seed=1)
+    direct = alphalib.run(p.model, p.loss_fn, p.train, val_set=p.val, alpha_set=p.alpha, seed=1, epochs=1,
+                          progress=False, tags={"problem": "seed problem"})
+    pd.testing.assert_frame_equal(by_name.records, direct.records)
+    with pytest.raises(ValueError, match="points is empty"):
+        alphalib.runs([])
+
+
+def test_sweep_on_a_local_cluster_reports_a_failure_finishes_the_rest_and_resumes(tiny, tmp_path):
+    out = tmp_path / "sweep"
+    table = alphalib.sweep.sweep(tiny, {"scale": [1, 2, 3]}, out=out, seeds=2, workers=2, progress=False)
+    status = dict(zip(table.run, table.status))
+    assert len(status) == 6 and sum(s == "ok" for s in status.values()) == 4
+    failed = table[table.status == "failed"]
+    assert set(failed.run) == {"scale=3,seed=0", "scale=3,seed=1"} and failed.error.str.contains("injected").all()
+    assert json.loads((out / "scale=3,seed=0" / "run.json").read_text())["status"] == "failed"
+    assert (out / "scale=1,seed=1" / "tiny.ipynb").is_file()  # the executed notebook
+
+    # the sweep's records are those of the same run made directly
+    records = alphalib.sweep.load(out)
+    got = records[records.run == "scale=2,seed=1"].drop(columns=["run", "scale"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, _direct(2, 1), check_dtype=False)
+
+    # again: the runs done are skipped, the failed ones retried; a run whose record is lost runs again
+    (out / "scale=1,seed=0" / "run.json").unlink()
+    again = alphalib.sweep.sweep(tiny, {"scale": [1, 2, 3]}, out=out, seeds=2, workers=2, progress=False)
+    status = dict(zip(again.run, again.status))
+    assert status["scale=1,seed=0"] == "ok" and status["scale=3,seed=1"] == "failed"
+    assert sum(s == "skipped" for s in status.values()) == 3
+    other = alphalib.sweep.sweep(tiny, {"scale": [2]}, out=out, seeds=1, parameters={"records_dir": str(out / "x")},
+                                 workers=1, progress=False)
+    assert list(other.status) == ["ok"]  # other parameters in the same folder: run again, not skipped
+
+
+def test_command_line_runs_the_same_sweep_and_says_what_is_wrong(tiny, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["sweep", str(tiny), "--grid", "scale=1,3", "-p", "seed", "1", "--out", str(out),
+                 "--workers", "1"]) == 1  # one run failed
+    said = capsys.readouterr().out
+    assert "2 runs: 1 done, 1 failed" in said and "injected failure" in said
+    assert json.loads((out / "scale=1" / "run.json").read_text())["params"] == {"seed": 1, "scale": 1}
+    assert main(["sweep", str(tiny), "--grid", "rate=1,2", "--out", str(out)]) == 2
+    assert "has no parameter 'rate'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", str(tiny), "--grid", "scale", "--out", str(out)])
