@@ -10,7 +10,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data,models,lrfree,sweep,lightning,hf]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data,models,lrfree,sweep,tensorboard,lightning,hf]"
 	touch $@
 
 # Executed copies go to build/notebooks/, figures to figures/ and the runs' records to results/ (run alone, a

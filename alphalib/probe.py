@@ -459,9 +459,14 @@ class AlphaProbe:
             )
             self._warned = True
 
+    @property
+    def frame_tags(self) -> dict[str, Any]:
+        """The constant columns :meth:`to_frame` adds: the probe's ``tags``."""
+        return dict(self.tags)
+
     def to_frame(self) -> pd.DataFrame:
         """Return the records as a DataFrame, one row per probed step, with the probe's ``tags`` as columns."""
-        return to_frame(self.records, self.tags)
+        return to_frame(self.records, self.frame_tags)
 
 
 def _batches(data: object | None) -> Iterable[object] | None:

@@ -166,16 +166,95 @@ def write(frame: pd.DataFrame, path: str | Path) -> None:
 
 
 def read(path: str | Path) -> pd.DataFrame:
-    """Read records written by :func:`write` (``fallback`` stays a string; a missing ``epoch`` is NaN)."""
+    """Read records written by :func:`write` or streamed by :class:`Stream` (a folder of Parquet parts); ``fallback``
+    stays a string; a missing ``epoch`` is NaN."""
     import pandas as pd
 
     path = Path(path)
+    if path.is_dir():
+        parts = sorted(path.glob("part-*.parquet"))
+        if not parts:
+            raise FileNotFoundError(f"no records (part-*.parquet) in the folder {path}.")
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     if path.name.endswith(".parquet"):
         return pd.read_parquet(path)
     frame = pd.read_csv(path, dtype={"fallback": str})
     if "fallback" in frame:
         frame["fallback"] = frame["fallback"].fillna("")
     return frame
+
+
+class Stream:
+    """Write records to disk as training runs, an epoch at a time, so that a crash loses at most the current epoch.
+
+    A listener (``probe.listeners.append(stream)``; :func:`alphalib.train` with ``records_to=`` attaches one, flushes
+    it after every epoch and closes it). It keeps a step's record until the epoch changes, :meth:`flush` or
+    :meth:`close`, then appends what it kept: to ``path`` if it ends in ``.csv`` (the header once, every float exact),
+    else to the folder ``path`` as one ``part-NNNNN.parquet`` per flush (needs pyarrow): a Parquet file is readable
+    only once complete, so each part is written whole. :func:`read` reads either back. ``tags`` become columns.
+    """
+
+    def __init__(self, path: str | Path, tags: Mapping[str, Any] | None = None):
+        self.path, self.tags = Path(path), dict(tags or {})
+        self.csv = self.path.suffix == ".csv"
+        if not self.csv and self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"records stream to a .csv file or to a folder of Parquet parts; {self.path} is a file.")
+        (self.path.parent if self.csv else self.path).mkdir(parents=True, exist_ok=True)
+        self._kept: list[Record] = []
+        self._parts = len(list(self.path.glob("part-*.parquet"))) if not self.csv else 0
+
+    def __call__(self, rec: Record) -> None:
+        if self._kept and rec.epoch != self._kept[-1].epoch:
+            self.flush()
+        self._kept.append(rec)
+
+    def flush(self) -> None:
+        """Append the records kept so far."""
+        if not self._kept:
+            return
+        frame = to_frame(self._kept, self.tags)
+        if self.csv:
+            frame.to_csv(self.path, mode="a", header=not self.path.exists() or self.path.stat().st_size == 0,
+                         index=False)
+        else:
+            frame.to_parquet(self.path / f"part-{self._parts:05d}.parquet", index=False)
+            self._parts += 1
+        self._kept = []
+
+    def close(self) -> None:
+        """Append what is left."""
+        self.flush()
+
+
+class TensorBoard:
+    """Write each record's ``alpha_star``, ``ratio``, ``curvature`` and ``loss`` as TensorBoard scalars at its step.
+
+    A listener, like :class:`Stream`, through ``torch.utils.tensorboard`` (needs the ``tensorboard`` package:
+    ``pip install -c constraints.txt "alphalib[tensorboard]"``); scalars go under ``alphalib/``. NaN (no step size)
+    is written as it is.
+    """
+
+    SCALARS = ("alpha_star", "ratio", "curvature", "loss")
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError('TensorBoard scalars need the tensorboard package: pip install -c constraints.txt '
+                              '"alphalib[tensorboard]".') from exc
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def __call__(self, rec: Record) -> None:
+        for name in self.SCALARS:
+            self.writer.add_scalar(f"alphalib/{name}", getattr(rec, name), rec.step)
+
+    def flush(self) -> None:
+        """Write what the writer holds."""
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Write what is left and close the event file."""
+        self.writer.close()
 
 
 def epoch_summary(frame: pd.DataFrame) -> pd.DataFrame:

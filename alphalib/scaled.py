@@ -210,9 +210,14 @@ class AlphaScaled:
             return self._full, why
         return self._full, "" if self._full is not None else "no usable full-data alpha* measured yet"
 
+    @property
+    def frame_tags(self) -> dict[str, Any]:
+        """The constant columns :meth:`to_frame` adds: ``source``, ``kappa`` and the tags."""
+        return {"source": self.source, "kappa": self.kappa, **self.tags}
+
     def to_frame(self) -> pd.DataFrame:
         """Return the records as a DataFrame (one row per step), with the tags as columns."""
-        return to_frame(self.records, {"source": self.source, "kappa": self.kappa, **self.tags})
+        return to_frame(self.records, self.frame_tags)
 
 
 def _usable(res: Any, what: str) -> tuple[float | None, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,8 +17,9 @@ from ._function import LossFn
 from .curvature import Backend
 from .data import loader
 from .optim import eval_mode, make_optimizer, train_mode
-from .scaled import AlphaScaled
 from .probe import AlphaProbe
+from .records import Stream, TensorBoard
+from .scaled import AlphaScaled
 from .spectrum import next_step_profiles
 
 if TYPE_CHECKING:
@@ -73,6 +75,8 @@ def train(
     progress: bool = True,
     after_epoch: Callable[[int], None] | None = None,
     live: bool = False,
+    records_to: str | Path | None = None,
+    tensorboard: str | Path | None = None,
 ) -> History:
     """Train for ``epochs`` passes over ``batches``, letting ``probe`` take the steps.
 
@@ -81,48 +85,67 @@ def train(
     optimizer with train and eval points (Schedule-Free) steps in train mode, is validated in eval mode and is left
     in eval mode, so that the model ends on the point it returns (see :mod:`alphalib.optim`). With
     ``live`` the probe's records are drawn below the running cell where a notebook frontend shows them
-    (:func:`alphalib.live.watch`: nothing under papermill, nbval or in a script).
+    (:func:`alphalib.live.watch`: nothing under papermill, nbval or in a script). ``records_to``: stream the
+    probe's records to a ``.csv`` file or a folder of Parquet parts after every epoch (:class:`alphalib.records.Stream`:
+    a crash loses at most the epoch under way); ``tensorboard``: a log folder for TensorBoard scalars
+    (:class:`alphalib.records.TensorBoard`). Listeners attached here are detached when training ends or fails.
     """
     import pandas as pd
 
+    if probe is None and (live or records_to is not None or tensorboard is not None):
+        raise ValueError("live, records_to and tensorboard follow the probe's records: pass a probe, or leave them "
+                         "off.")
+    sinks: list[Stream | TensorBoard] = []
+    if records_to is not None:
+        sinks.append(Stream(records_to, tags=probe.frame_tags))
+    if tensorboard is not None:
+        sinks.append(TensorBoard(tensorboard))
     watching = None
     if live:
         from .live import watch
 
-        if probe is None:
-            raise ValueError("live=True draws the probe's records: pass a probe, or leave live off.")
         lr = optimizer.param_groups[0]["lr"]
         watching = watch(probe, title=f"{type(optimizer).__name__} (lr {lr:g}): α* as training runs")
+    if sinks:
+        probe.listeners.extend(sinks)
     steps, per_epoch = [], []
     model.train()
     train_mode(optimizer)
     bar = tqdm(range(epochs), desc="epochs", disable=not progress)
     seconds = 0.0  # training time so far: the steps (the probe's included), not validation
-    for epoch in bar:
-        first, start = len(steps), time.perf_counter()
-        for x, y in batches:
-            optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            if probe is None:
-                optimizer.step()
-            else:
-                probe.step((x, y), epoch=epoch)
-            steps.append((epoch, len(steps), loss.item()))
-        seconds += time.perf_counter() - start
-        row = {"epoch": epoch, "train_loss": sum(s[2] for s in steps[first:]) / max(len(steps) - first, 1),
-               "seconds": seconds, "probe_seconds": getattr(probe, "seconds", 0.0)}
-        if val is not None:
-            eval_mode(optimizer)
-            row |= evaluate(model, loss_fn, val)
-            train_mode(optimizer)
-        per_epoch.append(row)
-        if after_epoch is not None:
-            after_epoch(epoch + 1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("epoch", "seconds", "probe_seconds")})
-    eval_mode(optimizer)
-    if watching is not None:
-        watching.close()
+    try:
+        for epoch in bar:
+            first, start = len(steps), time.perf_counter()
+            for x, y in batches:
+                optimizer.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                if probe is None:
+                    optimizer.step()
+                else:
+                    probe.step((x, y), epoch=epoch)
+                steps.append((epoch, len(steps), loss.item()))
+            seconds += time.perf_counter() - start
+            for sink in sinks:
+                sink.flush()
+            row = {"epoch": epoch, "train_loss": sum(s[2] for s in steps[first:]) / max(len(steps) - first, 1),
+                   "seconds": seconds, "probe_seconds": getattr(probe, "seconds", 0.0)}
+            if val is not None:
+                eval_mode(optimizer)
+                row |= evaluate(model, loss_fn, val)
+                train_mode(optimizer)
+            per_epoch.append(row)
+            if after_epoch is not None:
+                after_epoch(epoch + 1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("epoch", "seconds", "probe_seconds")})
+    finally:
+        eval_mode(optimizer)
+        if watching is not None:
+            watching.close()
+        for sink in sinks:
+            if sink in probe.listeners:
+                probe.listeners.remove(sink)
+            sink.close()
     records = probe.to_frame() if probe is not None else pd.DataFrame()
     return History(pd.DataFrame(steps, columns=["epoch", "step", "loss"]), pd.DataFrame(per_epoch), records)
 
@@ -149,6 +172,8 @@ def run(
     tags: Mapping[str, Any] | None = None,
     progress: bool = True,
     live: bool = False,
+    records_to: str | Path | None = None,
+    tensorboard: str | Path | None = None,
 ) -> History:
     r"""Seed, build ``model()`` and the optimizer, train with a probe; tag every row with the run's settings.
 
@@ -161,7 +186,8 @@ def run(
     preconditioned sharpness) every k-th step (``lambda_max``, ``precond_lambda_max``). ``looks``: after each of these epochs (counted from 1), the loss along the step
     the optimizer would take next on a fresh random batch is profiled on that batch and on the training set
     (:func:`alphalib.next_step_profiles`, training untouched), into ``History.profiles``. ``live``: watch the
-    records as they come, in JupyterLab (see :func:`train`).
+    records as they come, in JupyterLab; ``records_to``, ``tensorboard``: stream them to disk as training runs
+    (see :func:`train`).
 
     ``optimizer="alpha_scaled"`` steps the ``base`` optimizer of ``optimizer_kwargs`` (``"adam"`` by default) by
     :math:`\kappa\,\alpha^*` instead of probing it (the other keywords of :class:`alphalib.AlphaScaled`:
@@ -206,7 +232,7 @@ def run(
                                                        alpha_star=prof.alpha_star, trust=prof.trust))
 
     history = train(net, loss_fn, opt, batches, epochs=epochs, probe=probe, val=val, progress=progress,
-                    after_epoch=look, live=live)
+                    after_epoch=look, live=live, records_to=records_to, tensorboard=tensorboard)
     probe.remove()
     looked = pd.concat(profiles, ignore_index=True) if profiles else None
     for frame in (history.steps, history.epochs, *([looked] if profiles else [])):

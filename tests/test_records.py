@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -119,3 +120,64 @@ def test_written_records_read_back_exactly_and_the_bytes_repeat(tmp_path, name):
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     with pytest.raises(ValueError, match="written as .csv"):
         alphalib.write_records(frame, tmp_path / "records.xlsx")
+
+
+def _stream_run(tmp_path, target, fail_at_epoch=None, seen=None):
+    """Train SimpleNet 3 epochs with a probe streaming to ``target``; optionally fail in the middle of an epoch."""
+    data = list(alphalib.loader(alphalib.gaussian_regression(n=48, seed=0), 16))
+
+    class Batches:
+        epoch = -1
+
+        def __iter__(self):
+            self.epoch += 1
+            for i, batch in enumerate(data):
+                if self.epoch == fail_at_epoch and i == 1:
+                    if seen is not None:  # what is on disk when the epoch under way breaks off
+                        seen.append(alphalib.read_records(target))
+                    raise RuntimeError("the machine went away")
+                yield batch
+
+    torch.manual_seed(0)
+    model = alphalib.SimpleNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt, tags={"run": "a"})
+    try:
+        alphalib.train(model, F.mse_loss, opt, Batches(), epochs=3, probe=probe, progress=False, records_to=target)
+    except RuntimeError:
+        pass
+    assert probe.listeners == []  # detached when training ends or fails
+    return probe.to_frame()
+
+
+@pytest.mark.parametrize("target", ["records.csv", "parts"])
+def test_records_stream_to_disk_an_epoch_at_a_time(tmp_path, target):
+    path = tmp_path / target
+    frame = _stream_run(tmp_path, path)
+    back = alphalib.read_records(path)
+    pd.testing.assert_frame_equal(back, frame, check_dtype=False)  # every float exact
+    if target == "parts":
+        assert len(list(path.glob("part-*.parquet"))) == 3  # one per epoch
+
+
+def test_a_crash_loses_at_most_the_epoch_under_way(tmp_path):
+    seen = []
+    frame = _stream_run(tmp_path, tmp_path / "r.csv", fail_at_epoch=2, seen=seen)
+    (on_disk,) = seen
+    assert sorted(on_disk.epoch.unique()) == [0, 1] and len(on_disk) == (frame.epoch < 2).sum() == 6
+    pd.testing.assert_frame_equal(on_disk, frame[frame.epoch < 2], check_dtype=False)
+    pd.testing.assert_frame_equal(alphalib.read_records(tmp_path / "r.csv"), frame, check_dtype=False)
+
+
+def test_tensorboard_scalars_are_the_records(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = alphalib.run(alphalib.SimpleNet, F.mse_loss, alphalib.gaussian_regression(n=48, seed=0), epochs=2,
+                           batch_size=16, progress=False, tensorboard=tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    for name in ("alpha_star", "ratio", "curvature", "loss"):
+        scalars = events.Scalars(f"alphalib/{name}")
+        assert [s.step for s in scalars] == history.records.step.tolist()
+        np.testing.assert_allclose([s.value for s in scalars], history.records[name], rtol=1e-6)  # stored as float32
