@@ -38,7 +38,19 @@ if TYPE_CHECKING:
 
     from .train import History
 
-__all__ = ["grid", "runs", "sweep", "load"]
+__all__ = ["axis", "grid", "runs", "sweep", "load"]
+
+
+def axis(values: Any) -> list[Any]:
+    """Return a notebook's grid parameter as a list: a list or tuple as it is, one value as a list of one.
+
+    So a notebook can declare ``lrs = [1e-3, 1e-2]`` and still run when a sweep passes one value per run
+    (``--grid lrs=1e-3,1e-2`` sends ``lrs=0.001`` to one run, ``lrs=0.01`` to another).
+
+        >>> axis([1e-3, 1e-2]), axis(1e-3)
+        ([0.001, 0.01], [0.001])
+    """
+    return list(values) if isinstance(values, (list, tuple)) else [values]
 
 
 def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
