@@ -108,3 +108,16 @@ def test_command_line_runs_the_same_sweep_and_says_what_is_wrong(tiny, tmp_path,
     assert "has no parameter 'rate'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sweep", str(tiny), "--grid", "scale", "--out", str(out)])
+
+
+def test_an_existing_cluster_is_used_unchanged_through_its_address(tiny, tmp_path):
+    """--scheduler ADDRESS: the sweep submits to that cluster (here one started in the test) and leaves it running."""
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert main(["sweep", str(tiny), "--grid", "scale=1,2", "--out", str(tmp_path / "remote"),
+                     "--scheduler", cluster.scheduler_address]) == 0
+        with Client(cluster.scheduler_address) as client:  # still there, its worker too
+            assert len(client.scheduler_info()["workers"]) == 1
+    records = alphalib.sweep.load(tmp_path / "remote")
+    assert sorted(records.run.unique()) == ["scale=1", "scale=2"]

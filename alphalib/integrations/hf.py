@@ -24,8 +24,8 @@ subclass's ``compute_loss`` records metrics); micro-batches then weigh the same.
 
 **Limits.** Measured on the generic path, since the loss is not ``loss_fn(model(x), y)``; with dropout and
 gradient accumulation every micro-batch is measured with the random state of the last one's forward pass (the
-probe's rule for objectives). ``step_size`` is read from the optimizer the Trainer holds, accelerate's wrapper,
-so for Prodigy and D-Adaptation (known to :func:`alphalib.step_size` by class) it is the lr. One process only:
+probe's rule for objectives). ``step_size`` looks through accelerate's wrapper to the optimizer it holds, so
+Prodigy's and D-Adaptation's own step sizes are recorded. One process only:
 the probe measures the model the Trainer holds, on the batches this process trained on.
 
 A class that derives from both (``class MyTrainer(AlphaTrainer, SFTTrainer)``) probes another Trainer
