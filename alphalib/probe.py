@@ -69,7 +69,7 @@ from .fast.output import output_grad
 from .optim import in_eval_mode, step_size
 from .records import Record, make_record, tell, to_frame
 from .sharpness import preconditioner, top_eigenvalue
-from .spectrum import along
+from .spectrum import along, as_batches
 
 Path = Literal["auto", "fast", "generic"]
 
@@ -147,7 +147,7 @@ class AlphaProbe:
         trainable(model)
         self._check_optimizer()
         self.every, self.tags = every, dict(tags or {})
-        self.scopes = {name: data for name, data in (("full", full_data), ("heldout", _batches(held_out)))
+        self.scopes = {name: data for name, data in (("full", full_data), ("heldout", as_batches(held_out)))
                        if data is not None}
         self.full_every, self.sharpness_every = full_every, sharpness_every
         self.records: list[Record] = []
@@ -468,10 +468,3 @@ class AlphaProbe:
         """Return the records as a DataFrame, one row per probed step, with the probe's ``tags`` as columns."""
         return to_frame(self.records, self.frame_tags)
 
-
-def _batches(data: object | None) -> Iterable[object] | None:
-    """Return held-out data as batches: a list or loader of batches as it is, one batch as a list of one."""
-    if isinstance(data, (tuple, Mapping)) or isinstance(data, list) and not all(
-            isinstance(b, (tuple, list, Mapping)) for b in data):
-        return [data]
-    return data

@@ -30,7 +30,7 @@ training drives the (preconditioned) sharpness up to that threshold and holds it
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ._checks import trainable
 from ._function import BatchLoss, LossFn, Objective
-from .spectrum import batch_size
+from .spectrum import as_batches, batch_size
 
 __all__ = ["Sharpness", "top_eigenvalue", "hessian_trace", "preconditioner", "stability_threshold"]
 
@@ -56,10 +56,8 @@ class Sharpness:
 
 
 def _as_batches(data: object) -> list[object]:
-    """Return ``data`` as a list of batches: one batch (a tuple or dict) as a list of one."""
-    if isinstance(data, (tuple, Mapping)):
-        return [data]
-    batches = list(data)
+    """Return ``data`` as a list of batches (:func:`alphalib.spectrum.as_batches`), refusing an empty one."""
+    batches = list(as_batches(data))
     if not batches:
         raise ValueError("data is empty: give a batch, or batches (e.g. a DataLoader over the training set).")
     return batches

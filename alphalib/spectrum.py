@@ -21,7 +21,7 @@ can be trusted: the actual decrease at :math:`\alpha^*` over the predicted one,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +45,15 @@ def batch_size(batch: object) -> int:
         elif isinstance(item, (tuple, list)):
             stack.extend(item)
     raise ValueError(f"cannot tell the number of samples of a {type(batch).__name__} batch: it holds no tensor.")
+
+
+def as_batches(data: object | None) -> Iterable[object] | None:
+    """Return data as batches: a list or loader of batches as it is, one batch (a tuple, a dict, or a list of
+    tensors such as ``[x, y]``) as a list of one."""
+    if isinstance(data, (tuple, Mapping)) or isinstance(data, list) and not all(
+            isinstance(b, (tuple, list, Mapping)) for b in data):
+        return [data]
+    return data
 
 
 def along(

@@ -76,14 +76,19 @@ CASES = {
 }
 
 
-@pytest.fixture(params=list(CASES))
-def case(request) -> Case:
-    """Each toy problem in float64, seeded, model in train mode."""
+def make_case(name: str) -> Case:
+    """Return the toy problem ``name`` in float64, seeded, model in train mode."""
     torch.manual_seed(0)
-    c = CASES[request.param]()
+    c = CASES[name]()
     c.model.double().train()
     c.batch = tuple(t.double() if t.is_floating_point() else t for t in c.batch)
     return c
+
+
+@pytest.fixture(params=list(CASES))
+def case(request) -> Case:
+    """Each toy problem in float64, seeded, model in train mode."""
+    return make_case(request.param)
 
 
 def flat_loss(case: Case, params: list[Tensor] | None = None):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import CASES, dense_hessian, flat, rel_err
+from conftest import dense_hessian, flat, make_case, rel_err
 from torch import nn
 from torch.nn import functional as F
 
@@ -33,20 +33,12 @@ def _build(name, params, **changes):
     return opt
 
 
-def _case(name):
-    torch.manual_seed(0)
-    case = CASES[name]()
-    case.model.double().train()
-    case.batch = tuple(t.double() if t.is_floating_point() else t for t in case.batch)
-    return case
-
-
 @pytest.mark.parametrize("path", ["fast", "generic"])
 @pytest.mark.parametrize("problem", ["mlp-mse", "mlp-ce", "batchnorm-train"])
 @pytest.mark.parametrize("name", list(LR_FREE))
 def test_records_match_dense_hessian_for_learning_rate_free_optimizers(name, problem, path):
     """Three consecutive steps: slope and curvature along the realized step against a dense float64 Hessian."""
-    case = _case(problem)
+    case = make_case(problem)
     opt = _build(name, case.model.parameters())
     probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt, path=path)
     x, y = case.batch
@@ -72,7 +64,7 @@ def _grads(model):
 
 def _mlp_steps(name, steps=4, **changes):
     """Steps of a float64 MLP on one batch: (record, params before, gradients, params after) each, the optimizer."""
-    case = _case("mlp-mse")
+    case = make_case("mlp-mse")
     opt = _build(name, case.model.parameters(), **changes)
     probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt)
     x, y = case.batch
@@ -192,7 +184,7 @@ def test_schedulefree_in_eval_mode_is_refused_before_anything_changes():
 
 def test_schedulefree_is_measured_at_the_gradient_point_not_the_average():
     """θ_t is y_t: the records' slope is Δ'∇L(y_t), not Δ'∇L(x_t)."""
-    case = _case("mlp-mse")
+    case = make_case("mlp-mse")
     opt = _build("schedulefree_adamw", case.model.parameters())
     probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt)
     for _ in range(3):

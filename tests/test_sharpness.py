@@ -6,20 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import CASES, dense_hessian
+from conftest import dense_hessian, make_case
 from torch import nn
 from torch.nn import functional as F
 
 import alphalib
 from alphalib.sharpness import preconditioner
-
-
-def _case(name):
-    torch.manual_seed(0)
-    case = CASES[name]()
-    case.model.double().train()
-    case.batch = tuple(t.double() if t.is_floating_point() else t for t in case.batch)
-    return case
 
 
 def _adam_state(case, steps=3, **kw):
@@ -46,7 +38,7 @@ def _p(opt, model):
 
 @pytest.mark.parametrize("problem", ["mlp-mse", "mlp-ce", "batchnorm-train", "cnn"])
 def test_extreme_eigenvalues_match_a_dense_eigendecomposition(problem):
-    case = _case(problem)
+    case = make_case(problem)
     _, hess = dense_hessian(case)
     exact = torch.linalg.eigvalsh(hess)
     before = [p.detach().clone() for p in case.model.parameters()]
@@ -61,7 +53,7 @@ def test_extreme_eigenvalues_match_a_dense_eigendecomposition(problem):
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("problem", ["mlp-mse", "mlp-ce"])
 def test_preconditioned_sharpness_is_the_top_eigenvalue_of_p_inverse_h(problem, amsgrad):
-    case = _case(problem)
+    case = make_case(problem)
     opt = _adam_state(case, amsgrad=amsgrad)
     _, hess = dense_hessian(case)
     p = _p(opt, case.model)
@@ -75,7 +67,7 @@ def test_preconditioned_sharpness_is_the_top_eigenvalue_of_p_inverse_h(problem, 
 
 
 def test_full_data_is_the_size_weighted_mean_over_batches():
-    case = _case("mlp-mse")
+    case = make_case("mlp-mse")
     x, y = torch.randn(23, 4, dtype=torch.float64), torch.randn(23, 2, dtype=torch.float64)
     chunks = [(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]
     case.batch = (x, y)
@@ -84,6 +76,9 @@ def test_full_data_is_the_size_weighted_mean_over_batches():
     res = alphalib.top_eigenvalue(case.model, case.loss_fn, chunks, tol=1e-10)
     assert res.lambda_max == pytest.approx(exact[-1].item(), rel=1e-8)
     assert res.lambda_min == pytest.approx(exact[0].item(), rel=1e-8)
+    as_list = alphalib.top_eigenvalue(case.model, case.loss_fn, [x, y], which="max", tol=1e-10)  # one batch as [x, y]
+    assert as_list.lambda_max == pytest.approx(alphalib.top_eigenvalue(
+        case.model, case.loss_fn, (x, y), which="max", tol=1e-10).lambda_max, rel=1e-12)
     loader = alphalib.loader(torch.utils.data.TensorDataset(x, y), 10)
     assert alphalib.top_eigenvalue(case.model, case.loss_fn, loader, which="max", tol=1e-10).lambda_max == \
         pytest.approx(exact[-1].item(), rel=1e-8)
@@ -107,7 +102,7 @@ def test_least_squares_closed_form_and_exact_trace():
 
 
 def test_hutchinson_is_within_its_standard_error_of_the_dense_trace():
-    case = _case("mlp-ce")
+    case = make_case("mlp-ce")
     _, hess = dense_hessian(case)
     m = 400
     stderr = math.sqrt(2 * (hess.square().sum() - hess.diagonal().square().sum()).item() / m)
@@ -122,7 +117,7 @@ def test_hutchinson_is_within_its_standard_error_of_the_dense_trace():
 
 
 def test_the_hessian_is_taken_at_theta_when_given():
-    case = _case("mlp-mse")
+    case = make_case("mlp-mse")
     theta = [p.detach() + 0.3 for p in case.model.parameters()]
     _, hess = dense_hessian(case, theta)
     res = alphalib.top_eigenvalue(case.model, case.loss_fn, case.batch, theta=theta, which="max", tol=1e-10)
@@ -143,7 +138,7 @@ def test_stability_thresholds():
 
 
 def test_bad_input_is_refused_with_what_to_do():
-    case = _case("mlp-mse")
+    case = make_case("mlp-mse")
     fresh = torch.optim.Adam(case.model.parameters())
     with pytest.raises(ValueError, match="take a step first"):
         alphalib.top_eigenvalue(case.model, case.loss_fn, case.batch, optimizer=fresh)
@@ -164,7 +159,7 @@ def test_the_probe_records_sharpness_at_theta_t_every_k_steps_and_changes_nothin
     """λmax of the batch Hessian at θ_t (before the step), λmax(P_t⁻¹H) with the step's own P_t."""
     runs = []
     for k in (None, 2):
-        case = _case("mlp-ce")
+        case = make_case("mlp-ce")
         opt = torch.optim.Adam(case.model.parameters(), lr=0.05)
         probe = alphalib.AlphaProbe(case.model, case.loss_fn, opt, sharpness_every=k)
         for t in range(4):
