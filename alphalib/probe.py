@@ -352,8 +352,9 @@ class AlphaProbe:
             res, path, error, mismatch = self._ranks.reduce(res, grad, params, batches, fast=fast, error=error,
                                                             mismatch=mismatch, fallback=fallback)
         scopes = self._scopes(current, delta, fallback) if self.scopes and t % self.full_every == 0 else {}
-        sharp = self._sharpness(current, delta, batches, fallback) if self.sharpness_every and \
-            t % self.sharpness_every == 0 else {}
+        sharp = self._sharpness(current, delta, BatchLoss(self.model, self.loss, None, batches=batches,
+                                                          weights=verdict.weights, rngs=rngs), fallback) \
+            if self.sharpness_every and t % self.sharpness_every == 0 else {}
         rec = make_record(
             step=t, epoch=epoch, loss=res.loss, lr=lr, step_size=size, step_slope=res.slope,
             step_curvature=res.curvature,
@@ -377,16 +378,17 @@ class AlphaProbe:
                 fallback.append(f"{name}: {type(exc).__name__}: {exc}")
         return out
 
-    def _sharpness(self, current: list[Tensor], delta: list[Tensor], batches: list[object],
+    def _sharpness(self, current: list[Tensor], delta: list[Tensor], fn: BatchLoss,
                    fallback: list[str]) -> dict[str, float]:
-        """The batch Hessian's largest eigenvalue at θ_t, and Adam's preconditioned sharpness (after its step)."""
+        """The largest eigenvalue at θ_t of the Hessian of ``fn`` (the measured loss: the step's batches, their weights
+        and random draws), and Adam's preconditioned sharpness (after its step)."""
         theta, out = torch._foreach_sub(current, delta), {}
         try:
             with torch.autocast(current[0].device.type, enabled=False):
-                out["lambda_max"] = top_eigenvalue(self.model, self.loss, batches, theta=theta, which="max").lambda_max
+                out["lambda_max"] = top_eigenvalue(self.model, self.loss, fn, theta=theta, which="max").lambda_max
                 if type(self.optimizer) in (torch.optim.Adam, torch.optim.AdamW):
                     preconditioner(self.optimizer, trainable(self.model))  # raises before Lanczos if it cannot
-                    out["precond_lambda_max"] = top_eigenvalue(self.model, self.loss, batches, theta=theta,
+                    out["precond_lambda_max"] = top_eigenvalue(self.model, self.loss, fn, theta=theta,
                                                                optimizer=self.optimizer, which="max").lambda_max
         except Exception as exc:  # the step is taken: record, never raise
             fallback.append(f"sharpness: {type(exc).__name__}: {exc}")

@@ -94,15 +94,13 @@ class _Operator:
     batch for every product (memory of one batch).
     """
 
-    def __init__(self, model: nn.Module, loss: LossFn | Objective, batches: list[object],
-                 theta: Sequence[Tensor], scale: Sequence[Tensor] | None):
+    def __init__(self, parts: list[tuple[float, BatchLoss]], theta: Sequence[Tensor], scale: Sequence[Tensor] | None):
         self.theta = [t.detach() for t in theta]
         self.shapes, self.sizes = [t.shape for t in self.theta], [t.numel() for t in self.theta]
         self.n = sum(self.sizes)
         self.dtype = self.theta[0].dtype
         self.scale = None if scale is None else torch.cat([s.reshape(-1) for s in scale]).rsqrt()  # P^{-1/2}
-        total = sum(batch_size(b) for b in batches)
-        self.parts = [(batch_size(b) / total, BatchLoss(model, loss, b)) for b in batches]
+        self.parts = parts  # (weight, the loss of one batch): H = sum of weight * H_b
         self.count = 0
         self._kept = self._graph(self.parts[0][1]) if len(self.parts) == 1 else None
 
@@ -140,10 +138,16 @@ class _Operator:
 
 def _operator(model: nn.Module, loss: LossFn | Objective, data: object, optimizer: torch.optim.Optimizer | None,
               theta: Sequence[Tensor] | None) -> _Operator:
+    """The operator over ``data``'s batches weighted by their sizes, or over the one function ``data`` is already (the
+    probe hands over the loss it measures: the training step's micro-batches, weights and random draws)."""
     params = trainable(model)
     scale = None if optimizer is None else preconditioner(optimizer, params)
     at = [p.detach() for p in params] if theta is None else list(theta)
-    return _Operator(model, loss, _as_batches(data), at, scale)
+    if isinstance(data, BatchLoss):
+        return _Operator([(1.0, data)], at, scale)
+    batches = _as_batches(data)
+    total = sum(batch_size(b) for b in batches)
+    return _Operator([(batch_size(b) / total, BatchLoss(model, loss, b)) for b in batches], at, scale)
 
 
 def top_eigenvalue(

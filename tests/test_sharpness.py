@@ -181,3 +181,31 @@ def test_the_probe_records_sharpness_at_theta_t_every_k_steps_and_changes_nothin
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     with pytest.raises(ValueError, match="sharpness_every"):
         alphalib.AlphaProbe(case.model, case.loss_fn, opt, sharpness_every=0)
+
+
+def test_the_probe_takes_the_sharpness_of_the_loss_that_stepped_dropout_mask_included():
+    """With dropout, λmax is that of the training forward's own mask (replayed), not of a fresh one."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 2)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt, sharpness_every=1)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    for _ in range(3):
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        state = torch.get_rng_state()  # the training forward's draws
+
+        def loss(flat_theta, state=state):
+            pieces = [t.view(s) for t, s in zip(flat_theta.split([s.numel() for s in shapes]), shapes)]
+            with torch.random.fork_rng():
+                torch.set_rng_state(state)
+                return F.mse_loss(functional_call(model, dict(zip(names, pieces)), (x,)), y)
+
+        exact = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, theta))[-1].item()
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        rec = probe.step((x, y))
+        assert rec.lambda_max == pytest.approx(exact, rel=1e-6)
