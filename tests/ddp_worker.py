@@ -101,6 +101,7 @@ def main(out: Path) -> None:
         runs = {name: train(name, dist.get_rank()) for name in RUNS}
         if is_main_process():  # every rank holds the same records: one writes them
             torch.save(runs, out / "runs.pt")
+        dist.barrier()  # tear down together: a rank that leaves first can abort the other's gloo threads
     finally:
         dist.destroy_process_group()
 
