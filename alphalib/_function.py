@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import _ops, _trained
 from ._checks import check_batch, check_loss
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -40,11 +41,13 @@ def rng_state(device: torch.device) -> Tensor:
 
 
 @contextlib.contextmanager
-def replay_rng(state: Tensor, device: torch.device) -> Iterator[None]:
-    """Run the body from RNG ``state`` and leave the global RNG as it was."""
+def replay_rng(state: Tensor | None, device: torch.device) -> Iterator[None]:
+    """Run the body from RNG ``state`` (``None``: the current one) and leave the global RNG as it was."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        if device.type == "cuda":
+        if state is None:
+            pass
+        elif device.type == "cuda":
             torch.cuda.set_rng_state(state, device)
         else:
             torch.set_rng_state(state)
@@ -109,7 +112,9 @@ class BatchLoss:
     def __init__(
         self, model: nn.Module, loss: LossFn | Objective, batch: object, rng: Tensor | None = None, *,
         batches: Sequence[object] | None = None, weights: Sequence[float] | None = None,
-        rngs: Sequence[Tensor | None] | None = None,
+        rngs: Sequence[Tensor | None] | None = None, rngs_after: Sequence[Tensor | None] | None = None,
+        buffers: Sequence[dict[str, Tensor] | None] | None = None, modes: Sequence[bool] | None = None,
+        dtype: torch.dtype | None = None,
     ):
         self.model, self.loss = model, loss
         self.batches = list(batches) if batches is not None else [batch]
@@ -124,30 +129,50 @@ class BatchLoss:
         self.device = named[0][1].device if named else torch.device("cpu")
         given = list(rngs) if rngs is not None else [rng] * k
         self.rngs = [rng_state(self.device) if r is None else r for r in given]
+        #: where each batch's loss_fn starts drawing: the end of its training forward, else of the replayed one
+        self.rngs_after: list[Tensor | None] = list(rngs_after) if rngs_after is not None else [None] * k
+        self.buffers = list(buffers) if buffers is not None else [None] * k
+        self.modes, self.dtype = modes, dtype
 
     @property
     def has_outputs(self) -> bool:
         """Whether the loss is ``loss_fn(model(x), y)``, so that outputs (and the GGN) are defined."""
         return not isinstance(self.loss, Objective)
 
-    def _state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
-        state = {n: b.clone() for n, b in self.model.named_buffers()}
-        state.update(self.frozen)
-        state.update(zip(self.names, params))
+    def _cast(self, t: Any) -> Any:
+        return t.to(self.dtype) if self.dtype is not None and isinstance(t, Tensor) and t.is_floating_point() else t
+
+    def _state(self, params: Sequence[Tensor], i: int = 0) -> dict[str, Tensor]:
+        kept = self.buffers[i]
+        state = {n: self._cast(b.clone()) for n, b in (kept.items() if kept is not None else
+                                                        self.model.named_buffers())}
+        state.update((n, self._cast(p)) for n, p in self.frozen.items())
+        state.update(zip(self.names, map(self._cast, params)))
         return state
+
+    @contextlib.contextmanager
+    def _as_trained(self, i: int) -> Iterator[None]:
+        """The modes, random draws and kernels of batch ``i``'s training forward; gradient-only modifiers off."""
+        with _trained.as_trained(self.model, self.modes), replay_rng(self.rngs[i], self.device), \
+                sdpa_kernel(SDPBackend.MATH), _ops.second_order():
+            yield
+            if self.rngs_after[i] is None:
+                self.rngs_after[i] = rng_state(self.device)
 
     def outputs(self, params: Sequence[Tensor]) -> list[Tensor]:
         r"""Return the model's outputs :math:`f(\theta, x_i)` at ``params`` (trainable ones, in order)."""
-        state = self._state(params)
         outs = []
-        for b, rng in zip(self.batches, self.rngs):
-            with replay_rng(rng, self.device), sdpa_kernel(SDPBackend.MATH):
-                outs.append(functional_call(self.model, state, (b[0],)))
+        for i, b in enumerate(self.batches):
+            with self._as_trained(i):
+                outs.append(functional_call(self.model, self._state(params, i), (self._cast(b[0]),)))
         return outs
 
     def loss_of(self, outputs: Sequence[Tensor]) -> Tensor:
         r"""Return the weighted loss :math:`\sum_i w_i \ell(f_i, y_i)` of given outputs."""
-        losses = [check_loss(self.loss(out, b[1])) for out, b in zip(outputs, self.batches)]
+        losses = []
+        for out, b, after in zip(outputs, self.batches, self.rngs_after):
+            with replay_rng(after, self.device):  # a loss_fn that draws (label noise) draws as in training
+                losses.append(check_loss(self.loss(out, self._cast(b[1]))))
         return _weighted(losses, self.weights)
 
     def __call__(self, params: Sequence[Tensor]) -> Tensor:
@@ -157,11 +182,11 @@ class BatchLoss:
         free = not (torch.is_grad_enabled() and all(p.requires_grad for p in params))
         if free:  # the objective may differentiate itself (a gradient penalty): give it leaves to do so
             params = [p.detach().requires_grad_(True) for p in params]
-        state = {f"model.{n}": t for n, t in self._state(params).items()}
         call, losses = _Call(self.model, self.loss), []
         with torch.enable_grad():
-            for b, rng in zip(self.batches, self.rngs):
-                with replay_rng(rng, self.device), sdpa_kernel(SDPBackend.MATH):
+            for i, b in enumerate(self.batches):
+                state = {f"model.{n}": t for n, t in self._state(params, i).items()}
+                with self._as_trained(i):
                     losses.append(check_loss(functional_call(call, state, (b,)), what="the objective"))
         loss = _weighted(losses, self.weights)
         return loss.detach() if free else loss

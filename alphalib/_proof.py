@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._function import rng_state
+from . import _trained
+from ._function import replay_rng, rng_state
 
 
 class Hook:
@@ -71,6 +72,9 @@ class Forward:
     versions: dict[int, int]  #: ``id(parameter) -> parameter._version`` at the call
     rng: Tensor  #: the RNG state the forward drew from
     autocast: torch.dtype | None  #: the autocast dtype, when the forward ran under autocast
+    modes: tuple[bool, ...] = ()  #: each module's ``training`` flag during the forward
+    buffers: dict[str, Tensor] | None = None  #: the buffers' values at its start (what it read)
+    rng_after: Tensor | None = None  #: the RNG state at its end (what a ``loss_fn`` that draws starts from)
     output: Tensor | None = None  #: the (detached) output, when it is a tensor
     error: Tensor | None = None  #: the error at the output from the last backward through it
     backwards: int = 0  #: backward passes through the output
@@ -86,6 +90,9 @@ class Verdict:
     scale: float = 1.0  #: the constant :math:`c` of the backpropagated loss :math:`c\,\ell`
     weights: list[float] | None = None  #: relative weights of the micro-batches, as training weighted them
     rngs: list[Tensor | None] = field(default_factory=list)  #: RNG state of each batch's forward
+    rngs_after: list[Tensor | None] = field(default_factory=list)  #: ... and at its end (for the loss_fn's draws)
+    buffers: list[dict[str, Tensor] | None] = field(default_factory=list)  #: each batch's forward's buffers
+    modes: tuple[bool, ...] | None = None  #: the modules' modes in the training forward
     grad: list[Tensor] | None = None  #: :math:`c\,\nabla \ell`: what reached each ``.grad`` through the output
     grad_norm: float | None = None  #: :math:`\|\nabla \ell\|`, when ``fast``
     output: Tensor | None = None  #: the training forward's output, when the fast path is proven
@@ -142,13 +149,14 @@ class Witness:
         self.forwards.append(Forward(
             inputs=x, input_version=x._version if isinstance(x, Tensor) else None,
             versions={id(p): p._version for p in self._params}, rng=rng_state(device), autocast=cast,
+            modes=_trained.modes(self.model), buffers=_trained.buffers(self.model),
         ))
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not (self._on() and self.forwards and isinstance(output, Tensor) and self.own(module)):
             return
         fwd = self.forwards[-1]
-        fwd.output = output.detach()
+        fwd.output, fwd.rng_after = output.detach(), rng_state(self._device)
         if output.requires_grad:
             ref = weakref.ref(fwd)
             output.register_hook(lambda grad: _seen(ref(), grad))
@@ -219,7 +227,11 @@ class Witness:
                                   "since the last step: training called another module (a submodule, or the model "
                                   "a wrapper holds?); give the probe the module training calls")
         matched = [_match(forwards, b[0]) if loss_fn is not None else None for b in batches]
-        v.rngs = [f.rng if f is not None else (forwards[-1].rng if forwards else None) for f in matched]
+        chosen = [f if f is not None else (forwards[-1] if forwards else None) for f in matched]
+        v.rngs = [None if f is None else f.rng for f in chosen]
+        v.rngs_after = [None if f is None else f.rng_after for f in chosen]
+        v.buffers = [None if f is None else f.buffers for f in chosen]
+        v.modes = chosen[-1].modes if chosen and chosen[-1] is not None else None
         scales: list[float | None] = [None] * k
         if loss_fn is not None and forwards:
             for i, (f, b) in enumerate(zip(matched, batches)):
@@ -228,7 +240,8 @@ class Witness:
                     v.mismatch.append(f"the inputs{which} passed to probe.step were not the input of any forward "
                                       "pass since the last step")
                 elif f.error is not None and f.output is not None and output_grad is not None:
-                    scales[i] = _scale(f.error, output_grad(f.output, b[1]))
+                    with replay_rng(f.rng_after, self._device):  # a loss_fn that draws draws as it did
+                        scales[i] = _scale(f.error, output_grad(f.output, b[1]))
                     if scales[i] is not None and not math.isfinite(scales[i]):
                         v.reasons.append(f"the error at the model's output{which} is not finite")
                         scales[i] = None
@@ -255,6 +268,9 @@ class Witness:
             v.reasons.append("no backward pass accumulated into .grad")
         elif any(p.grad is not None and p not in self.written for p in params):
             v.reasons.append("a parameter's .grad was not written by the backward pass")
+        elif self.tap and any(p in self.written and p not in self.parts for p in params):
+            v.reasons.append("a parameter's gradient did not come through the autograd graph of the model's output "
+                             "(a backward pass of its own, as reentrant checkpointing runs)")
         if scale is None:
             v.reasons.append("the error at the model's output was not seen")
         if fwd.autocast is not None:

@@ -170,6 +170,8 @@ def _differences(
     if v_norm == 0.0:
         return Directional(at.loss, 0.0, 0.0, at.grad_norm)
     eps = _fd_step(theta, v_norm, order=2 if central else 1)
+    if not (math.isfinite(v_norm) and eps > 0):  # a step too large to difference along (an overflowing lr)
+        return Directional(at.loss, at.slope, math.nan, at.grad_norm)
     g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v)])
     if central:
         g_minus = _grad_at(fn, [p - eps * vi for p, vi in zip(theta, v)])

@@ -58,9 +58,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import _ops, distributed
+from . import _ops, _trained, distributed
 from ._checks import check_batch, check_loss, trainable
-from ._function import BatchLoss, LossFn, Objective, rng_state
+from ._function import BatchLoss, LossFn, Objective, replay_rng, rng_state
 from ._proof import Verdict, Witness
 from .curvature import Backend, Directional, Known, check_backend, directional
 from .fast import Capture, NoRule, OpCapture
@@ -72,6 +72,37 @@ from .sharpness import preconditioner, top_eigenvalue
 from .spectrum import along, as_batches
 
 Path = Literal["auto", "fast", "generic"]
+
+
+def _signature(value: object) -> object:
+    """Return the shapes and dtypes of the tensors in a batch (nested tuples, lists, dicts), to tell batches apart."""
+    if isinstance(value, Tensor):
+        return tuple(value.shape), value.dtype
+    if isinstance(value, Mapping):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    return type(value).__name__
+
+
+def _unresolved(current: list[Tensor], delta: list[Tensor]) -> str | None:
+    """Say why the step is too small for the parameters' precision for the fast path, or ``None``.
+
+    The fast path forms second-order terms from products at :math:`\theta_{t+1}` and :math:`\theta_t`; their
+    difference loses about :math:`u\,\|\theta\|/\|\Delta\|` of the curvature (unit roundoff :math:`u`; measured: 0.15
+    times it on an MLP). Below float64 it must stay under 1e-3 for every parameter tensor the step moved, which keeps
+    the fast path within the 1e-3 it states for float32 (a ResNet at Adam's lr 1e-3: 1.2e-4; lr 1e-5: 4e-3-8e-3).
+    """
+    dtype = current[0].dtype
+    if dtype == torch.float64:
+        return None
+    eps = torch.finfo(dtype).eps
+    sizes = torch.stack(torch._foreach_norm(current)), torch.stack(torch._foreach_norm(delta))
+    moved = sizes[1] > 0
+    if bool((eps * sizes[0][moved] > 1e-3 * sizes[1][moved]).any()):
+        return (f"the step is below {str(dtype).removeprefix('torch.')} resolution of the parameters for the fast "
+                "path (|delta| < 1e3 u |theta| in some tensor): measured on the generic path")
+    return None
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -158,7 +189,7 @@ class AlphaProbe:
         #: seconds spent in :meth:`step` apart from the optimizer's own step: what observing costs (the hooks'
         #: small share of the forward and backward passes is not in it)
         self.seconds = 0.0
-        self._warned = self._validated = False
+        self._warned, self._validated = False, set()  # the batch signatures validated so far
         self._capture: Capture | OpCapture | None = None
         self._why = "path='generic' was asked for" if path == "generic" else ""
         if path != "generic" and not self.objective and self.curvature in ("hessian", "ggn"):
@@ -285,6 +316,10 @@ class AlphaProbe:
         self._validate(batches, params)
         cap = self._capture
         fallback = ([self._why] if self._why else verdict.reasons) + verdict.mismatch
+        unproven = self._unproven(verdict) if verdict.fast and not self._why else None
+        if unproven:
+            fallback.append(unproven)
+            verdict.fast = False
         sweep = verdict.fast and cap is not None and not self._why
         trial = sweep and self._trials is not None and self._trying_generic()
         if trial:
@@ -296,10 +331,13 @@ class AlphaProbe:
             sweep = False
         reuse = verdict.fast and not self._why and cap is None
         tapped = verdict.fast and not self._why  # verdict.grad holds c ∇L, as the training backward sent it (DDP)
+        fn = BatchLoss(self.model, self.loss, None, batches=batches, weights=verdict.weights,
+                       rngs=verdict.rngs if closure is None else [rng_state(params[0].device)],
+                       rngs_after=verdict.rngs_after if closure is None else None,
+                       buffers=verdict.buffers if closure is None else None, modes=verdict.modes)
         grad = None  # (DDP) this rank's ∇L at θ_t, for the global batch's grad_norm
         theta = [p.detach().clone() for p in params]
         lr = float(self.optimizer.param_groups[0]["lr"])
-        rngs = verdict.rngs if closure is None else [rng_state(params[0].device)]
         self._witness.armed = False  # what runs from here on (a closure, the probe's passes) is not training's
         if cap is not None:
             cap.active = False
@@ -319,29 +357,40 @@ class AlphaProbe:
             else:
                 delta = torch._foreach_sub(current, theta)
             step_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(delta))).item()
-        path, error, attempted = "fast", False, sweep
+        blurred = _unresolved(current, delta) if sweep or reuse else None
+        if blurred:  # the fast path would lose the step to rounding: measure on the generic path
+            fallback.append(blurred)
+            if sweep:
+                theta = torch._foreach_sub(current, delta)
+            sweep = reuse = tapped = False
+        path, error, attempted = ("fast" if sweep or reuse else "generic"), False, sweep
         try:
             with torch.autocast(params[0].device.type, enabled=False):
                 if sweep:
                     try:
-                        res = self._sweep(params, delta, verdict, batches[0])
+                        with _trained.as_trained(self.model, verdict.modes), \
+                                replay_rng(verdict.rngs_after[0], params[0].device):
+                            res = self._sweep(params, delta, verdict, batches[0])
                     except (KeyError, _ops.Unverified, NoRule) as exc:  # the step left not what a rule needs
                         fallback.append("the forward pass did not leave what a tangent rule needs"
                                         if isinstance(exc, KeyError) else str(exc))
                         theta = torch._foreach_sub(current, delta)
                         sweep = False
                 if not sweep:
-                    res, path = self._measure(params, batches, theta, delta, verdict, rngs, reuse)
+                    path = "fast" if reuse else "generic"
+                    res = self._measure(fn, batches, theta, delta, verdict, reuse)
                 if self._ranks is not None:  # DDP: the gradient of this rank's loss; else one more backward pass
-                    grad = torch._foreach_div(verdict.grad, verdict.scale) if tapped else distributed.local_gradient(
-                        BatchLoss(self.model, self.loss, None, batches=batches, weights=verdict.weights, rngs=rngs),
-                        theta)
+                    grad = torch._foreach_div(verdict.grad, verdict.scale) if tapped else \
+                        distributed.local_gradient(fn, theta)
         except Exception as exc:  # never raise after the optimizer has stepped: record it
             self._warn(exc)
             res, error = Directional(math.nan, math.nan, math.nan), True
             fallback.append(f"error: {type(exc).__name__}: {exc}")
         finally:
-            if trial or attempted and sweep:  # a timed iteration of either path
+            if trial and error:  # the generic path cannot measure this model (checkpointing): keep the fast path
+                self._trials = None
+                fallback.append("the generic path failed here, so path='auto' keeps the recorded operations")
+            elif trial or attempted and sweep:  # a timed iteration of either path
                 self._time_trial("generic" if trial else "fast")
             elif attempted:  # the recorded operations could not be followed: nothing to choose between
                 self._trials = None
@@ -352,8 +401,7 @@ class AlphaProbe:
             res, path, error, mismatch = self._ranks.reduce(res, grad, params, batches, fast=fast, error=error,
                                                             mismatch=mismatch, fallback=fallback)
         scopes = self._scopes(current, delta, fallback) if self.scopes and t % self.full_every == 0 else {}
-        sharp = self._sharpness(current, delta, BatchLoss(self.model, self.loss, None, batches=batches,
-                                                          weights=verdict.weights, rngs=rngs), fallback) \
+        sharp = self._sharpness(current, delta, fn, fallback) \
             if self.sharpness_every and t % self.sharpness_every == 0 else {}
         rec = make_record(
             step=t, epoch=epoch, loss=res.loss, lr=lr, step_size=size, step_slope=res.slope,
@@ -416,8 +464,10 @@ class AlphaProbe:
         return output_grad(self.loss, out, targets)
 
     def _validate(self, batches: list[object], params: list[Tensor]) -> None:
-        """Evaluate the loss once, before the first step, so that a loss that cannot be measured raises now."""
-        if self._validated:
+        """Evaluate the loss before stepping, on the first probed step and whenever the batches' shapes or dtypes
+        change, so that a loss that cannot be measured raises now, not after the optimizer stepped."""
+        kind = _signature(batches)
+        if kind in self._validated:
             return
         fn = BatchLoss(self.model, self.loss, None, batches=batches)
         try:
@@ -429,7 +479,7 @@ class AlphaProbe:
                                               "a dict), wrap the whole loss in alphalib.objective(fn).")
             raise ValueError(f"the probe cannot evaluate {what} on this batch: {exc}.{hint} Nothing was stepped.") \
                 from exc
-        self._validated = True
+        self._validated.add(kind)
 
     def _sweep(self, params: list[Tensor], delta: list[Tensor], verdict: Verdict, batch: Any) -> Directional:
         """Exact (or GGN) slope and curvature from the captured training step, by the tangent pass."""
@@ -438,17 +488,42 @@ class AlphaProbe:
         return Directional(loss, slope, curvature, math.nan if verdict.grad_norm is None else verdict.grad_norm)
 
     def _measure(
-        self, params: list[Tensor], batches: list[object], theta: list[Tensor], delta: list[Tensor],
-        verdict: Verdict, rngs: Sequence[Tensor | None], reuse: bool,
-    ) -> tuple[Directional, str]:
-        """Return loss, slope and curvature along the realized step from a backend, and the path that ran."""
-        fn = BatchLoss(self.model, self.loss, None, batches=batches, weights=verdict.weights, rngs=rngs)
+        self, fn: BatchLoss, batches: list[object], theta: list[Tensor], delta: list[Tensor], verdict: Verdict,
+        reuse: bool,
+    ) -> Directional:
+        """Return loss, slope and curvature of ``fn`` along the realized step from a backend.
+
+        ``reuse``: take the loss and gradient at θ_t from the training step (fast path of ``fd``, ``secant``).
+        ``secant`` on parameters below float64 runs in float64: its difference of losses is mostly rounding there.
+        """
+        if self.curvature == "secant" and theta[0].dtype != torch.float64:
+            fn.dtype = torch.float64
+            return directional(fn, [t.double() for t in theta], [d.double() for d in delta], self.curvature)
         if not reuse:
-            return directional(fn, theta, delta, self.curvature), "generic"
-        loss = check_loss(self.loss(verdict.output, batches[0][1])).item()
-        known = Known(loss, verdict.grad, endpoint=[p.detach() for p in params], scale=verdict.scale,
+            return directional(fn, theta, delta, self.curvature)
+        with replay_rng(verdict.rngs_after[0], theta[0].device):
+            loss = check_loss(self.loss(verdict.output, batches[0][1])).item()
+        known = Known(loss, verdict.grad, endpoint=[t + d for t, d in zip(theta, delta)], scale=verdict.scale,
                       grad_norm=math.nan if verdict.grad_norm is None else verdict.grad_norm)
-        return directional(fn, theta, delta, self.curvature, known=known), "fast"
+        return directional(fn, theta, delta, self.curvature, known=known)
+
+    def _unproven(self, verdict: Verdict) -> str | None:
+        """Say why this step's backward or its module rules do not stand for the loss that trained, or ``None``.
+
+        Checked on every probed step: hooks can be added, and modes switched, at any time. Module rules that no
+        longer hold give way to recorded operations from the next step on.
+        """
+        modifier = _trained.gradient_modifiers(self.model)
+        if modifier:
+            return f"{modifier}: measured on the generic path, without it"
+        if isinstance(self._capture, Capture):
+            why = _trained.not_textbook(self.model)
+            if why:
+                self._capture.remove()
+                self._capture = OpCapture(self.model, errors=self.curvature == "hessian")
+                self._capture.own = self._witness.own
+                return f"{why}, which module rules do not follow: recorded operations from the next step on"
+        return None
 
     def _warn(self, exc: Exception) -> None:
         if not self._warned:

@@ -10,6 +10,9 @@ minimum of the quadratic model (1 = on it, < 1 = the step overshoots).
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -98,7 +101,7 @@ def make_record(
     scale = size if size > 0 else math.nan
     return Record(
         step=step, epoch=epoch, loss=loss, lr=lr, step_size=size,
-        slope=step_slope / scale, curvature=step_curvature / scale**2,
+        slope=step_slope / scale, curvature=step_curvature / scale / scale,  # (never OverflowError: inf)
         alpha_star=ratio * scale, ratio=ratio,
         grad_norm=grad_norm, step_norm=step_norm, flag=flag, backend=backend, path=path, fallback=fallback,
         lr_over_alpha=_inverse(step_slope, step_curvature) if flag != "error" else math.nan,
@@ -138,7 +141,7 @@ def _inverse(slope: float, curvature: float) -> float:
 
 
 def _scope(loss: float, slope: float, curvature: float, lr: float) -> dict[str, float]:
-    return {"loss": loss, "slope": slope / lr, "curvature": curvature / lr**2, "ratio": alpha(slope, curvature)}
+    return {"loss": loss, "slope": slope / lr, "curvature": curvature / lr / lr, "ratio": alpha(slope, curvature)}
 
 
 def to_frame(records: Iterable[Record], tags: Mapping[str, Any] | None = None) -> pd.DataFrame:
@@ -178,10 +181,29 @@ def read(path: str | Path) -> pd.DataFrame:
         return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     if path.name.endswith(".parquet"):
         return pd.read_parquet(path)
-    frame = pd.read_csv(path, dtype={"fallback": str})
+    frame = pd.read_csv(io.StringIO(_whole_lines(path)), dtype={"fallback": str})
     if "fallback" in frame:
         frame["fallback"] = frame["fallback"].fillna("")
     return frame
+
+
+def _whole_lines(path: Path) -> str:
+    """Return the text of a records ``.csv`` (or ``.csv.gz``) without a torn last line, which is dropped with a
+    warning; raise ``ValueError`` naming the line where a row has not the header's number of fields."""
+    with (gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")) as f:
+        text = f.read()
+    lines = text.count("\n")
+    if text and not text.endswith("\n"):  # a crash while a line was written: keep the whole lines before it
+        warnings.warn(f"{path}, line {lines + 1}: the last line is incomplete (the run stopped while writing it); "
+                      "it is left out.", RuntimeWarning, stacklevel=3)
+        text = text[:text.rfind("\n") + 1]
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    for row in reader:
+        if header is not None and len(row) != len(header):
+            raise ValueError(f"{path}, line {reader.line_num}: {len(row)} fields where the header has {len(header)}; "
+                             "the file is damaged there (two runs writing to it, or an edit). Remove that line.")
+    return text
 
 
 class Stream:

@@ -195,3 +195,22 @@ def test_the_tangent_pass_raises_unverified(fresh, monkeypatch, name):
     monkeypatch.setattr(_ops, "_verdicts", {})
     with pytest.raises(_ops.Unverified, match=re.escape(_ops._CHECKS[name][0])):
         fast.measure(model, cap, F.mse_loss, y, params, deltas, exact=True)
+
+
+def test_second_order_differentiates_weight_norm_as_its_composite_form():
+    """Torch 2.13's double backward of torch._weight_norm is off; under _ops.second_order() it is not."""
+    torch.manual_seed(0)
+    g, v = torch.rand(4, 1, dtype=torch.float64) + 0.5, torch.randn(4, 3, dtype=torch.float64)
+    x, d = torch.randn(5, 3, dtype=torch.float64), (torch.randn(4, 1, dtype=torch.float64), torch.randn_like(v))
+
+    def loss(norm):
+        return lambda g, v: torch.tanh(x @ norm(v, g, 0).T).square().sum()
+
+    def composite(v, g, dim):  # w = g v / |v| (rows), written out
+        return g * v / v.norm(dim=1, keepdim=True)
+
+    want = torch.autograd.functional.vhp(loss(composite), (g, v), d)[1]
+    with _ops.second_order():
+        got = torch.autograd.functional.vhp(loss(torch._weight_norm), (g, v), d)[1]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -169,6 +169,26 @@ def test_a_crash_loses_at_most_the_epoch_under_way(tmp_path):
     pd.testing.assert_frame_equal(alphalib.read_records(tmp_path / "r.csv"), frame, check_dtype=False)
 
 
+def test_a_torn_last_line_is_dropped_with_a_warning_naming_file_and_line(tmp_path):
+    path = tmp_path / "r.csv"
+    frame = _stream_run(tmp_path, path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: whole.rfind(b"\n", 0, len(whole) - 1) + 40])  # the crash came 40 bytes into the last
+    with pytest.warns(RuntimeWarning, match=rf"r\.csv, line {len(frame) + 1}: the last line is incomplete"):
+        back = alphalib.read_records(path)
+    pd.testing.assert_frame_equal(back, frame.iloc[:-1], check_dtype=False)
+
+
+def test_a_damaged_line_inside_a_records_file_is_refused(tmp_path):
+    path = tmp_path / "r.csv"
+    _stream_run(tmp_path, path)
+    lines = path.read_text().splitlines(keepends=True)
+    lines[3] = lines[3][:30] + "\n"  # (a line torn by one run, then another run appended)
+    path.write_text("".join(lines))
+    with pytest.raises(ValueError, match=r"r\.csv, line 4: \d+ fields where the header has"):
+        alphalib.read_records(path)
+
+
 def test_tensorboard_scalars_are_the_records(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .. import _trained
 from .._function import LossFn
 from .calculus import inner, plus
 from .capture import Capture, OpCapture
@@ -69,8 +70,9 @@ def covers(model: nn.Module, *example: Any) -> str | None:
 
 
 def capture_for(model: nn.Module, *, exact: bool, follow: Follow | None = None) -> Capture | OpCapture:
-    """Return the capture for ``model``: module rules where they cover it (or ``follow="modules"``), else ops."""
-    if follow == "modules" or follow is None and uncovered(model) is None:
+    """Return the capture for ``model``: module rules where they cover it and every module runs its textbook forward
+    (no hooks, parametrizations or pruning; or ``follow="modules"``), else recorded operations."""
+    if follow == "modules" or follow is None and uncovered(model) is None and _trained.not_textbook(model) is None:
         return Capture(model, errors=exact)
     return OpCapture(model, errors=exact)
 

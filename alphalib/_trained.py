@@ -1,0 +1,128 @@
+r"""What the training forward ran with, and what a fresh evaluation must restore to evaluate the same function.
+
+The probe measures the loss that training differentiated. A fresh call of the model at ``probe.step`` evaluates
+that function only if it runs with what the training forward ran with; this module holds those facts and the
+one context that restores them for the probe's own evaluations:
+
+* **modes**: each module's ``training`` flag at the training forward (a callback may call ``model.eval()``
+  between ``backward()`` and ``probe.step``: BatchNorm would then use running statistics, Dropout nothing);
+* **buffers**: their values when the forward *read* them, copied at its start (a module may update a buffer in
+  place after reading it, as running normalisers do);
+* **random draws**: the RNG state at the start of the forward, and at its end for a ``loss_fn`` that draws
+  (label noise), both replayed inside :func:`torch.random.fork_rng`, so the global stream is never advanced;
+* **gradient-only modifiers**: module backward hooks, global backward hooks, ``Embedding(scale_grad_by_freq=
+  True)``: they change what reaches ``.grad`` and the backward's errors, not the loss. The probe's own
+  evaluations run with them switched off (:func:`as_trained`), and the fast path, which reuses that backward,
+  is not taken (:func:`gradient_modifiers` says why);
+* **the forward as written**: forward hooks and pre-hooks, parametrizations and pruning change the function a
+  module computes; module rules know only the module's textbook forward, so they serve only where
+  :func:`not_textbook` finds none of these (checked on every probed step). Recorded operations and the generic
+  path see them, because they run inside ``module.__call__``.
+
+Activation checkpointing recomputes a segment's forward during the backward with the module's *own* parameters;
+a generic evaluation at other parameters (``functional_call``) would mix the two, so it runs with saved-tensor
+hooks disabled and such a model fails there with a clear error (the record is flagged ``error``; the fast path,
+which reuses the training step, measures it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
+
+#: the message of the error a generic evaluation raises on a model that recomputes activations in its backward
+CHECKPOINTED = ("the model recomputes activations during the backward pass (activation checkpointing), which "
+                "would run on its own parameters, not on those the probe evaluates; this step is measured only on "
+                "the fast path (curvature='hessian' or 'ggn', path='auto')")
+
+
+def _ours(hook: object) -> bool:
+    """Whether a module hook is one of alphalib's own (a probe's, a capture's)."""
+    return type(hook).__module__.startswith("alphalib.")
+
+
+def modes(model: nn.Module) -> tuple[bool, ...]:
+    """Return each module's ``training`` flag, in ``model.modules()`` order."""
+    return tuple(m.training for m in model.modules())
+
+
+def buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Return copies of the model's buffers as they are now (at the start of a forward: the values it reads)."""
+    return {name: b.detach().clone() for name, b in model.named_buffers()}
+
+
+def not_textbook(model: nn.Module) -> str | None:
+    """Return why some module's forward is not its class's textbook function (hooks, parametrizations, pruning),
+    or ``None``."""
+    globals_ = [h for d in (_module._global_forward_hooks, _module._global_forward_pre_hooks) for h in d.values()]
+    if any(not _ours(h) for h in globals_):
+        return "a global module forward hook is registered (torch.nn.modules.module.register_module_forward_hook)"
+    for name, m in model.named_modules():
+        where = f"{type(m).__name__}{f' ({name})' if name else ''}"
+        if parametrize.is_parametrized(m):
+            return f"{where} is parametrized (torch.nn.utils.parametrize)"
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        if any(not _ours(h) for h in hooks):
+            return f"{where} has a forward hook or pre-hook (pruning, weight_norm, a user's hook)"
+        for attr in ("weight", "bias"):
+            value = getattr(m, attr, None)
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and attr not in m._buffers:
+                return f"{where}.{attr} is computed from other tensors, not a parameter"
+    return None
+
+
+def gradient_modifiers(model: nn.Module) -> str | None:
+    """Return what makes ``.grad`` (and the backward's errors) differ from the loss's own gradient, or ``None``."""
+    if _module._global_backward_hooks or _module._global_backward_pre_hooks:
+        return "a global module backward hook is registered"
+    for name, m in model.named_modules():
+        where = f"{type(m).__name__}{f' ({name})' if name else ''}"
+        if m._backward_hooks or m._backward_pre_hooks:
+            return f"{where} has a backward hook, which changes the gradient but not the loss"
+        if getattr(m, "scale_grad_by_freq", False):
+            return f"{where} scales its gradient by token frequency (scale_grad_by_freq), not the loss's gradient"
+    return None
+
+
+@contextlib.contextmanager
+def as_trained(model: nn.Module, flags: Sequence[bool] | None = None) -> Iterator[None]:
+    """Run the body with the modules in the modes ``flags`` (the training forward's), gradient-only modifiers
+    off and saved-tensor hooks disabled; leave everything as it was after.
+
+    What it switches never changes a forward's value: the modes are those the training forward ran in, the
+    backward hooks and ``scale_grad_by_freq`` act on gradients only.
+    """
+    mods = list(model.modules())
+    kept_modes = [m.training for m in mods]
+    hooks = [(m, m._backward_hooks.copy(), m._backward_pre_hooks.copy()) for m in mods
+             if m._backward_hooks or m._backward_pre_hooks]
+    scaled = [m for m in mods if getattr(m, "scale_grad_by_freq", False)]
+    glob = (_module._global_backward_hooks.copy(), _module._global_backward_pre_hooks.copy())
+    try:
+        if flags is not None:
+            for m, flag in zip(mods, flags):
+                m.training = flag
+        for m, _, _ in hooks:
+            m._backward_hooks.clear()
+            m._backward_pre_hooks.clear()
+        for m in scaled:
+            m.scale_grad_by_freq = False
+        _module._global_backward_hooks.clear()
+        _module._global_backward_pre_hooks.clear()
+        with torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTED):
+            yield
+    finally:
+        for m, flag in zip(mods, kept_modes):
+            m.training = flag
+        for m, fwd, pre in hooks:
+            m._backward_hooks.update(fwd)
+            m._backward_pre_hooks.update(pre)
+        for m in scaled:
+            m.scale_grad_by_freq = True
+        _module._global_backward_hooks.update(glob[0])
+        _module._global_backward_pre_hooks.update(glob[1])
