@@ -73,37 +73,6 @@ from .spectrum import along, as_batches
 
 Path = Literal["auto", "fast", "generic"]
 
-
-def _signature(value: object) -> object:
-    """Return the shapes and dtypes of the tensors in a batch (nested tuples, lists, dicts), to tell batches apart."""
-    if isinstance(value, Tensor):
-        return tuple(value.shape), value.dtype
-    if isinstance(value, Mapping):
-        return tuple((k, _signature(v)) for k, v in value.items())
-    if isinstance(value, (tuple, list)):
-        return tuple(_signature(v) for v in value)
-    return type(value).__name__
-
-
-def _unresolved(current: list[Tensor], delta: list[Tensor]) -> str | None:
-    """Say why the step is too small for the parameters' precision for the fast path, or ``None``.
-
-    The fast path forms second-order terms from products at :math:`\theta_{t+1}` and :math:`\theta_t`; their
-    difference loses about :math:`u\,\|\theta\|/\|\Delta\|` of the curvature (unit roundoff :math:`u`; measured: 0.15
-    times it on an MLP). Below float64 it must stay under 1e-3 for every parameter tensor the step moved, which keeps
-    the fast path within the 1e-3 it states for float32 (a ResNet at Adam's lr 1e-3: 1.2e-4; lr 1e-5: 4e-3-8e-3).
-    """
-    dtype = current[0].dtype
-    if dtype == torch.float64:
-        return None
-    eps = torch.finfo(dtype).eps
-    sizes = torch.stack(torch._foreach_norm(current)), torch.stack(torch._foreach_norm(delta))
-    moved = sizes[1] > 0
-    if bool((eps * sizes[0][moved] > 1e-3 * sizes[1][moved]).any()):
-        return (f"the step is below {str(dtype).removeprefix('torch.')} resolution of the parameters for the fast "
-                "path (|delta| < 1e3 u |theta| in some tensor): measured on the generic path")
-    return None
-
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -378,7 +347,7 @@ class AlphaProbe:
                         sweep = False
                 if not sweep:
                     path = "fast" if reuse else "generic"
-                    res = self._measure(fn, batches, theta, delta, verdict, reuse)
+                    res = self._measure(fn, batches, theta, delta, verdict, current if reuse else None)
                 if self._ranks is not None:  # DDP: the gradient of this rank's loss; else one more backward pass
                     grad = torch._foreach_div(verdict.grad, verdict.scale) if tapped else \
                         distributed.local_gradient(fn, theta)
@@ -489,21 +458,22 @@ class AlphaProbe:
 
     def _measure(
         self, fn: BatchLoss, batches: list[object], theta: list[Tensor], delta: list[Tensor], verdict: Verdict,
-        reuse: bool,
+        endpoint: list[Tensor] | None,
     ) -> Directional:
         """Return loss, slope and curvature of ``fn`` along the realized step from a backend.
 
-        ``reuse``: take the loss and gradient at θ_t from the training step (fast path of ``fd``, ``secant``).
+        ``endpoint`` (θ_{t+1}), given when the loss and gradient at θ_t may be taken from the training step (the
+        fast path of ``fd``, ``secant``).
         ``secant`` on parameters below float64 runs in float64: its difference of losses is mostly rounding there.
         """
         if self.curvature == "secant" and theta[0].dtype != torch.float64:
             fn.dtype = torch.float64
             return directional(fn, [t.double() for t in theta], [d.double() for d in delta], self.curvature)
-        if not reuse:
+        if endpoint is None:
             return directional(fn, theta, delta, self.curvature)
         with replay_rng(verdict.rngs_after[0], theta[0].device):
             loss = check_loss(self.loss(verdict.output, batches[0][1])).item()
-        known = Known(loss, verdict.grad, endpoint=[t + d for t, d in zip(theta, delta)], scale=verdict.scale,
+        known = Known(loss, verdict.grad, endpoint=endpoint, scale=verdict.scale,
                       grad_norm=math.nan if verdict.grad_norm is None else verdict.grad_norm)
         return directional(fn, theta, delta, self.curvature, known=known)
 
@@ -545,3 +515,33 @@ class AlphaProbe:
         """Return the records as a DataFrame, one row per probed step, with the probe's ``tags`` as columns."""
         return to_frame(self.records, self.frame_tags)
 
+
+def _signature(value: object) -> object:
+    """Return the shapes and dtypes of the tensors in a batch (nested tuples, lists, dicts), to tell batches apart."""
+    if isinstance(value, Tensor):
+        return tuple(value.shape), value.dtype
+    if isinstance(value, Mapping):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    return type(value).__name__
+
+
+def _unresolved(current: list[Tensor], delta: list[Tensor]) -> str | None:
+    """Say why the step is too small for the parameters' precision for the fast path, or ``None``.
+
+    The fast path forms second-order terms from products at :math:`\theta_{t+1}` and :math:`\theta_t`; their
+    difference loses about :math:`u\,\|\theta\|/\|\Delta\|` of the curvature (unit roundoff :math:`u`; measured: 0.15
+    times it on an MLP). Below float64 it must stay under 1e-3 for every parameter tensor the step moved, which keeps
+    the fast path within the 1e-3 it states for float32 (a ResNet at Adam's lr 1e-3: 1.2e-4; lr 1e-5: 4e-3-8e-3).
+    """
+    dtype = current[0].dtype
+    if dtype == torch.float64:
+        return None
+    eps = torch.finfo(dtype).eps
+    sizes = torch.stack(torch._foreach_norm(current)), torch.stack(torch._foreach_norm(delta))
+    moved = sizes[1] > 0
+    if bool((eps * sizes[0][moved] > 1e-3 * sizes[1][moved]).any()):
+        return (f"the step is below {str(dtype).removeprefix('torch.')} resolution of the parameters for the fast "
+                "path (|delta| < 1e3 u |theta| in some tensor): measured on the generic path")
+    return None

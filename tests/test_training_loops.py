@@ -386,28 +386,15 @@ def _triple_grad_input(module: nn.Module, grad_input: tuple, grad_output: tuple)
     return (grad_input[0] * 3,)
 
 
-def forward_hooked() -> nn.Module:
-    model = mlp()
-    model[1].register_forward_hook(_affine)
-    return model
+def hooked(index: int, register: str, hook: Callable) -> Callable[[], nn.Module]:
+    """An MLP whose module ``index`` gets ``hook`` through ``module.<register>(hook)``."""
 
+    def build() -> nn.Module:
+        model = mlp()
+        getattr(model[index], register)(hook)
+        return model
 
-def pre_hooked() -> nn.Module:
-    model = mlp()
-    model[2].register_forward_pre_hook(_square_input)
-    return model
-
-
-def backward_hooked_linear() -> nn.Module:  # scales the error the last Linear passes back
-    model = mlp()
-    model[2].register_full_backward_hook(_triple_grad_input)
-    return model
-
-
-def backward_hooked_activation() -> nn.Module:
-    model = mlp()
-    model[1].register_full_backward_hook(_triple_grad_input)
-    return model
+    return build
 
 
 class _Bag(nn.Module):
@@ -544,10 +531,13 @@ PATTERNS: dict[str, Pattern] = {
     "prune": Pattern(pruned, plain, state_reference=True),
     "weight-norm-old": Pattern(old_weight_norm, plain, state_reference=True),
     "weight-norm-parametrized": Pattern(param_weight_norm, plain, state_reference=True),
-    "forward-hook": Pattern(forward_hooked, plain, state_reference=True),
-    "forward-pre-hook": Pattern(pre_hooked, plain, state_reference=True),
-    "backward-hook-linear": Pattern(backward_hooked_linear, plain, state_reference=True),
-    "backward-hook-activation": Pattern(backward_hooked_activation, plain, state_reference=True),
+    "forward-hook": Pattern(hooked(1, "register_forward_hook", _affine), plain, state_reference=True),
+    "forward-pre-hook": Pattern(hooked(2, "register_forward_pre_hook", _square_input), plain, state_reference=True),
+    # (on the last Linear: it scales the error passed back to the layers below)
+    "backward-hook-linear": Pattern(hooked(2, "register_full_backward_hook", _triple_grad_input), plain,
+                                    state_reference=True),
+    "backward-hook-activation": Pattern(hooked(1, "register_full_backward_hook", _triple_grad_input), plain,
+                                        state_reference=True),
     "embedding-scale-grad-by-freq": Pattern(_Bag, plain, x_shape=(8, 3), ids=5, state_reference=True),
     "eval-between-batchnorm": Pattern(batch_norm_mlp, eval_between, per_step=2, state_reference=True),
     "eval-between-dropout": Pattern(dropout_mlp, eval_between, per_step=2, state_reference=True),
@@ -676,16 +666,22 @@ class _Objective(nn.Module):
         return self.fn(self.m, batch)
 
 
-def reference(pattern: Pattern, step: Step, backend: str) -> Reference:
-    """The float64 reference of one step (see the module docstring)."""
-    with torch.random.fork_rng(devices=[]):
-        model64 = pattern.model().double()  # the same architecture without the probe's hooks; parameters come below
+def _flat(model64: nn.Module, step: Step) -> tuple[list, list, list, Tensor, Tensor, list]:
+    """The parameters' names, shapes and sizes, θ_t and θ_{t+1} as flat float64 vectors, the trained pairs in float64."""
     named = list(model64.named_parameters())
     names, shapes, sizes = [n for n, _ in named], [p.shape for _, p in named], [p.numel() for _, p in named]
     theta0 = torch.cat([p.reshape(-1) for p in step.before]).double()
     theta1 = torch.cat([p.reshape(-1) for p in step.after]).double()
-    delta = theta1 - theta0
     pairs = [tuple(t.double() if t.is_floating_point() else t for t in pair) for pair in step.trained]
+    return names, shapes, sizes, theta0, theta1, pairs
+
+
+def reference(pattern: Pattern, step: Step, backend: str) -> Reference:
+    """The float64 reference of one step (see the module docstring)."""
+    with torch.random.fork_rng(devices=[]):
+        model64 = pattern.model().double()  # the same architecture without the probe's hooks; parameters come below
+    names, shapes, sizes, theta0, theta1, pairs = _flat(model64, step)
+    delta = theta1 - theta0
 
     def state(theta: Tensor, prefix: str = "") -> dict[str, Tensor]:
         return {prefix + n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
@@ -753,12 +749,8 @@ def reference_by_state(pattern: Pattern, step: Step, backend: str) -> Reference:
             m.scale_grad_by_freq = False
         if hasattr(m, "checkpointing"):
             m.checkpointing = False
-    named = list(base.named_parameters())
-    names, shapes, sizes = [n for n, _ in named], [p.shape for _, p in named], [p.numel() for _, p in named]
-    theta0 = torch.cat([p.reshape(-1) for p in step.before]).double()
-    theta1 = torch.cat([p.reshape(-1) for p in step.after]).double()
+    names, shapes, sizes, theta0, theta1, pairs = _flat(base, step)
     delta = theta1 - theta0
-    pairs = [tuple(t.double() if t.is_floating_point() else t for t in pair) for pair in step.trained]
 
     def output(theta: Tensor, x: Tensor) -> Tensor:
         """The output on a fresh copy (buffers as before the forward); the caller replays the draws."""
