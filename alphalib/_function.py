@@ -45,11 +45,9 @@ def replay_rng(state: Tensor | None, device: torch.device) -> Iterator[None]:
     """Run the body from RNG ``state`` (``None``: the current one) and leave the global RNG as it was."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        if state is None:
-            pass
-        elif device.type == "cuda":
+        if state is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state, device)
-        else:
+        elif state is not None:
             torch.set_rng_state(state)
         yield
 

@@ -49,6 +49,7 @@ shards, costs and failures: see :mod:`alphalib.distributed`.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -325,8 +326,9 @@ class AlphaProbe:
                 delta, theta = theta, []
             else:
                 delta = torch._foreach_sub(current, theta)
-            step_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(delta))).item()
-        blurred = _unresolved(current, delta) if sweep or reuse else None
+            norms = torch.stack(torch._foreach_norm(delta))
+            step_norm = torch.linalg.vector_norm(norms).item()
+        blurred = _unresolved(current, norms) if sweep or reuse else None
         if blurred:  # the fast path would lose the step to rounding: measure on the generic path
             fallback.append(blurred)
             if sweep:
@@ -467,8 +469,9 @@ class AlphaProbe:
         ``secant`` on parameters below float64 runs in float64: its difference of losses is mostly rounding there.
         """
         if self.curvature == "secant" and theta[0].dtype != torch.float64:
-            fn.dtype = torch.float64
-            return directional(fn, [t.double() for t in theta], [d.double() for d in delta], self.curvature)
+            precise = copy.copy(fn)
+            precise.dtype = torch.float64
+            return directional(precise, [t.double() for t in theta], [d.double() for d in delta], self.curvature)
         if endpoint is None:
             return directional(fn, theta, delta, self.curvature)
         with replay_rng(verdict.rngs_after[0], theta[0].device):
@@ -527,8 +530,9 @@ def _signature(value: object) -> object:
     return type(value).__name__
 
 
-def _unresolved(current: list[Tensor], delta: list[Tensor]) -> str | None:
-    """Say why the step is too small for the parameters' precision for the fast path, or ``None``.
+def _unresolved(current: list[Tensor], steps: Tensor) -> str | None:
+    """Say why the step (``steps``: the norm of Δ per tensor) is too small for the fast path at the parameters'
+    precision, or ``None``.
 
     The fast path forms second-order terms from products at :math:`\theta_{t+1}` and :math:`\theta_t`; their
     difference loses about :math:`u\,\|\theta\|/\|\Delta\|` of the curvature (unit roundoff :math:`u`; measured: 0.15
@@ -539,9 +543,8 @@ def _unresolved(current: list[Tensor], delta: list[Tensor]) -> str | None:
     if dtype == torch.float64:
         return None
     eps = torch.finfo(dtype).eps
-    sizes = torch.stack(torch._foreach_norm(current)), torch.stack(torch._foreach_norm(delta))
-    moved = sizes[1] > 0
-    if bool((eps * sizes[0][moved] > 1e-3 * sizes[1][moved]).any()):
+    sizes, moved = torch.stack(torch._foreach_norm(current)), steps > 0
+    if bool((eps * sizes[moved] > 1e-3 * steps[moved]).any()):
         return (f"the step is below {str(dtype).removeprefix('torch.')} resolution of the parameters for the fast "
                 "path (|delta| < 1e3 u |theta| in some tensor): measured on the generic path")
     return None
