@@ -81,6 +81,7 @@ class Loop:
         self.pattern, self.model, self.opt, self.probe = pattern, model, opt, probe
         self.rng: Tensor | None = None
         self.snapshot: nn.Module | None = None  # the model just before the training forward (state references)
+        self.kept: dict = {}  # what a loop keeps from one step to the next
         self.steps: list[Step] = []
 
     def loss(self, batch) -> Tensor:
@@ -452,6 +453,23 @@ def checkpointed_reentrant() -> nn.Module:
     return _Checkpointed(reentrant=True)
 
 
+def fitted(run: Loop, t: int, pairs: list) -> None:
+    """Fit the batch unprobed at lr 0.1 (the loss falls to 2e-6, near float32's resolution), then go on at 1e-3."""
+    if t == 0:
+        run.kept["batch"] = pairs[0]  # every step trains on it
+        for _ in range(400):
+            run.opt.zero_grad()
+            run.loss(pairs[0]).backward()
+            run.opt.step()
+        for group in run.opt.param_groups:
+            group["lr"] = 1e-3
+    plain(run, t, [run.kept["batch"]])
+
+
+def classifier() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
 def sgd(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
     return lambda model: torch.optim.SGD(model.parameters(), lr=lr)
 
@@ -489,6 +507,7 @@ class Pattern:
     fast_path: str | None = None  # the path path="fast" must take, where the table fixes it
     tol: float | None = None  # one tolerance for every quantity (the float32 case)
     ids: int = 0  # > 0: the inputs are token ids below this
+    classes: int = 0  # > 0: the targets are class indices below this
     #: the reference is taken on a copy of the model made just before the training forward, by forward-mode AD
     state_reference: bool = False
 
@@ -551,6 +570,9 @@ PATTERNS: dict[str, Pattern] = {
                                expect="value_or_flag", tol=1e-3),
     "float32-lr-1e-5": Pattern(mlp, plain, optimizer=adam_at(1e-5), dtype=torch.float32, state_reference=True,
                                expect="value_or_flag", tol=1e-3),
+    "float32-fitted-batch": Pattern(classifier, fitted, loss_fn=F.cross_entropy, optimizer=adam_at(0.1),
+                                    dtype=torch.float32, y_shape=(8,), classes=3, state_reference=True,
+                                    expect="value_or_flag", tol=1e-3),
     "lr-1e160": Pattern(mlp, plain, optimizer=sgd(1e160), state_reference=True, expect="value_or_flag"),
     "lr-1e300": Pattern(mlp, plain, optimizer=sgd(1e300), state_reference=True, expect="value_or_flag"),
 }
@@ -578,7 +600,7 @@ def _data(pattern: Pattern) -> list[list[tuple[Tensor, Tensor]]]:
     for _ in range(STEPS):
         pairs = []
         for _ in range(pattern.per_step):
-            x, y = draw(pattern.x_shape, pattern.ids), draw(pattern.y_shape)
+            x, y = draw(pattern.x_shape, pattern.ids), draw(pattern.y_shape, pattern.classes)
             pairs.append((x.to(memory_format=torch.channels_last) if pattern.channels_last else x, y))
         steps.append(pairs)
     return steps

@@ -51,8 +51,9 @@ def output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | None
 
     Slope :math:`\nabla_f\ell^\top \dot f`, curvature :math:`\dot f^\top \nabla^2_f \ell\, \dot f`. Closed forms for
     mean-reduced MSE, :math:`\frac{2}{n}\langle f - y, \dot f\rangle` and :math:`\frac{2}{n}\|\dot f\|^2`, and
-    cross-entropy with probabilities :math:`p` over :math:`B` rows, :math:`\frac{1}{B}\langle p - e_y, \dot f\rangle`
-    and :math:`\frac{1}{B}\sum_i [\sum_k p_{ik}\dot f_{ik}^2 - (\sum_k p_{ik}\dot f_{ik})^2]`; autograd otherwise.
+    cross-entropy with probabilities :math:`p` over :math:`B` rows, :math:`\frac{1}{B}\sum_{ik} p_{ik}(\dot f_{ik} -
+    \dot f_{iy_i})` and :math:`\frac{1}{B}\sum_{ik} p_{ik}(\dot f_{ik} - \bar f_i)^2`, :math:`\bar f_i = \sum_k
+    p_{ik}\dot f_{ik}`: centred, so that nothing cancels where :math:`p` is nearly one-hot; autograd otherwise.
     """
     if loss_fn in SEQUENCE_CROSS_ENTROPY and out.dim() == 3:  # cross-entropy over all positions
         loss_fn, out, targets = F.cross_entropy, out.flatten(0, 1), targets.flatten()
@@ -66,9 +67,11 @@ def output_terms(loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | None
         b = out.shape[0]
         log_p = torch.log_softmax(out, dim=1)
         p = log_p.exp()
-        pt = p * t
-        slope = (inner(p, t) - t.gather(1, targets[:, None]).sum()) / b
-        return -log_p.gather(1, targets[:, None]).mean(), slope, (inner(pt, t) - pt.sum(1).square().sum()) / b
+        # centred forms: with p near one-hot (a fitted batch) E_p[t] - t_y and E_p[t^2] - E_p[t]^2 would cancel
+        # to rounding in float32 (measured 16% off on a ReLU MLP at loss 3e-7)
+        slope = inner(p, t - t.gather(1, targets[:, None])) / b
+        c = t - (p * t).sum(1, keepdim=True)
+        return -log_p.gather(1, targets[:, None]).mean(), slope, inner(p * c, c) / b
     with torch.enable_grad():
         out = out.detach().requires_grad_(True)
         loss = check_loss(loss_fn(out, targets))
