@@ -470,6 +470,35 @@ def classifier() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
+class _Encoder(nn.Module):
+    """torch's own nn.TransformerEncoder (attention and feed-forward dropout, GELU: smooth, so that the reference's
+    central differences do not straddle ReLU's kinks) between two Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True, activation="gelu")
+        self.inp, self.enc, self.out = nn.Linear(4, 8), nn.TransformerEncoder(layer, 2), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.enc(self.inp(x).unsqueeze(1).expand(-1, 3, -1)).mean(1))
+
+
+def encoder_hooked() -> nn.Module:
+    model = _Encoder()
+    model.enc.layers[0].register_forward_hook(_scale_output)
+    return model
+
+
+def _scale_output(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    return out * 0.9
+
+
+def orthogonal() -> nn.Module:
+    model = square_mlp()
+    torch.nn.utils.parametrizations.orthogonal(model[2])
+    return model
+
+
 def sgd(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
     return lambda model: torch.optim.SGD(model.parameters(), lr=lr)
 
@@ -550,6 +579,7 @@ PATTERNS: dict[str, Pattern] = {
     "prune": Pattern(pruned, plain, state_reference=True),
     "weight-norm-old": Pattern(old_weight_norm, plain, state_reference=True),
     "weight-norm-parametrized": Pattern(param_weight_norm, plain, state_reference=True),
+    "orthogonal-parametrization": Pattern(orthogonal, plain, y_shape=(8, 4), state_reference=True),
     "forward-hook": Pattern(hooked(1, "register_forward_hook", _affine), plain, state_reference=True),
     "forward-pre-hook": Pattern(hooked(2, "register_forward_pre_hook", _square_input), plain, state_reference=True),
     # (on the last Linear: it scales the error passed back to the layers below)
@@ -560,6 +590,8 @@ PATTERNS: dict[str, Pattern] = {
     "embedding-scale-grad-by-freq": Pattern(_Bag, plain, x_shape=(8, 3), ids=5, state_reference=True),
     "eval-between-batchnorm": Pattern(batch_norm_mlp, eval_between, per_step=2, state_reference=True),
     "eval-between-dropout": Pattern(dropout_mlp, eval_between, per_step=2, state_reference=True),
+    "encoder-eval-between": Pattern(_Encoder, eval_between, per_step=2, state_reference=True),
+    "encoder-hooked": Pattern(encoder_hooked, plain, state_reference=True),
     "buffer-read-then-updated": Pattern(running_shift, plain, state_reference=True),
     # the generic path cannot evaluate a checkpointed model at other parameters: it flags "error", and says why
     "checkpoint": Pattern(checkpointed, plain, state_reference=True, expect="flag"),
