@@ -333,7 +333,8 @@ class AlphaProbe:
         blurred = _unresolved(current, norms)
         if blurred:  # the fast path, or float32 arithmetic, would lose the step to rounding: generic, in float64
             fallback.append(blurred)
-            theta = theta or torch._foreach_sub(current, delta)  # (the sweep turned θ_t's copy into Δ)
+            if sweep:
+                theta = torch._foreach_sub(current, delta)
             sweep = reuse = tapped = False
         path, error, attempted = ("fast" if sweep or reuse else "generic"), False, sweep
         try:
@@ -346,7 +347,7 @@ class AlphaProbe:
                     except (KeyError, _ops.Unverified, NoRule) as exc:  # the step left not what a rule needs
                         fallback.append("the forward pass did not leave what a tangent rule needs"
                                         if isinstance(exc, KeyError) else str(exc))
-                        theta = theta or torch._foreach_sub(current, delta)
+                        theta = torch._foreach_sub(current, delta)
                         sweep = False
                 if not sweep:
                     path = "fast" if reuse else "generic"
@@ -355,7 +356,7 @@ class AlphaProbe:
                 faint = None if blurred or self.curvature in DIFFERENCES else _faint(res.loss, params[0].dtype)
                 if faint:  # measured again where the arithmetic resolves it
                     fallback.append(faint)
-                    theta = theta or torch._foreach_sub(current, delta)
+                    theta = torch._foreach_sub(current, delta) if sweep else theta
                     sweep, path = False, "generic"
                     res = self._measure(fn, batches, theta, delta, verdict, None, precise=True)
                 if self._ranks is not None:  # DDP: the gradient of this rank's loss; else one more backward pass
