@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -300,3 +300,176 @@ def second_order() -> contextlib.AbstractContextManager:
 
 
 _replaced: dict[Callable, Callable] | None = None  #: what :func:`second_order` replaces (found once per process)
+
+
+# ---- torch internals the probe reads: version counters, hook tables, parameter slots, dispatch, foreach ----------
+#
+# Where one of these is missing or changed, the probe loses a proof, never a value: the fallbacks below make it
+# conclude "changed", "hooked" or "not measurable here", so it measures on the generic path or flags the record.
+
+def _version_impl(t: Tensor) -> int:
+    return t._version
+
+
+@_check("version", "Tensor._version", "an in-place write", "the probe treats every tensor as changed in place")
+def _check_version() -> float:
+    t = torch.zeros(3, dtype=torch.float64)
+    before = _version_impl(t)
+    t.add_(1)
+    t[:1].mul_(2)  # through a view: the base's counter moves too
+    return 0.0 if isinstance(before, int) and _version_impl(t) >= before + 2 else math.inf
+
+
+def version(t: Tensor) -> float:
+    """Return ``t``'s version counter (every in-place write bumps it); NaN, equal to nothing, where unverified.
+
+    The probe compares counters to prove a tensor unchanged since the training forward read it; NaN makes every
+    such proof fail, so an unverified counter sends steps to the generic path.
+    """
+    if _verdicts.get("version", "") is None or _verdict("version") is None:
+        return _version_impl(t)
+    return math.nan
+
+
+def _hook_tables_impl(m: nn.Module | None) -> tuple[dict, dict, dict, dict]:
+    """Forward, forward-pre, backward and backward-pre hooks of module ``m``, or the global ones (``None``)."""
+    if m is None:
+        from torch.nn.modules import module as mod
+
+        return (mod._global_forward_hooks, mod._global_forward_pre_hooks, mod._global_backward_hooks,
+                mod._global_backward_pre_hooks)
+    return m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks
+
+
+@_check("hooks", "nn.Module's hook tables (_forward_hooks, ...)", "the register_*_hook functions",
+        "the probe assumes every module is hooked")
+def _check_hooks() -> float:
+    from torch.nn.modules import module as mod
+
+    m, before = nn.Identity(), [len(d) for d in _hook_tables_impl(None)]
+    handles = [m.register_forward_hook(_noop), m.register_forward_pre_hook(_noop),
+               m.register_full_backward_hook(_noop), m.register_full_backward_pre_hook(_noop),
+               mod.register_module_forward_hook(_noop), mod.register_module_forward_pre_hook(_noop),
+               mod.register_module_full_backward_hook(_noop), mod.register_module_full_backward_pre_hook(_noop)]
+    try:
+        seen = [len(d) for d in _hook_tables_impl(m)] + [len(d) - n for d, n in zip(_hook_tables_impl(None), before)]
+    finally:
+        for h in handles:
+            h.remove()
+    return 0.0 if seen == [1] * 8 else math.inf
+
+
+def _noop(*args: object) -> None:
+    return None
+
+
+def forward_hooks(m: nn.Module | None) -> list:
+    """Return the forward hooks and pre-hooks of module ``m`` (``None``: the global ones); raise :class:`Unverified`
+    where torch keeps them elsewhere."""
+    _require("hooks")
+    return [h for d in _hook_tables_impl(m)[:2] for h in d.values()]
+
+
+def backward_hooks(m: nn.Module | None) -> list:
+    """Return the backward hooks and pre-hooks of module ``m`` (``None``: the global ones), as
+    :func:`forward_hooks` does."""
+    _require("hooks")
+    return [h for d in _hook_tables_impl(m)[2:] for h in d.values()]
+
+
+@contextlib.contextmanager
+def backward_hooks_off(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Run the body with the backward hooks of ``modules`` and the global ones removed; put them back after."""
+    _require("hooks")
+    tables = [d for m in (None, *modules) for d in _hook_tables_impl(m)[2:] if d]
+    kept = [d.copy() for d in tables]
+    try:
+        for d in tables:
+            d.clear()
+        yield
+    finally:
+        for d, hooks in zip(tables, kept):
+            d.clear()
+            d.update(hooks)
+
+
+def _slot_impl(m: nn.Module, name: str) -> object:
+    return m._parameters.get(name)
+
+
+@_check("parameter_slot", "nn.Module._parameters", "functional_call's swap",
+        "every forward is taken for one on the model's own parameters")
+def _check_parameter_slot() -> float:
+    m = nn.utils.skip_init(nn.Linear, 2, 2, dtype=torch.float64)
+    other = {"weight": _fixed(2, 2), "bias": _fixed(2)}
+    seen: list[object] = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(_slot_impl(mod, "weight")))
+    torch.func.functional_call(m, other, (_fixed(1, 2),))
+    own = _slot_impl(m, "weight") is m.weight
+    return 0.0 if own and seen and seen[0] is not m.weight else math.inf
+
+
+def parameter_slot(m: nn.Module, name: str) -> object:
+    """Return the tensor module ``m`` holds as parameter ``name`` now (``functional_call`` swaps it), without
+    computing a parametrization; ``None`` where unverified."""
+    return _slot_impl(m, name) if _verdict("parameter_slot") is None else None
+
+
+def schema_arguments(func: object) -> list:
+    """Return the arguments of an ATen operator's schema (their types, and whether each is written in place)."""
+    return func._schema.arguments
+
+
+try:  # the mode that sees every ATen operation a forward pass runs (what recorded operations are made with)
+    from torch.utils._python_dispatch import TorchDispatchMode as DispatchMode
+except ImportError:  # pragma: no cover - a torch without it: recording refuses, the step is measured generically
+    class DispatchMode:  # type: ignore[no-redef]
+        """Stands for torch's TorchDispatchMode where this torch has none: entering it raises."""
+
+        def __enter__(self) -> None:
+            raise Unverified(f"torch.utils._python_dispatch.TorchDispatchMode is missing in torch {torch.__version__}; "
+                             "operations cannot be recorded")
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+
+# foreach kernels: one call for a list of tensors (torch's optimizers use them); a plain loop where they are gone
+
+def _foreach(name: str) -> Callable | None:
+    return getattr(torch, f"_foreach_{name}", None)
+
+
+def norms(ts: Sequence[Tensor]) -> Tensor:
+    """Return the 2-norm of each tensor, stacked."""
+    kernel = _foreach("norm")
+    return torch.stack(kernel(list(ts)) if kernel else [torch.linalg.vector_norm(t) for t in ts])
+
+
+def norm(ts: Sequence[Tensor]) -> float:
+    """Return the 2-norm of the tensors taken together, as a float."""
+    return torch.linalg.vector_norm(norms(ts)).item() if ts else 0.0
+
+
+def sub(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
+    """Return ``[x - y for x, y in zip(a, b)]``."""
+    kernel = _foreach("sub")
+    return list(kernel(list(a), list(b))) if kernel else [x - y for x, y in zip(a, b)]
+
+
+def div(a: Sequence[Tensor], c: float) -> list[Tensor]:
+    """Return ``[x / c for x in a]``."""
+    kernel = _foreach("div")
+    return list(kernel(list(a), c)) if kernel else [x / c for x in a]
+
+
+def rsub_(a: list[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
+    """Overwrite each ``x`` in ``a`` with ``y - x`` (``y`` from ``b``) and return ``a``."""
+    sub_, neg_ = _foreach("sub_"), _foreach("neg_")
+    if sub_ and neg_:
+        sub_(a, list(b))
+        neg_(a)
+    else:
+        for x, y in zip(a, b):
+            x.sub_(y).neg_()
+    return a

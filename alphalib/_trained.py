@@ -32,8 +32,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
+
+from . import _ops
 
 #: the message of the error a generic evaluation raises on a model that recomputes activations in its backward
 CHECKPOINTED = ("the model recomputes activations during the backward pass (activation checkpointing), which "
@@ -59,33 +60,38 @@ def buffers(model: nn.Module) -> dict[str, Tensor]:
 def not_textbook(model: nn.Module) -> str | None:
     """Return why some module's forward is not its class's textbook function (hooks, parametrizations, pruning),
     or ``None``."""
-    globals_ = [h for d in (_module._global_forward_hooks, _module._global_forward_pre_hooks) for h in d.values()]
-    if any(not _ours(h) for h in globals_):
-        return "a global module forward hook is registered (torch.nn.modules.module.register_module_forward_hook)"
-    for name, m in model.named_modules():
-        where = f"{type(m).__name__}{f' ({name})' if name else ''}"
-        if parametrize.is_parametrized(m):
-            return f"{where} is parametrized (torch.nn.utils.parametrize)"
-        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-        if any(not _ours(h) for h in hooks):
-            return f"{where} has a forward hook or pre-hook (pruning, weight_norm, a user's hook)"
-        for attr in ("weight", "bias"):
-            value = getattr(m, attr, None)
-            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and attr not in m._buffers:
-                return f"{where}.{attr} is computed from other tensors, not a parameter"
+    try:
+        if any(not _ours(h) for h in _ops.forward_hooks(None)):
+            return "a global module forward hook is registered (torch.nn.modules.module.register_module_forward_hook)"
+        for name, m in model.named_modules():
+            where = f"{type(m).__name__}{f' ({name})' if name else ''}"
+            if parametrize.is_parametrized(m):
+                return f"{where} is parametrized (torch.nn.utils.parametrize)"
+            if any(not _ours(h) for h in _ops.forward_hooks(m)):
+                return f"{where} has a forward hook or pre-hook (pruning, weight_norm, a user's hook)"
+            for attr in ("weight", "bias"):
+                value = getattr(m, attr, None)
+                if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) \
+                        and attr not in dict(m.named_buffers(recurse=False)):
+                    return f"{where}.{attr} is computed from other tensors, not a parameter"
+    except _ops.Unverified as exc:
+        return str(exc)
     return None
 
 
 def gradient_modifiers(model: nn.Module) -> str | None:
     """Return what makes ``.grad`` (and the backward's errors) differ from the loss's own gradient, or ``None``."""
-    if _module._global_backward_hooks or _module._global_backward_pre_hooks:
-        return "a global module backward hook is registered"
-    for name, m in model.named_modules():
-        where = f"{type(m).__name__}{f' ({name})' if name else ''}"
-        if m._backward_hooks or m._backward_pre_hooks:
-            return f"{where} has a backward hook, which changes the gradient but not the loss"
-        if getattr(m, "scale_grad_by_freq", False):
-            return f"{where} scales its gradient by token frequency (scale_grad_by_freq), not the loss's gradient"
+    try:
+        if _ops.backward_hooks(None):
+            return "a global module backward hook is registered"
+        for name, m in model.named_modules():
+            where = f"{type(m).__name__}{f' ({name})' if name else ''}"
+            if _ops.backward_hooks(m):
+                return f"{where} has a backward hook, which changes the gradient but not the loss"
+            if getattr(m, "scale_grad_by_freq", False):
+                return f"{where} scales its gradient by token frequency (scale_grad_by_freq), not the loss's gradient"
+    except _ops.Unverified as exc:
+        return str(exc)
     return None
 
 
@@ -99,30 +105,17 @@ def as_trained(model: nn.Module, flags: Sequence[bool] | None = None) -> Iterato
     """
     mods = list(model.modules())
     kept_modes = [m.training for m in mods]
-    hooks = [(m, m._backward_hooks.copy(), m._backward_pre_hooks.copy()) for m in mods
-             if m._backward_hooks or m._backward_pre_hooks]
     scaled = [m for m in mods if getattr(m, "scale_grad_by_freq", False)]
-    glob = (_module._global_backward_hooks.copy(), _module._global_backward_pre_hooks.copy())
     try:
         if flags is not None:
             for m, flag in zip(mods, flags):
                 m.training = flag
-        for m, _, _ in hooks:
-            m._backward_hooks.clear()
-            m._backward_pre_hooks.clear()
         for m in scaled:
             m.scale_grad_by_freq = False
-        _module._global_backward_hooks.clear()
-        _module._global_backward_pre_hooks.clear()
-        with torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTED):
+        with _ops.backward_hooks_off(mods), torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTED):
             yield
     finally:
         for m, flag in zip(mods, kept_modes):
             m.training = flag
-        for m, fwd, pre in hooks:
-            m._backward_hooks.update(fwd)
-            m._backward_pre_hooks.update(pre)
         for m in scaled:
             m.scale_grad_by_freq = True
-        _module._global_backward_hooks.update(glob[0])
-        _module._global_backward_pre_hooks.update(glob[1])

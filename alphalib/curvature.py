@@ -51,6 +51,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from . import _ops
 from ._checks import ParamVector, Vector, check_vector, trainable
 from ._function import BatchLoss, LossFn, dot
 from .records import alpha
@@ -110,7 +111,7 @@ def _hessian(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known:
 
 def _values(loss: Tensor, slope: Tensor, curvature: Tensor, g: Sequence[Tensor]) -> Directional:
     """Return the scalars with one synchronisation."""
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([gi.detach() for gi in g])))
+    norm = torch.linalg.vector_norm(_ops.norms([gi.detach() for gi in g]))
     values = torch.stack([t.detach().double() for t in (loss, slope, curvature, norm)]).tolist()
     return Directional(*values)
 

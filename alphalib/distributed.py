@@ -24,9 +24,9 @@ other (each rank's clock could choose differently). Every rank gets the same num
 ``"fast"`` only where every rank took the fast path; ``fallback`` also says what this rank saw, and counts the ranks
 that took the generic path, failed, or were handed a batch that training did not backpropagate.
 
-The fast path's witness (:mod:`alphalib._proof`) is not disturbed by DDP: DDP runs the wrapped module through its
+The probe's recorder (:mod:`alphalib.probe.recorder`) is not disturbed by DDP: DDP runs the wrapped module through its
 ``__call__`` (its hooks fire), and its reducer's hooks on the parameters' gradient accumulators only copy the
-averaged gradient into ``.grad`` after the backward pass, which is no accumulation; what the witness taps on the graph
+averaged gradient into ``.grad`` after the backward pass, which is no accumulation; what the recorder taps on the graph
 is this rank's own :math:`c\,\nabla L_r`, before the averaging.
 
 **Unequal shards.** With shard sizes :math:`n_r` that differ, the record is still of :math:`L = \frac1R\sum_r L_r`,

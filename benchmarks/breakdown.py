@@ -49,7 +49,7 @@ def main() -> None:
         run(self, op)
         by_op[str(op.func.overloadpacket).removeprefix("aten.")] += time.perf_counter() - t0
 
-    alphalib.probe.measure, oprules.OpSweep.run = timed_measure, timed_run
+    alphalib.fast.measure, oprules.OpSweep.run = timed_measure, timed_run
     print("| model | plain fwd / bwd / step | probed fwd / bwd | probe.step: sweep / rest | overhead | path | "
           "the sweep's largest shares |")
     print("|---|---|---|---|---|---|---|")

@@ -17,7 +17,6 @@ on two cores, a minute for the ResNet).
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch

@@ -239,7 +239,8 @@ class _Clock:
 
     def tick(self) -> None:
         p = self.probe
-        self.now += self.cost["generic" if p._capture is None or p._trying_generic() else "fast"]
+        generic = p._capture is None or p._trials is not None and p._trials.generic_next()
+        self.now += self.cost["generic" if generic else "fast"]
 
     def __call__(self) -> float:
         return self.now

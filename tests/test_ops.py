@@ -1,7 +1,8 @@
-"""The shim over the fast path's private torch ops: each wrapper against autograd, and a broken op caught."""
+"""The shim over private torch: each wrapper against autograd or the public API, and a broken one caught."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -11,11 +12,13 @@ from torch import nn
 from torch.func import functional_call, vjp
 from torch.nn import functional as F
 
-from alphalib import _ops, fast
+import alphalib
+from alphalib import _ops, _trained, fast
 from alphalib.models import CausalSelfAttention
 
 OPS = ["gelu_backward", "silu_backward", "layer_norm", "layer_norm_backward", "softmax_backward", "pool_indices",
        "conv"]
+INTERNALS = ["version", "hooks", "parameter_slot"]  # torch internals the probe reads; each fails safe
 RAISING = [name for name in OPS if name != "pool_indices"]  # pool_indices returns None instead
 
 
@@ -26,7 +29,7 @@ def fresh(monkeypatch):
 
 
 def test_every_op_is_verified_on_this_torch(fresh):
-    assert _ops.verify_all() == dict.fromkeys(OPS)
+    assert _ops.verify_all() == dict.fromkeys(OPS + INTERNALS)
 
 
 def test_verification_keeps_grad_mode_and_rng(fresh):
@@ -214,3 +217,85 @@ def test_second_order_differentiates_weight_norm_as_its_composite_form():
         got = torch.autograd.functional.vhp(loss(torch._weight_norm), (g, v), d)[1]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ---- torch internals the probe reads: where one is gone, the probe loses a proof, never a value ----------------
+
+def _probed_record(model: nn.Module, **kw) -> object:
+    """One probed Adam step of ``model`` on a fixed batch; return the record and the dense-Hessian reference."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    params = list(model.parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    opt = torch.optim.Adam(params, lr=1e-2)
+    with alphalib.AlphaProbe(model, F.mse_loss, opt, **kw) as probe:
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        rec = probe.step((x, y))
+    delta = torch.cat([p.detach().reshape(-1) for p in params]) - theta
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        chunks = flat.split([p.numel() for p in params])
+        values = {n: c.view_as(p) for n, c, p in zip(names, chunks, params)}
+        return F.mse_loss(functional_call(model, values, (x,)), y)
+
+    hess = torch.autograd.functional.hessian(loss, theta)
+    return rec, (delta @ hess @ delta).item() / rec.step_size ** 2
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def test_a_missing_version_counter_sends_every_step_to_the_generic_path(fresh, monkeypatch):
+    monkeypatch.setattr(_ops, "_version_impl", _missing)
+    assert math.isnan(_ops.version(torch.zeros(1)))
+    rec, reference = _probed_record(_net())
+    assert rec.path == "generic" and "changed in place" in rec.fallback
+    assert rel_err(rec.curvature, reference) <= 1e-10
+
+
+def test_missing_hook_tables_refuse_before_stepping(fresh, monkeypatch):
+    monkeypatch.setattr(_ops, "_hook_tables_impl", _missing)
+    model = _net()
+    assert "is missing" in _trained.not_textbook(model) and "is missing" in _trained.gradient_modifiers(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"cannot measure on torch .* hook tables .* Nothing was stepped"):
+        _probed_record(model)  # backward hooks it can neither see nor switch off could change the gradient
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_the_hook_tables_are_those_register_fills(fresh):
+    model = _net()
+    handle = model[1].register_full_backward_hook(lambda *args: None)
+    assert "Tanh (1) has a backward hook" in _trained.gradient_modifiers(model)
+    with _ops.backward_hooks_off(list(model.modules())):
+        assert _trained.gradient_modifiers(model) is None
+    assert len(_ops.backward_hooks(model[1])) == 1
+    handle.remove()
+    model[0].register_forward_pre_hook(lambda *args: None)
+    assert "Linear (0) has a forward hook" in _trained.not_textbook(model)
+
+
+def test_a_missing_parameter_slot_is_none(fresh, monkeypatch):
+    model = _net()
+    assert _ops.parameter_slot(model[0], "weight") is model[0].weight
+    monkeypatch.setattr(_ops, "_slot_impl", _missing)
+    monkeypatch.setattr(_ops, "_verdicts", {})
+    assert _ops.parameter_slot(model[0], "weight") is None
+
+
+def test_foreach_helpers_match_plain_loops_with_and_without_torchs_kernels(monkeypatch):
+    torch.manual_seed(0)
+    a, b = [torch.randn(3, 2), torch.randn(5)], [torch.randn(3, 2), torch.randn(5)]
+    for kernels in (True, False):
+        if not kernels:
+            monkeypatch.setattr(_ops, "_foreach", lambda name: None)
+        assert torch.allclose(_ops.norms(a), torch.tensor([x.norm().item() for x in a]))
+        assert math.isclose(_ops.norm(a), torch.cat([x.reshape(-1) for x in a]).norm().item(), rel_tol=1e-6)
+        assert all(torch.equal(x, y - z) for x, y, z in zip(_ops.sub(a, b), a, b))
+        assert all(torch.equal(x, y / 4) for x, y in zip(_ops.div(a, 4.0), a))
+        copies = [x.clone() for x in a]
+        assert all(torch.equal(x, z - y) for x, y, z in zip(_ops.rsub_(copies, b), a, b))

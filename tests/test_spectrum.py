@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import alphalib
-from alphalib.spectrum import alpha_over, along, line_profile
+from alphalib.spectrum import alpha_over, line_profile
 
 
 def _data(sizes=(8, 8, 5), d_in=4, d_out=2, seed=3):

@@ -6,7 +6,7 @@ Two captures, one interface for the probe (``active``, ``own``, ``output``, ``re
 * :class:`Capture` hooks the modules that have a rule (:mod:`alphalib.fast.layers`) and keeps what each rule
   names: its input or output, the error at its output and, through a view of the input that is the module's own,
   the error at its input.
-* :class:`OpCapture` records, with a :class:`~torch.utils._python_dispatch.TorchDispatchMode` entered for the
+* :class:`OpCapture` records, with a dispatch mode (:data:`alphalib._ops.DispatchMode`) entered for the
   model's own forward pass only, every ATen operation that forward ran on tensors with autograd history, and
   hooks the autograd node of each operation with a second derivative (:data:`alphalib.fast.ops.CURVED`) to keep
   the error at its output and, for a product with a parameter, the error at its other operand.
@@ -24,11 +24,10 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _ops
 from .._function import rng_state
-from .._proof import Hook
+from .._hooks import Hook
 from . import ops as _oprules
 from .layers import Rule, rule_for
 from .ops import Op
@@ -160,7 +159,7 @@ def _spec(func: Any) -> _Spec:
     spec = _SPECS.get(func)
     if spec is None or not spec.known:  # (an op without a rule is looked up again: one may have been added)
         rule = _oprules.RULES.get(func, _oprules.RULES.get(func.overloadpacket))
-        schema = func._schema.arguments
+        schema = _ops.schema_arguments(func)
         written = tuple(i for i, a in enumerate(schema) if a.alias_info is not None and a.alias_info.is_write)
         nested = any(isinstance(a.type, torch.ListType) for a in schema)
         spec = _SPECS[func] = _Spec(rule, rule is not None or func in _oprules.FREE,
@@ -179,7 +178,7 @@ def caller() -> str:
     return "" if frame is None else f" (at {frame.f_code.co_filename}, line {frame.f_lineno})"
 
 
-class _Recorder(TorchDispatchMode):
+class _Recorder(_ops.DispatchMode):
     def __init__(self, cap: OpCapture):
         super().__init__()
         self.cap = cap
@@ -251,9 +250,9 @@ class OpCapture:
             self.ops.clear()
             return None
         outs = [out] if isinstance(out, Tensor) else _tensors(out)
-        versions = {id(t): t._version for t in ins}
+        versions = {id(t): _ops.version(t) for t in ins}
         for t in outs:
-            versions[id(t)] = t._version
+            versions[id(t)] = _ops.version(t)
         for i in spec.written:  # autograd bumps their version once the op has returned
             versions[id(args[i])] += 1
         if spec.view and id(ins[0]) in self._derived:
@@ -276,7 +275,7 @@ class OpCapture:
             found = self._pending.get(id(y))
             if found is not None and found[1] is y:
                 op, _, version = self._pending.pop(id(y))
-                if y._version == version and y.grad_fn is not None:
+                if _ops.version(y) == version and y.grad_fn is not None:
                     y.grad_fn.register_hook(functools.partial(self._keep_error, op))
                     op.hooked = True
 

@@ -49,7 +49,7 @@ class Op:
     kwargs: dict
     outs: list[Tensor]  #: the tensor outputs
     ins: list[Tensor]  #: the tensor arguments
-    versions: dict[int, int]  #: ``id(tensor) -> tensor._version`` for the tensor arguments and outputs
+    versions: dict[int, float]  #: ``id(tensor) ->`` its version counter, for the tensor arguments and outputs
     rule: Callable | None  #: ``None`` for the operations in :data:`alphalib.fast.ops.FREE`
     view: bool  #: a view (or copy) of its first argument: recomputed at θ_t when that is a parameter
     other: int | None = None  #: for a product with a parameter: the index of its other operand (its error is kept)
@@ -85,7 +85,7 @@ class OpSweep:
             return x
         if id(x) in self.values:
             return self.values[id(x)]
-        if x._version != op.versions[id(x)]:
+        if _ops.version(x) != op.versions[id(x)]:
             raise NoRule(f"a tensor read by {op.func} was changed in place afterwards")
         return x
 
@@ -489,7 +489,7 @@ def _attention(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
     causal = op.args[4] if len(op.args) > 4 else op.kwargs.get("is_causal", False)
     mask, scale = op.kwargs.get("attn_mask"), op.kwargs.get("scale")
     if dropout:
-        raise NoRule(f"attention dropout inside the fused kernel: its mask cannot be replayed")
+        raise NoRule("attention dropout inside the fused kernel: its mask cannot be replayed")
     if mask is not None and sw.tangent(mask) is not None:
         raise NoRule("an attention mask that changes along the step")
     err = sw.error(op) if sw.exact else None
