@@ -415,6 +415,10 @@ def parameter_slot(m: nn.Module, name: str) -> object:
     return _slot_impl(m, name) if _verdict("parameter_slot") is None else None
 
 
+#: the module torch's ``parametrizations.spectral_norm`` inserts (a class that matches nothing where it is gone)
+SpectralNormParametrization: type = getattr(torch.nn.utils.parametrizations, "_SpectralNorm", type("_Absent", (), {}))
+
+
 def schema_arguments(func: object) -> list:
     """Return the arguments of an ATen operator's schema (their types, and whether each is written in place)."""
     return func._schema.arguments

@@ -7,7 +7,8 @@ one context that restores them for the probe's own evaluations:
 * **modes**: each module's ``training`` flag at the training forward (a callback may call ``model.eval()``
   between ``backward()`` and ``probe.step``: BatchNorm would then use running statistics, Dropout nothing);
 * **buffers**: their values when the forward *read* them, copied at its start (a module may update a buffer in
-  place after reading it, as running normalisers do);
+  place after reading it, as running normalisers do), and at its end for those it updates *before* reading them
+  (spectral norm's power iteration, whose :math:`u`, :math:`v` autograd holds constant: :func:`power_iterations`);
 * **random draws**: the RNG state at the start of the forward, and at its end for a ``loss_fn`` that draws
   (label noise), both replayed inside :func:`torch.random.fork_rng`, so the global stream is never advanced;
 * **gradient-only modifiers**: module backward hooks, global backward hooks, ``Embedding(scale_grad_by_freq=
@@ -33,6 +34,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from . import _ops
 
@@ -55,6 +57,34 @@ def modes(model: nn.Module) -> tuple[bool, ...]:
 def buffers(model: nn.Module) -> dict[str, Tensor]:
     """Return copies of the model's buffers as they are now (at the start of a forward: the values it reads)."""
     return {name: b.detach().clone() for name, b in model.named_buffers()}
+
+
+def power_iterations(model: nn.Module) -> list[tuple[nn.Module, tuple[str, str]]]:
+    """Return each module whose train mode runs torch's spectral-norm power iteration, with its u and v buffers.
+
+    ``spectral_norm`` (old and parametrized) updates :math:`u` and :math:`v` in place, without gradient, and then
+    reads them: autograd holds them constant, so the function that trained holds them at the values the forward
+    left. :func:`as_trained` runs these modules in eval mode, which reads :math:`u` and :math:`v` and skips the
+    iteration; the recorder keeps their values at the end of the forward.
+    """
+    found = []
+    for name, m in model.named_modules():
+        at = f"{name}." if name else ""
+        if isinstance(m, _ops.SpectralNormParametrization):
+            found.append((m, (f"{at}_u", f"{at}_v")))
+        try:
+            hooks = _ops.forward_hooks(m)
+        except _ops.Unverified:  # (the probe refuses such a torch before stepping)
+            hooks = []
+        found += [(m, (f"{at}{h.name}_u", f"{at}{h.name}_v")) for h in hooks
+                  if isinstance(h, SpectralNorm)]
+    return found
+
+
+def read_after_update(model: nn.Module) -> dict[str, Tensor]:
+    """Return copies of the buffers a forward updates and then reads (spectral norm's u, v), as they are now."""
+    names = {n for _, pair in power_iterations(model) for n in pair}
+    return {n: b.detach().clone() for n, b in model.named_buffers() if n in names} if names else {}
 
 
 def not_textbook(model: nn.Module) -> str | None:
@@ -110,6 +140,8 @@ def as_trained(model: nn.Module, flags: Sequence[bool] | None = None) -> Iterato
         if flags is not None:
             for m, flag in zip(mods, flags):
                 m.training = flag
+        for m, _ in power_iterations(model):  # u and v held as the training forward left them
+            m.training = False
         for m in scaled:
             m.scale_grad_by_freq = False
         with _ops.backward_hooks_off(mods), torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTED):

@@ -73,9 +73,24 @@ def _resnet_eval() -> nn.Module:  # BatchNorm on its running statistics
     return model.eval()
 
 
+class Products(nn.Module):
+    """Matrix-vector and dot products with parameters on both sides (as spectral normalisation's sigma = u'Wv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.v, self.w = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc(x))
+        scale = torch.dot(self.v, self.w) + torch.vdot(self.w, self.w)
+        return torch.stack([torch.mv(h, self.v) * scale, torch.mv(h, self.w)], -1)
+
+
 MODELS = {"residual-tanh": lambda: Residual("tanh"), "residual-gelu": lambda: Residual("gelu"), "gated": Gated,
-          "resnet": tiny_resnet, "resnet-eval": _resnet_eval, "encoder": tiny_encoder, "groupnorm": GroupNormNet}
-OUTPUTS = {"gated": 2}
+          "resnet": tiny_resnet, "resnet-eval": _resnet_eval, "encoder": tiny_encoder, "groupnorm": GroupNormNet,
+          "products": Products}
+OUTPUTS = {"gated": 2, "products": 2}
 INPUTS = {"resnet": lambda: torch.randn(6, 2, 8, 8, dtype=torch.float64),
           "resnet-eval": lambda: torch.randn(6, 2, 8, 8, dtype=torch.float64),
           "groupnorm": lambda: torch.randn(5, 2, 4, 4, dtype=torch.float64),

@@ -375,6 +375,18 @@ def param_weight_norm() -> nn.Module:
     return model
 
 
+def spectral_norm_old() -> nn.Module:
+    model = mlp()
+    torch.nn.utils.spectral_norm(model[0])  # a pre-hook: weight = weight_orig / sigma, u and v updated in place
+    return model
+
+
+def spectral_norm_parametrized() -> nn.Module:
+    model = mlp()
+    torch.nn.utils.parametrizations.spectral_norm(model[2])
+    return model
+
+
 def _affine(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
     return out * 0.5 + 0.1
 
@@ -577,6 +589,8 @@ PATTERNS: dict[str, Pattern] = {
     "group-order": Pattern(mlp, plain, optimizer=reversed_groups),
     # the function that trained
     "prune": Pattern(pruned, plain, state_reference=True),
+    "spectral-norm-old": Pattern(spectral_norm_old, plain, state_reference=True),
+    "spectral-norm-parametrized": Pattern(spectral_norm_parametrized, plain, state_reference=True),
     "weight-norm-old": Pattern(old_weight_norm, plain, state_reference=True),
     "weight-norm-parametrized": Pattern(param_weight_norm, plain, state_reference=True),
     "orthogonal-parametrization": Pattern(orthogonal, plain, y_shape=(8, 4), state_reference=True),
@@ -805,6 +819,7 @@ def reference_by_state(pattern: Pattern, step: Step, backend: str) -> Reference:
             m.checkpointing = False
     names, shapes, sizes, theta0, theta1, pairs = _flat(base, step)
     delta = theta1 - theta0
+    _hold_power_iterations(base, step.rng, pairs[0][0])
 
     def output(theta: Tensor, x: Tensor) -> Tensor:
         """The output on a fresh copy (buffers as before the forward); the caller replays the draws."""
@@ -861,6 +876,26 @@ def reference_by_state(pattern: Pattern, step: Step, backend: str) -> Reference:
     trained = torch.cat([torch.full((n,), t) for n, t in zip(sizes, step.trainable)])
     numbers = (value, slope0, curvature, g[trained].norm(), norm)
     return Reference(*(float(torch.as_tensor(v).detach()) for v in numbers))
+
+
+def _hold_power_iterations(base: nn.Module, rng: Tensor, x: Tensor) -> None:
+    """spectral_norm updates u and v in place without gradient, then reads them: autograd held them at the values
+    the training forward left. Replay that forward on a copy, give ``base`` its u and v, and stop the iteration."""
+    units = [m for m in base.modules() if type(m).__name__ == "_SpectralNorm"
+             or any(type(h).__name__ == "SpectralNorm" for h in m._forward_pre_hooks.values())]
+    if not units:
+        return
+    replay = _copy(base)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng)
+        replay(x)
+    after = dict(replay.named_buffers())
+    with torch.no_grad():
+        for name, b in base.named_buffers():
+            if name.endswith(("_u", "_v")):
+                b.copy_(after[name])
+    for m in units:
+        m.eval()  # uses u and v, runs no iteration
 
 
 def _rel(got: float, want: float) -> float:

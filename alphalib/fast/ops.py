@@ -239,8 +239,8 @@ def _div(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
 
 
 #: bilinear operations and the positions of their two factors: their term needs both to move with the step
-FACTORS = {aten.mul: (0, 1), aten.mul_: (0, 1), aten.mm: (0, 1), aten.bmm: (0, 1), aten.addmm: (1, 2),
-           aten.convolution: (0, 1)}
+FACTORS = {aten.mul: (0, 1), aten.mul_: (0, 1), aten.mm: (0, 1), aten.bmm: (0, 1), aten.mv: (0, 1), aten.dot: (0, 1),
+           aten.vdot: (0, 1), aten.addmm: (1, 2), aten.convolution: (0, 1)}
 
 
 def needs_error(func: Any, args: tuple) -> bool:
@@ -287,7 +287,7 @@ def _product(sw: OpSweep, op: Op, vals: Sequence, tans: list, first: int,
     return mm(ta, b).add_(mm(a, tb))
 
 
-@rule(aten.mm, aten.bmm, curved=True)
+@rule(aten.mm, aten.bmm, aten.mv, aten.dot, aten.vdot, curved=True)
 def _mm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
     return _product(sw, op, vals, tans, 0, op.func)
 

@@ -107,6 +107,8 @@ class Recorder:
             return
         fwd = self.forwards[-1]
         fwd.output, fwd.rng_after = output.detach(), rng_state(self._device)
+        if fwd.buffers is not None:  # a buffer the forward updated and then read: the value it read
+            fwd.buffers.update(_trained.read_after_update(self.model))
         if output.requires_grad:
             ref = weakref.ref(fwd)
             output.register_hook(lambda grad: _seen(ref(), grad))
