@@ -67,6 +67,8 @@ def _verdict(name: str) -> str | None:
 
 
 def _require(name: str) -> None:
+    if _verdicts.get(name, "") is None:  # verified (the common case, on hot paths)
+        return
     reason = _verdict(name)
     if reason is not None:
         raise Unverified(reason)
@@ -327,7 +329,7 @@ def version(t: Tensor) -> float:
     such proof fail, so an unverified counter sends steps to the generic path.
     """
     if _verdicts.get("version", "") is None or _verdict("version") is None:
-        return _version_impl(t)
+        return t._version  # (what _version_impl reads; inlined on the recorder's hot path)
     return math.nan
 
 
@@ -367,14 +369,25 @@ def forward_hooks(m: nn.Module | None) -> list:
     """Return the forward hooks and pre-hooks of module ``m`` (``None``: the global ones); raise :class:`Unverified`
     where torch keeps them elsewhere."""
     _require("hooks")
-    return [h for d in _hook_tables_impl(m)[:2] for h in d.values()]
+    if m is None:
+        return [h for d in _hook_tables_impl(None)[:2] for h in d.values()]
+    return [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]  # (_hook_tables_impl's, on a hot path)
+
+
+def pre_hooks(m: nn.Module) -> list:
+    """Return the forward pre-hooks of module ``m``; none where torch keeps them elsewhere (unverified)."""
+    if _verdicts.get("hooks", "") is not None and _verdict("hooks") is not None:
+        return []
+    return list(m._forward_pre_hooks.values()) if m._forward_pre_hooks else []
 
 
 def backward_hooks(m: nn.Module | None) -> list:
     """Return the backward hooks and pre-hooks of module ``m`` (``None``: the global ones), as
     :func:`forward_hooks` does."""
     _require("hooks")
-    return [h for d in _hook_tables_impl(m)[2:] for h in d.values()]
+    if m is None:
+        return [h for d in _hook_tables_impl(None)[2:] for h in d.values()]
+    return [*m._backward_hooks.values(), *m._backward_pre_hooks.values()]
 
 
 @contextlib.contextmanager

@@ -67,18 +67,15 @@ def power_iterations(model: nn.Module) -> list[tuple[nn.Module, tuple[str, str]]
     left. :func:`as_trained` runs these modules in eval mode, which reads :math:`u` and :math:`v` and skips the
     iteration; the recorder keeps their values at the end of the forward.
     """
-    found = []
-    for name, m in model.named_modules():
-        at = f"{name}." if name else ""
+    units = []  # (module, u's name, v's name) within the module
+    for m in model.modules():
         if isinstance(m, _ops.SpectralNormParametrization):
-            found.append((m, (f"{at}_u", f"{at}_v")))
-        try:
-            hooks = _ops.forward_hooks(m)
-        except _ops.Unverified:  # (the probe refuses such a torch before stepping)
-            hooks = []
-        found += [(m, (f"{at}{h.name}_u", f"{at}{h.name}_v")) for h in hooks
-                  if isinstance(h, SpectralNorm)]
-    return found
+            units.append((m, "_u", "_v"))
+        units += [(m, f"{h.name}_u", f"{h.name}_v") for h in _ops.pre_hooks(m) if isinstance(h, SpectralNorm)]
+    if not units:  # (the common case: one pass, no names built)
+        return []
+    where = {m: f"{name}." if name else "" for name, m in model.named_modules()}
+    return [(m, (where[m] + u, where[m] + v)) for m, u, v in units]
 
 
 def read_after_update(model: nn.Module) -> dict[str, Tensor]:
@@ -94,19 +91,21 @@ def not_textbook(model: nn.Module) -> str | None:
         if any(not _ours(h) for h in _ops.forward_hooks(None)):
             return "a global module forward hook is registered (torch.nn.modules.module.register_module_forward_hook)"
         for name, m in model.named_modules():
-            where = f"{type(m).__name__}{f' ({name})' if name else ''}"
             if parametrize.is_parametrized(m):
-                return f"{where} is parametrized (torch.nn.utils.parametrize)"
+                return f"{_where(name, m)} is parametrized (torch.nn.utils.parametrize)"
             if any(not _ours(h) for h in _ops.forward_hooks(m)):
-                return f"{where} has a forward hook or pre-hook (pruning, weight_norm, a user's hook)"
+                return f"{_where(name, m)} has a forward hook or pre-hook (pruning, weight_norm, a user's hook)"
             for attr in ("weight", "bias"):
-                value = getattr(m, attr, None)
-                if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) \
-                        and attr not in dict(m.named_buffers(recurse=False)):
-                    return f"{where}.{attr} is computed from other tensors, not a parameter"
+                value = vars(m).get(attr)  # set on the module by pruning or the old weight_norm (not a buffer)
+                if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                    return f"{_where(name, m)}.{attr} is computed from other tensors, not a parameter"
     except _ops.Unverified as exc:
         return str(exc)
     return None
+
+
+def _where(name: str, m: nn.Module) -> str:
+    return f"{type(m).__name__}{f' ({name})' if name else ''}"
 
 
 def gradient_modifiers(model: nn.Module) -> str | None:
@@ -115,11 +114,11 @@ def gradient_modifiers(model: nn.Module) -> str | None:
         if _ops.backward_hooks(None):
             return "a global module backward hook is registered"
         for name, m in model.named_modules():
-            where = f"{type(m).__name__}{f' ({name})' if name else ''}"
             if _ops.backward_hooks(m):
-                return f"{where} has a backward hook, which changes the gradient but not the loss"
-            if getattr(m, "scale_grad_by_freq", False):
-                return f"{where} scales its gradient by token frequency (scale_grad_by_freq), not the loss's gradient"
+                return f"{_where(name, m)} has a backward hook, which changes the gradient but not the loss"
+            if vars(m).get("scale_grad_by_freq", False):
+                return (f"{_where(name, m)} scales its gradient by token frequency (scale_grad_by_freq), not the "
+                        "loss's gradient")
     except _ops.Unverified as exc:
         return str(exc)
     return None
@@ -135,7 +134,7 @@ def as_trained(model: nn.Module, flags: Sequence[bool] | None = None) -> Iterato
     """
     mods = list(model.modules())
     kept_modes = [m.training for m in mods]
-    scaled = [m for m in mods if getattr(m, "scale_grad_by_freq", False)]
+    scaled = [m for m in mods if vars(m).get("scale_grad_by_freq", False)]
     try:
         if flags is not None:
             for m, flag in zip(mods, flags):
