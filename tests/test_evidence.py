@@ -53,6 +53,8 @@ def test_clean_facts_give_the_fast_path_with_the_tapped_gradient():
     ({"facts": {"forwards": [_forward(error=None)]}}, "error at the model's output was not seen"),
     ({"facts": {"forwards": [_forward(autocast=torch.bfloat16)]}}, "ran under autocast (bfloat16)"),
     ({"facts": {"forwards": [_forward(versions={id(W): W._version - 1})]}}, "parameters changed in place"),
+    ({"facts": {"forwards": [_forward(input_version=X._version - 1)]}}, "inputs changed in place"),
+    ({"facts": {"forwards": [_forward(error=torch.full((3, 1), float("nan")))]}}, "output is not finite"),
 ])
 def test_each_row_gives_its_reason(change, reason):
     facts = dataclasses.replace(_facts(), **change.pop("facts", {}))
