@@ -439,16 +439,10 @@ def schema_arguments(func: object) -> list:
 
 try:  # the mode that sees every ATen operation a forward pass runs (what recorded operations are made with)
     from torch.utils._python_dispatch import TorchDispatchMode as DispatchMode
-except ImportError:  # pragma: no cover - a torch without it: recording refuses, the step is measured generically
-    class DispatchMode:  # type: ignore[no-redef]
-        """Stands for torch's TorchDispatchMode where this torch has none: entering it raises."""
 
-        def __enter__(self) -> None:
-            raise Unverified(f"torch.utils._python_dispatch.TorchDispatchMode is missing in torch {torch.__version__}; "
-                             "operations cannot be recorded")
-
-        def __exit__(self, *exc: object) -> None:
-            return None
+    DISPATCH = True
+except ImportError:  # pragma: no cover - a torch without it: no recorded operations (capture_for gives none)
+    DispatchMode, DISPATCH = object, False  # type: ignore[assignment,misc]
 
 
 # foreach kernels: one call for a list of tensors (torch's optimizers use them); a plain loop where they are gone

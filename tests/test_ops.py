@@ -299,3 +299,23 @@ def test_foreach_helpers_match_plain_loops_with_and_without_torchs_kernels(monke
         assert all(torch.equal(x, y / 4) for x, y in zip(_ops.div(a, 4.0), a))
         copies = [x.clone() for x in a]
         assert all(torch.equal(x, z - y) for x, y, z in zip(_ops.rsub_(copies, b), a, b))
+
+
+class _Functional(nn.Module):
+    """A model the module rules miss (a functional activation): recorded operations would follow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_without_the_dispatch_mode_the_probe_records_no_operations_and_stays_exact(monkeypatch):
+    monkeypatch.setattr(_ops, "DISPATCH", False)
+    torch.manual_seed(1)
+    model = _Functional().double()
+    assert fast.capture_for(model, exact=True) is None
+    rec, reference = _probed_record(model)
+    assert rec.flag == "ok" and rel_err(rec.curvature, reference) <= 1e-10

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .. import _trained
+from .. import _ops, _trained
 from .._function import LossFn
 from .calculus import inner, plus
 from .capture import Capture, OpCapture
@@ -59,7 +59,7 @@ def covers(model: nn.Module, *example: Any) -> str | None:
         True
     """
     why = uncovered(model)
-    if why is None or not example:
+    if why is None or not example or not _ops.DISPATCH:
         return why
     twin = copy.deepcopy(model)
     cap = OpCapture(twin, errors=False)
@@ -69,12 +69,13 @@ def covers(model: nn.Module, *example: Any) -> str | None:
     return cap.uncovered
 
 
-def capture_for(model: nn.Module, *, exact: bool, follow: Follow | None = None) -> Capture | OpCapture:
+def capture_for(model: nn.Module, *, exact: bool, follow: Follow | None = None) -> Capture | OpCapture | None:
     """Return the capture for ``model``: module rules where they cover it and every module runs its textbook forward
-    (no hooks, parametrizations or pruning; or ``follow="modules"``), else recorded operations."""
+    (no hooks, parametrizations or pruning; or ``follow="modules"``), else recorded operations (``None`` in a torch
+    without the dispatch mode that records them: the probe then measures on the generic path)."""
     if follow == "modules" or follow is None and uncovered(model) is None and _trained.not_textbook(model) is None:
         return Capture(model, errors=exact)
-    return OpCapture(model, errors=exact)
+    return OpCapture(model, errors=exact) if _ops.DISPATCH else None
 
 
 def measure(

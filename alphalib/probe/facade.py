@@ -267,8 +267,9 @@ class AlphaProbe:
         plan = route(self.model, verdict, self._capture, self._why, self._trials)
         if plan.recapture:  # module rules no longer stand for the forward: record operations from the next step on
             self._capture.remove()
-            self._capture = OpCapture(self.model, errors=self.curvature == "hessian")
-            self._capture.own = self._recorder.own
+            self._capture = capture_for(self.model, exact=self.curvature == "hessian", follow="ops")
+            if self._capture is not None:
+                self._capture.own = self._recorder.own
         fn = BatchLoss(self.model, self.loss, None, batches=batches, weights=verdict.weights,
                        rngs=verdict.rngs if closure is None else [rng_state(params[0].device)],
                        rngs_after=verdict.rngs_after if closure is None else None,
