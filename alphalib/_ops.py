@@ -374,13 +374,6 @@ def forward_hooks(m: nn.Module | None) -> list:
     return [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]  # (_hook_tables_impl's, on a hot path)
 
 
-def pre_hooks(m: nn.Module) -> list:
-    """Return the forward pre-hooks of module ``m``; none where torch keeps them elsewhere (unverified)."""
-    if _verdicts.get("hooks", "") is not None and _verdict("hooks") is not None:
-        return []
-    return list(m._forward_pre_hooks.values()) if m._forward_pre_hooks else []
-
-
 def backward_hooks(m: nn.Module | None) -> list:
     """Return the backward hooks and pre-hooks of module ``m`` (``None``: the global ones), as
     :func:`forward_hooks` does."""

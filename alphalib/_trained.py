@@ -71,7 +71,11 @@ def power_iterations(model: nn.Module) -> list[tuple[nn.Module, tuple[str, str]]
     for m in model.modules():
         if isinstance(m, _ops.SpectralNormParametrization):
             units.append((m, "_u", "_v"))
-        units += [(m, f"{h.name}_u", f"{h.name}_v") for h in _ops.pre_hooks(m) if isinstance(h, SpectralNorm)]
+        try:
+            hooks = _ops.forward_hooks(m)
+        except _ops.Unverified:  # (the probe refuses such a torch before stepping)
+            hooks = []
+        units += [(m, f"{h.name}_u", f"{h.name}_v") for h in hooks if isinstance(h, SpectralNorm)]
     if not units:  # (the common case: one pass, no names built)
         return []
     where = {m: f"{name}." if name else "" for name, m in model.named_modules()}
