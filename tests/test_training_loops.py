@@ -614,6 +614,8 @@ PATTERNS: dict[str, Pattern] = {
     "random-loss_fn-dropout": Pattern(dropout_mlp, plain, loss_fn=noisy_mse, state_reference=True),
     "float32-lr-1e-7": Pattern(mlp, plain, optimizer=adam_at(1e-7), dtype=torch.float32, state_reference=True,
                                expect="value_or_flag", tol=1e-3),
+    "float32-lr-1e-2": Pattern(mlp, plain, optimizer=adam_at(1e-2), dtype=torch.float32, state_reference=True,
+                               expect="value_or_flag", tol=1e-3),
     "float32-lr-1e-5": Pattern(mlp, plain, optimizer=adam_at(1e-5), dtype=torch.float32, state_reference=True,
                                expect="value_or_flag", tol=1e-3),
     "float32-fitted-batch": Pattern(classifier, fitted, loss_fn=F.cross_entropy, optimizer=adam_at(0.1),

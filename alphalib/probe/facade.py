@@ -30,7 +30,7 @@ from ..spectrum import as_batches
 from . import measure
 from .evidence import Verdict, judge
 from .recorder import Recorder
-from .router import DIFFERENCES, Route, Trials, faint, route, unresolved
+from .router import WIDENED, Route, Trials, cancelled, faint, route, unresolved
 
 Path = Literal["auto", "fast", "generic"]
 
@@ -288,7 +288,7 @@ class AlphaProbe:
         optimizer has stepped."""
         attempted, error, grad = plan.sweep, False, None
         theta_t = (lambda: _ops.sub(current, delta)) if theta is None else (lambda: theta)  # the sweep consumed θ_t
-        precise = blurred or self.curvature in DIFFERENCES
+        precise = blurred or self.curvature in WIDENED
         try:
             with torch.autocast(params[0].device.type, enabled=False):
                 if plan.sweep:
@@ -304,9 +304,11 @@ class AlphaProbe:
                 if not plan.sweep:
                     res = self._measure(fn, theta_t(), delta, verdict, batches[0],
                                         endpoint=current if plan.reuse else None, precise=precise)
-                faint_ = None if precise else faint(res.loss, params[0].dtype)
-                if faint_:  # measured again where the arithmetic resolves it
-                    plan.generic(faint_)
+                dtype = params[0].dtype
+                imprecise = None if precise else faint(res.loss, dtype) or \
+                    (cancelled(res, dtype) if self.curvature == "secant" else None)
+                if imprecise:  # measured again where the arithmetic resolves it
+                    plan.generic(imprecise)
                     res = self._measure(fn, theta_t(), delta, verdict, batches[0], precise=True)
                 if self._ranks is not None:  # DDP: the gradient of this rank's loss; else one more backward pass
                     grad = _ops.div(verdict.grad, verdict.scale) if plan.tapped else \
