@@ -9,6 +9,13 @@ import torch
 from torch import Tensor, nn
 
 
+def check_counts(**counts: object) -> None:
+    """Raise a ``ValueError`` naming the first of ``counts`` that is not a positive integer (``None`` passes)."""
+    for name, k in counts.items():
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"{name} must be a positive integer, got {k!r}.")
+
+
 def check_batch(batch: object) -> tuple[object, object]:
     """Return ``batch`` as ``(inputs, targets)`` or raise a ``ValueError`` saying what a batch must be."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:

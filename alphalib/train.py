@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ._checks import check_counts
 from ._function import LossFn
 from .curvature import Backend
 from .data import loader
@@ -92,6 +93,7 @@ def train(
     """
     import pandas as pd
 
+    check_counts(epochs=epochs)
     if probe is None and (live or records_to is not None or tensorboard is not None):
         raise ValueError("live, records_to and tensorboard follow the probe's records: pass a probe, or leave them "
                          "off.")
@@ -197,6 +199,8 @@ def run(
     """
     import pandas as pd
 
+    check_counts(epochs=epochs, batch_size=batch_size, every=every, full_every=full_every,
+                 sharpness_every=sharpness_every)
     torch.manual_seed(seed)
     net = model()
     full = loader(train_set, 1024) if full_every is not None or looks else None

@@ -47,6 +47,23 @@ def test_unknown_optimizer_name_is_a_clear_error():
         alphalib.make_optimizer("Adamm", nn.Linear(2, 1).parameters(), lr=1e-3)
 
 
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(epochs=-1), dict(batch_size=0), dict(every=2.0),
+                                 dict(full_every=0), dict(sharpness_every=True)])
+def test_nonpositive_counts_are_refused_before_anything_runs(bad):
+    built = []
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+        alphalib.run(lambda: built.append(1) or nn.Linear(4, 3), F.cross_entropy, _classification(), progress=False,
+                     **bad)
+    assert not built  # refused before the model was built
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        alphalib.train(model, F.cross_entropy, opt, [_classification().tensors], epochs=0, progress=False)
+    assert torch.equal(model.weight, before)
+
+
 def test_run_records_the_objective_and_looks_without_changing_training():
     kw = dict(lr=0.05, epochs=3, batch_size=8, val_set=_classification(seed=1), progress=False)
     plain = alphalib.run(lambda: nn.Linear(4, 3), F.cross_entropy, _classification(), **kw)
