@@ -23,6 +23,7 @@ from .sweep import grid, runs
 from .spectrum import AlphaScope, LineProfile, alpha_over, line_profile, next_step_profiles
 from .optim import OPTIMIZERS, make_optimizer, step_size
 from .train import History, evaluate, run, train
+from .parameters import check_parameters
 
 __version__ = "0.1.0"
 
@@ -82,6 +83,7 @@ __all__ = [
     "sweep",
     "History",
     "evaluate",
+    "check_parameters",
     # reference data and models
     "gaussian_regression",
     "loader",

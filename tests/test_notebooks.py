@@ -26,8 +26,8 @@ def test_notebook_is_stored_without_outputs_and_with_one_parameters_cell(path):
     # an interactive run writes to scratch folders; `make figures` passes -p figures_dir ../figures and
     # -p records_dir ../results
     parameters = "".join(tagged[0]["source"])
-    assert "plot.save" not in source or 'figures_dir = "../build/figures"' in parameters
-    assert "write_records" not in source or 'records_dir = "../build/results"' in parameters
+    assert "plot.save" not in source or 'figures_dir: str = "../build/figures"' in parameters
+    assert "write_records" not in source or 'records_dir: str = "../build/results"' in parameters
 
 
 def test_make_figures_writes_the_records_that_the_explorer_opens():
@@ -39,7 +39,7 @@ def test_make_figures_writes_the_records_that_the_explorer_opens():
         assert writes == (f"PARAMS_{path.stem} := $(FIGURES) $(RECORDS)" in makefile), path.stem
         assert not writes or (root / "results" / f"{path.stem}.csv.gz").is_file(), path.stem
     explore = json.loads((root / "notebooks" / "00_explore.ipynb").read_text())["cells"]
-    assert any('results = "../results"' in "".join(c["source"]) for c in explore)
+    assert any('results: str = "../results"' in "".join(c["source"]) for c in explore)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -49,5 +49,44 @@ def test_papermill_reads_every_parameter_the_cell_assigns(path):
 
     papermill = pytest.importorskip("papermill")
     cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
-    assigned = re.findall(r"^([A-Za-z_]\w*)\s*=", "".join(cell["source"]), re.M)
+    assigned = re.findall(r"^([A-Za-z_]\w*)\s*(?::[^=]+)?=", "".join(cell["source"]), re.M)
     assert list(papermill.inspect_notebook(str(path))) == assigned
+
+
+def _parameters(path: Path) -> dict:
+    """The namespace the parameters cell leaves, as a kernel runs it."""
+    cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
+    namespace: dict = {}
+    exec(compile("".join(cell["source"]), path.name, "exec", dont_inherit=True), namespace)  # (no __future__ here)
+    namespace.pop("__builtins__")
+    return namespace
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_parameter_is_typed_and_checked_before_anything_runs(path):
+    """Each parameter is annotated (papermill reads the types); the next cell checks them right after its imports:
+    its defaults pass, a misspelt name and text where a number belongs do not."""
+    import alphalib
+
+    namespace = _parameters(path)
+    names = [k for k in namespace if k != "__annotations__"]
+    assert names and names == list(namespace["__annotations__"]), "annotate every parameter"
+    alphalib.check_parameters(namespace)
+    with pytest.raises(ValueError, match=f"unknown parameter '{names[0]}z' \\(did you mean '{names[0]}'"):
+        alphalib.check_parameters({**namespace, f"{names[0]}z": 1})
+    numeric = next((k for k in names if namespace["__annotations__"][k] in (int, float)), None)  # (every one has)
+    if numeric is not None:
+        with pytest.raises(TypeError, match=f"parameter '{numeric}' must be"):
+            alphalib.check_parameters({**namespace, numeric: "1e-3"})
+    code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    lines = "".join(code[1]["source"]).splitlines()
+    first = next(i for i, line in enumerate(lines) if line and not line.startswith(("import ", "from ")))
+    assert lines[first].startswith("alphalib.check_parameters(globals())"), "check first thing after the imports"
+
+
+def test_papermill_refuses_a_misspelt_parameter_before_training(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    path = next(p for p in NOTEBOOKS if p.stem.startswith("05"))
+    with pytest.raises(papermill.PapermillExecutionError, match="unknown parameter 'epochz'.*did you mean 'epochs'"):
+        papermill.execute_notebook(str(path), str(tmp_path / "out.ipynb"), parameters={"epochz": 1},
+                                   cwd=str(path.parent), progress_bar=False, kernel_name="python3")
