@@ -181,6 +181,42 @@ def test_lightning_refuses_what_it_cannot_probe(lightning, case, message):
         fit(lightning, module, regression_loader(), [AlphaCallback(F.mse_loss)], acc=1 if case == "manual" else 2)
 
 
+def test_lightning_logs_each_record_and_resumes_from_a_checkpoint(lightning, tmp_path):
+    """Every probed step's α*, α*/lr, curvature and flag reach the trainer's logger (CSVLogger's metrics.csv); a
+    fit resumed from a checkpoint goes on counting steps and keeps the earlier records, as an unbroken fit would."""
+    import csv
+
+    from alphalib.integrations.lightning import AlphaCallback
+
+    def trainer(epochs, **kwargs):
+        return lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
+                                 enable_model_summary=False, log_every_n_steps=1, **kwargs)
+
+    torch.manual_seed(0)
+    unbroken = AlphaCallback(F.mse_loss, every=3)
+    logger = lightning.pytorch.loggers.CSVLogger(tmp_path, name="run")
+    trainer(2, callbacks=[unbroken], logger=logger, enable_checkpointing=False).fit(regressor(lightning),
+                                                                                  regression_loader())
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["alpha/alpha_star"]]
+    assert [int(r["step"]) for r in rows] == [rec.step for rec in unbroken.records] == [0, 3, 6, 9]
+    for row, rec in zip(rows, unbroken.records):
+        assert float(row["alpha/alpha_star"]) == pytest.approx(rec.alpha_star, rel=1e-12)
+        assert float(row["alpha/alpha_star_over_lr"]) == pytest.approx(rec.ratio, rel=1e-12)
+        assert float(row["alpha/curvature"]) == pytest.approx(rec.curvature, rel=1e-12)
+        assert float(row["alpha/flagged"]) == float(rec.flag != "ok")
+
+    torch.manual_seed(0)
+    first, module = AlphaCallback(F.mse_loss, every=3), regressor(lightning)
+    checkpoint = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(1, callbacks=[first, checkpoint], logger=False).fit(module, regression_loader())
+    resumed = AlphaCallback(F.mse_loss, every=3)
+    trainer(2, callbacks=[resumed], logger=False, enable_checkpointing=False).fit(
+        regressor(lightning), regression_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.probe.steps == unbroken.probe.steps == 10
+    assert_same_records(resumed.records, unbroken.records)
+
+
 # ---- Hugging Face --------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -335,3 +371,21 @@ def test_mistakes_raise_before_training(framework, options, error):
         make = lambda: AlphaTrainer(**options)  # noqa: E731  (raises before the Trainer needs a model)
     with pytest.raises(error):
         make()
+
+
+def test_hf_log_history_carries_alpha_star(hf, tmp_path):
+    """Each training log gets the records since the previous one: medians of α*, α*/lr and the curvature, and the
+    flagged count, under alpha/ (what every report_to integration is sent)."""
+    from alphalib.integrations.hf import AlphaTrainer
+
+    args = training_args(hf, tmp_path, logging_strategy="steps", logging_steps=2, num_train_epochs=1)
+    trainer = quiet(AlphaTrainer(model=bert(hf), args=args, train_dataset=token_data()), hf)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    records = trainer.records
+    assert [h["step"] for h in logs] == [2, 4] and len(records) == 5
+    for h, since in zip(logs, (records[0:2], records[2:4])):
+        ratios = sorted(r.ratio for r in since)
+        assert h["alpha/alpha_star_over_lr"] == pytest.approx(sum(ratios) / 2, rel=1e-12)  # the median of two
+        assert h["alpha/alpha_star"] == pytest.approx(sum(r.alpha_star for r in since) / 2, rel=1e-12)
+        assert h["alpha/flagged"] == sum(r.flag != "ok" for r in since)

@@ -142,6 +142,35 @@ def test_float32_secant_is_kept_only_where_rounding_cannot_reach_1e_3(lr, kept):
         assert kept or "secant's difference of losses" in rec.fallback
 
 
+def test_a_probe_resumes_from_its_state_dict_as_if_unbroken(tmp_path):
+    """torch.save the probe's state with the model's and optimizer's; a new probe goes on: the same steps probed,
+    the same records."""
+    def setup():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return model, opt, alphalib.AlphaProbe(model, F.mse_loss, opt, every=3)
+
+    batches = _batches(n=8)
+    model, opt, unbroken = setup()
+    _run(model, opt, batches, unbroken)
+
+    model, opt, first = setup()
+    _run(model, opt, batches[:4], first)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "probe": first.state_dict()}, tmp_path / "c.pt")
+    model, opt, resumed = setup()
+    saved = torch.load(tmp_path / "c.pt")
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    resumed.load_state_dict(saved["probe"])
+    _run(model, opt, batches[4:], resumed)
+    assert [r.step for r in resumed.records] == [r.step for r in unbroken.records] == [0, 3, 6]
+    assert list(map(repr, resumed.records[:2])) == list(map(repr, unbroken.records[:2]))  # (NaN fields compare so)
+    assert resumed.records[2].ratio == pytest.approx(unbroken.records[2].ratio, rel=1e-12)
+    with pytest.raises(ValueError, match="step count"):
+        resumed.load_state_dict({"steps": -1, "records": []})
+
+
 def test_param_groups_with_different_lrs_keep_ratio_defined():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()

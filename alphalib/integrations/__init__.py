@@ -8,13 +8,16 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..curvature import check_backend
 from ..probe import AlphaProbe
+from ..records import Record
 
 
 def probe_keywords(every: int, curvature: str, tags: Mapping[str, Any] | None,
@@ -69,6 +72,24 @@ class StepRoute:
                 del self.optimizer.step
             else:
                 self.optimizer.step = self._own
+
+
+def logged(records: Sequence[Record], prefix: str = "") -> dict[str, float]:
+    """Return the scalars a framework's logger gets for the records since its last log (empty if none).
+
+    The medians of α*, α*/step size and the curvature over the records' defined values (NaN if none), and how
+    many of the records are flagged (not ``"ok"``).
+    """
+    if not records:
+        return {}
+
+    def median(name: str) -> float:
+        values = [v for r in records if math.isfinite(v := getattr(r, name))]
+        return statistics.median(values) if values else math.nan
+
+    return {prefix + "alpha_star": median("alpha_star"), prefix + "alpha_star_over_lr": median("ratio"),
+            prefix + "curvature": median("curvature"),
+            prefix + "flagged": float(sum(r.flag != "ok" for r in records))}
 
 
 def micro_batches(batches: list[Any]) -> Any:

@@ -51,7 +51,7 @@ from .._function import Objective, objective as as_objective
 from ..curvature import Backend
 from ..probe import AlphaProbe
 from ..records import Record, to_frame
-from . import StepRoute, micro_batches, probe_keywords
+from . import StepRoute, logged, micro_batches, probe_keywords
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -99,6 +99,7 @@ class AlphaTrainer(transformers.Trainer):
         self._alpha_route: StepRoute | None = None
         self._alpha_batches: list[Any] = []
         self._alpha_items: Tensor | int | None = None
+        self._alpha_logged = 0  # the probe's records already in a log
 
     @property
     def records(self) -> list[Record]:
@@ -127,12 +128,22 @@ class AlphaTrainer(transformers.Trainer):
         self._alpha_items = num_items_in_batch
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Log as ``Trainer.log``; a training log (one with ``loss``) also gets the records since the last one:
+        ``alpha_star``, ``alpha_star_over_lr`` and ``curvature`` (medians) and ``flagged`` (a count), with the
+        prefix ``alpha/``. They reach ``state.log_history`` and every ``report_to`` integration."""
+        if "loss" in logs and self.probe is not None:
+            logs = {**logs, **logged(self.probe.records[self._alpha_logged:], "alpha/")}
+            self._alpha_logged = len(self.probe.records)
+        super().log(logs, *args, **kwargs)
+
     # ---- the probe ------------------------------------------------------------------------------------------
 
     def _alpha_attach(self) -> None:
         """Build the probe on the model and the optimizer the Trainer holds now, and route the step through it."""
         self._alpha_detach()
         self.probe = AlphaProbe(self.model, self._alpha_objective, self.optimizer, **self._alpha_options)
+        self._alpha_logged = 0
         self._alpha_route = StepRoute(self.optimizer, self._alpha_take)
 
     def _alpha_take(self, closure: Callable[[], Any] | None) -> None:

@@ -41,7 +41,7 @@ from .._function import LossFn, Objective
 from ..curvature import Backend
 from ..probe import AlphaProbe
 from ..records import Record, to_frame
-from . import StepRoute, micro_batches, probe_keywords
+from . import StepRoute, logged, micro_batches, probe_keywords
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -104,6 +104,8 @@ class AlphaCallback(pl.Callback):
         self._batches: list[Any] = []
         self._hand_over = False
         self._trainer: pl.Trainer | None = None
+        self._logged = 0  # the probe's records already logged
+        self._resume: Mapping[str, Any] | None = None  # the probe's state from a checkpoint, for the next fit
 
     @property
     def records(self) -> list[Record]:
@@ -133,13 +135,38 @@ class AlphaCallback(pl.Callback):
                              "the optimizer calls its closure once.")
         model = pl_module if self.module is None else pl_module.get_submodule(self.module)
         self.probe = AlphaProbe(model, self.loss, optimizer, **self._keywords)
-        self._trainer, self._batches = trainer, []
+        if self._resume is not None:  # resumed from a checkpoint: go on counting steps, keep the records
+            self.probe.load_state_dict(self._resume)
+            self._resume = None
+        self._trainer, self._batches, self._logged = trainer, [], len(self.probe.records)
         self._route = StepRoute(optimizer, self._take)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         """Keep the batch (after its transfer to the device) that ``training_step`` gets."""
         self._batches.append(batch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Send a new record's α*, α*/lr, curvature and flag (``alpha/`` keys) to the trainer's loggers, at its step.
+
+        Straight to the loggers: values logged through ``pl_module.log`` are written again at every later step
+        until the next log, as if the steps between had been probed.
+        """
+        if self.probe is None:
+            return
+        for rec in self.probe.records[self._logged:]:
+            for logger in trainer.loggers:
+                logger.log_metrics(logged([rec], "alpha/"), step=rec.step)
+        self._logged = len(self.probe.records)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The probe's step count and records, saved in Lightning's checkpoints."""
+        return self.probe.state_dict() if self.probe is not None else dict(self._resume or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's probe state: the next ``fit`` goes on from it."""
+        self._resume = state_dict or None
 
     def on_before_zero_grad(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                             optimizer: torch.optim.Optimizer) -> None:

@@ -9,6 +9,7 @@ the listeners. What the probe promises is in :mod:`alphalib.probe`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -232,8 +233,8 @@ class AlphaProbe:
             current = [p.detach() for p in params]
             delta = _ops.rsub_(theta, current) if plan.sweep else _ops.sub(current, theta)  # the sweep needs no θ_t
             theta = None if plan.sweep else theta
-            norms = _ops.norms(delta)
-        blurred = unresolved(current, norms)
+            steps = _ops.norms(delta).tolist()  # (one synchronisation for both uses)
+        blurred = unresolved(current, steps)
         if blurred:  # the fast path, or float32 arithmetic, would lose the step to rounding: generic, in float64
             plan.generic(blurred)
         res, grad, error = self._measured(plan, fn, params, batches, verdict, current, delta, theta, bool(blurred))
@@ -248,7 +249,7 @@ class AlphaProbe:
         rec = make_record(
             step=t, epoch=epoch, loss=res.loss, lr=lr, step_size=size, step_slope=res.slope,
             step_curvature=res.curvature, grad_norm=res.grad_norm,
-            step_norm=torch.linalg.vector_norm(norms).item(), backend=self.curvature, path=path, error=error,
+            step_norm=math.hypot(*steps), backend=self.curvature, path=path, error=error,
             mismatch=mismatch, fallback="; ".join(plan.reasons), scopes=scopes, sharpness=sharp,
         )
         self.records.append(rec)
@@ -405,6 +406,22 @@ class AlphaProbe:
     def to_frame(self) -> pd.DataFrame:
         """Return the records as a DataFrame, one row per probed step, with the probe's ``tags`` as columns."""
         return to_frame(self.records, self.frame_tags)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return what resuming needs, in plain Python values: the step count and the records so far.
+
+        Save it with the model's and the optimizer's (``torch.save``); a new probe on the resumed run continues
+        from it by :meth:`load_state_dict`.
+        """
+        return {"steps": self.steps, "records": [dataclasses.asdict(r) for r in self.records]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: the step count (``every`` keeps its phase) and the earlier records."""
+        steps, records = state["steps"], [Record(**r) for r in state["records"]]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state['steps'] must be a step count, got {steps!r}.")
+        self.records[:], self.steps = records, steps
+        self._arm(steps)
 
 
 def _signature(value: object) -> object:
