@@ -102,7 +102,7 @@ class Trials:
         return {k: min(s for p, s in self.times[1:] if p == k) for k in ("fast", "generic")}
 
 
-def unresolved(current: list[Tensor], steps: Tensor) -> str | None:
+def unresolved(current: list[Tensor], steps: list[float]) -> str | None:
     r"""Say why the step (``steps``: the norm of Δ per tensor) is too small for the fast path at the parameters'
     precision, or ``None``.
 
@@ -115,8 +115,8 @@ def unresolved(current: list[Tensor], steps: Tensor) -> str | None:
     if dtype == torch.float64:
         return None
     eps = torch.finfo(dtype).eps
-    sizes, moved = _ops.norms(current), steps > 0
-    if bool((eps * sizes[moved] > 1e-3 * steps[moved]).any()):
+    sizes = _ops.norms(current).tolist()
+    if any(step > 0 and eps * size > 1e-3 * step for size, step in zip(sizes, steps)):
         return (f"the step is below {str(dtype).removeprefix('torch.')} resolution of the parameters for the fast "
                 "path (|delta| < 1e3 u |theta| in some tensor): measured on the generic path in float64")
     return None
