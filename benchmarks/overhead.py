@@ -4,9 +4,11 @@ r"""What does probing cost? Time and peak memory of a probed training step relat
                                   [--repeats R] [--steps K] [--threads 2] [--device cpu|cuda]
 
 A *step* is ``zero_grad`` + forward + loss + backward + either ``optimizer.step()`` (plain) or
-``probe.step(batch)`` (probed). Every configuration (curvature backend × path, an ``every=4`` row, and
-Cockpit's ``Alpha`` when installed) gets its own copy of the model and optimizer, built from the same seed,
-so all of them follow the same trajectory (the probe never changes training) and share one process.
+``probe.step(batch)`` (probed). Every configuration (curvature backend × path, an ``every=4`` row, a row
+whose timed steps are all left unprobed, the two hand-written Hessian-vector products a PyTorch user writes
+instead of the probe, and Cockpit's ``Alpha`` when installed) gets its own copy of the model and optimizer,
+built from the same seed, and trains on the same sequence of ``POOL`` batches, so all of them follow the same
+trajectory (the probe never changes training) and share one process.
 
 **Time.** Every configuration is warmed up, then timed as blocks of K consecutive steps. Each of the R
 repeats runs the blocks interleaved with plain blocks, ``plain, c1, plain, c2, ..., plain, cN, plain``,
@@ -43,7 +45,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
+import itertools
 import math
 import os
 import platform
@@ -57,6 +61,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import alphalib
@@ -71,7 +76,13 @@ EXTERNAL = ("resnet18", "vit", "gpt2", "nanogpt", "encoder", "lstm", "gru")
 OPTIMIZERS = ("adam", "adam_fused")  # torch.optim.Adam(lr=1e-3), and the same with fused=True
 CURVATURES = ("hessian", "ggn", "fd", "fd_onesided", "secant")  # combinations the library lacks become "n/a"
 PATHS = ("fast", "generic")  # passed as AlphaProbe(..., path=p); "default" = the keyword is not passed
-SAMPLED = ("hessian", "default", 4)  # one (curvature, path, every) row: sampling should cost about 1/every
+#: what a PyTorch user writes instead of the probe: after optimizer.step(), d = Δ/lr, and the slope and curvature
+#: by one Hessian-vector product on a fresh forward at θ_t, as a double backward or as forward-over-reverse
+HAND_WRITTEN = ("double_backward", "jvp_grad")
+#: (curvature, path, every) rows: sampling should cost about 1/every; with every=UNPROBED no timed step is probed
+#: (only the first, in the warm-up), so the row is what the probe costs the steps it leaves alone
+UNPROBED = 10**9
+SAMPLED = (("hessian", "default", 4), ("hessian", "default", UNPROBED))
 LR = 1e-3
 SEED = 0
 THREADS = 2
@@ -79,6 +90,9 @@ REPEATS = 11  # R: paired, interleaved repeats per configuration (odd: the media
 BLOCK_SECONDS = 0.1  # with --steps unset, K is chosen so that a block of plain steps takes about this long
 MAX_STEPS = 400  # ... but at most this many steps per block (the seed problem's step is ~0.3 ms)
 WARMUP = 8  # steps per configuration before anything is timed
+#: batches each configuration cycles through, each drawn afresh: a model trained on one batch soon fits it, and
+#: a fitted float32 batch is measured in float64 (a regime no real run stays in)
+POOL = 64
 QUICK = dict(repeats=3, steps=4, warmup=2)
 OUT = "benchmarks/results"
 # ----------------------------------------------------------------------------------------------------------
@@ -89,7 +103,11 @@ class Workload:
     name: str
     make_model: Callable[[], nn.Module]
     loss_fn: Callable[[Tensor, Tensor], Tensor]
-    batch: tuple[Tensor, Tensor]
+    batches: list[tuple[Tensor, ...]]  #: POOL batches, trained on in turn (one batch alone is soon fitted)
+
+    @property
+    def batch(self) -> tuple[Tensor, ...]:
+        return self.batches[0]
 
 
 @dataclass
@@ -110,10 +128,10 @@ class Config:
 
     @property
     def label(self) -> str:
-        if self.backend in ("plain", "cockpit"):
+        if self.backend in ("plain", "cockpit", *HAND_WRITTEN):
             return self.backend
         return self.backend + ("" if self.path == "default" else f" · {self.path}") + (
-            f" · every={self.every}" if self.every > 1 else ""
+            "" if self.every == 1 else " · unprobed steps" if self.every == UNPROBED else f" · every={self.every}"
         )
 
     @property
@@ -158,47 +176,58 @@ class _CharRNN(nn.Module):
 
 
 def make_workload(name: str, device: torch.device) -> Workload:
-    g = torch.Generator().manual_seed(SEED)
     if name == "seed":  # SimpleNet 10→5→1, batch 32, MSE
-        batch = torch.randn(32, 10, generator=g), torch.randn(32, 1, generator=g)
+        draw = functools.partial(_draw, x=(32, 10), y=(32, 1))
         make, loss = alphalib.SimpleNet, nn.MSELoss()
     elif name == "mlp":  # 784-512-512-10 ReLU, batch 128, cross-entropy
-        batch = torch.randn(128, 784, generator=g), torch.randint(10, (128,), generator=g)
+        draw = functools.partial(_draw, x=(128, 784), classes=10)
         make, loss = (lambda: mlp([784, 512, 512, 10], "relu")), nn.CrossEntropyLoss()
     elif name == "gelu_mlp":  # 256-512-512-10 GELU, batch 256, cross-entropy: smooth activations' own terms
-        batch = torch.randn(256, 256, generator=g), torch.randint(10, (256,), generator=g)
+        draw = functools.partial(_draw, x=(256, 256), classes=10)
         make, loss = (lambda: mlp([256, 512, 512, 10], "gelu")), nn.CrossEntropyLoss()
     elif name == "cnn":  # SmallCNN on 3x32x32, batch 64, 10 classes
-        batch = torch.randn(64, 3, 32, 32, generator=g), torch.randint(10, (64,), generator=g)
+        draw = functools.partial(_draw, x=(64, 3, 32, 32), classes=10)
         make, loss = (lambda: SmallCNN(in_channels=3, n_classes=10, input_size=32)), nn.CrossEntropyLoss()
     elif name == "transformer":  # 2 layers, d_model 128, 4 heads, sequence 64, batch 16, vocabulary 96
-        tokens = torch.randint(96, (16, 65), generator=g)
-        batch = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        draw = functools.partial(_next_tokens, shape=(16, 64))
         make = lambda: CharTransformer(vocab_size=96, d_model=128, n_heads=4, n_layers=2, block=64)  # noqa: E731
         loss = sequence_cross_entropy
     elif name == "resnet":  # torchvision-style ResNet-8 (widths 16, 32, 64) on 3x32x32, batch 16: recorded-ops path
-        batch = torch.randn(16, 3, 32, 32, generator=g), torch.randint(10, (16,), generator=g)
+        draw = functools.partial(_draw, x=(16, 3, 32, 32), classes=10)
         make, loss = ResNet, nn.CrossEntropyLoss()
     elif name == "encoder":  # nn.TransformerEncoder, 2 layers, d 64, 4 heads, sequence 32, batch 16: recorded ops
-        batch = torch.randint(50, (16, 32), generator=g), torch.randint(10, (16,), generator=g)
+        draw = functools.partial(_draw, x=(16, 32), vocab=50, classes=10)
         make, loss = (lambda: EncoderClassifier(50)), nn.CrossEntropyLoss()
     elif name == "resnet18":  # torchvision's resnet18 (alphalib.external's rebuild), 3x32x32, batch 16
-        batch = torch.randn(16, 3, 32, 32, generator=g), torch.randint(10, (16,), generator=g)
+        draw = functools.partial(_draw, x=(16, 3, 32, 32), classes=10)
         make, loss = (lambda: external.ResNet18(10)), nn.CrossEntropyLoss()
     elif name == "vit":  # timm's vit_tiny_patch16_224 shape (width 192, depth 12, 3 heads) at 32 px in 4 px patches
-        batch = torch.randn(16, 3, 32, 32, generator=g), torch.randint(10, (16,), generator=g)
+        draw = functools.partial(_draw, x=(16, 3, 32, 32), classes=10)
         make, loss = (lambda: external.vit_tiny(32, 4, 10)), nn.CrossEntropyLoss()
     elif name in ("gpt2", "nanogpt"):  # 2 layers, d 64, 4 heads, sequence 32, batch 16, vocabulary 96
-        tokens = torch.randint(96, (16, 33), generator=g)
-        batch = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        draw = functools.partial(_next_tokens, shape=(16, 32))
         make, loss = (_gpt2 if name == "gpt2" else _nanogpt), sequence_cross_entropy
     elif name in ("lstm", "gru"):  # embedding 64 -> one recurrent layer, hidden 128 -> head, sequence 32, batch 16
-        tokens = torch.randint(96, (16, 33), generator=g)
-        batch = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        draw = functools.partial(_next_tokens, shape=(16, 32))
         make, loss = (lambda: _CharRNN(nn.LSTM if name == "lstm" else nn.GRU)), sequence_cross_entropy
     else:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS + EXTERNAL)}.")
-    return Workload(name, make, loss, (batch[0].to(device), batch[1].to(device)))
+    g = torch.Generator().manual_seed(SEED)
+    batches = [tuple(t.to(device) for t in draw(g)) for _ in range(POOL)]
+    return Workload(name, make, loss, batches)
+
+
+def _draw(g: torch.Generator, x: tuple[int, ...], *, vocab: int = 0, classes: int = 0,
+          y: tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
+    """Gaussian inputs (token ids below ``vocab``) and class targets (Gaussian of shape ``y``)."""
+    inputs = torch.randint(vocab, x, generator=g) if vocab else torch.randn(x, generator=g)
+    return inputs, torch.randint(classes, x[:1], generator=g) if classes else torch.randn(y, generator=g)
+
+
+def _next_tokens(g: torch.Generator, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Random token ids from a vocabulary of 96 and the same shifted by one: inputs and next-token targets."""
+    tokens = torch.randint(96, (shape[0], shape[1] + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
 def make_optimizer(model: nn.Module, variant: str) -> torch.optim.Optimizer:
@@ -217,11 +246,13 @@ def make_config(w: Workload, variant: str, backend: str, path: str = "-", every:
     model = w.make_model().to(device)
     optimizer = make_optimizer(model, variant)
     cfg = Config(backend, path, every, model, optimizer)
-    x, y = w.batch
+    batches = itertools.cycle(w.batches)  # every configuration sees the same sequence of batches
     if backend == "plain":
-        finish: Callable[[], object] = optimizer.step
+        finish: Callable[[tuple[Tensor, ...]], object] = lambda _: optimizer.step()  # noqa: E731
     elif backend == "cockpit":
         return cockpit_config(cfg, w)
+    elif backend in HAND_WRITTEN:
+        finish = hand_written(model, w.loss_fn, optimizer, backend)
     else:
         kwargs = {"curvature": backend, "every": every} | ({} if path == "default" else {"path": path})
         try:
@@ -229,15 +260,49 @@ def make_config(w: Workload, variant: str, backend: str, path: str = "-", every:
         except (TypeError, ValueError) as exc:
             cfg.note = why(exc)
             return cfg
-        finish = lambda: probe.step((x, y))  # noqa: E731
+        finish = probe.step
 
     def step() -> object:
+        x, y = batch = next(batches)
         optimizer.zero_grad()
         w.loss_fn(model(x), y).backward()
-        return finish()
+        return finish(batch)
 
     cfg.step = step
+    if backend in HAND_WRITTEN:
+        try:
+            step()  # fail here, not in the timing loop (jvp has no rule for some kernels)
+        except Exception as exc:  # a hand-written peer that cannot run this model is n/a, never the run
+            cfg.note, cfg.step = why(exc), None
     return cfg
+
+
+def hand_written(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], optimizer: torch.optim.Optimizer,
+                 mode: str) -> Callable[[tuple[Tensor, ...]], float]:
+    """The finish of a training step as a user writes it by hand: step, then α* by one Hessian-vector product."""
+    names, params = zip(*((n, p) for n, p in model.named_parameters() if p.requires_grad))
+
+    def loss_at(theta: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(torch.func.functional_call(model, dict(zip(names, theta)), (x,)), y)
+
+    def finish(batch: tuple[Tensor, ...]) -> float:
+        lr = optimizer.param_groups[0]["lr"]
+        before = tuple(p.detach().clone() for p in params)
+        optimizer.step()
+        d = tuple((p.detach() - b) / lr for p, b in zip(params, before))
+        with sdpa_kernel(SDPBackend.MATH):  # CPU's fused attention kernels have no second derivatives
+            if mode == "double_backward":
+                theta = tuple(b.requires_grad_() for b in before)
+                g = torch.autograd.grad(loss_at(theta, *batch), theta, create_graph=True)
+                slope = sum((gi * di).sum() for gi, di in zip(g, d))
+                hd = torch.autograd.grad(slope, theta)
+            else:
+                g, hd = torch.func.jvp(torch.func.grad(lambda t: loss_at(t, *batch)), (before,), (d,))
+                slope = sum((gi * di).sum() for gi, di in zip(g, d))
+        curvature = sum((hi * di).sum() for hi, di in zip(hd, d))
+        return (-slope / curvature).item()
+
+    return finish
 
 
 def cockpit_config(cfg: Config, w: Workload) -> Config:
@@ -250,12 +315,13 @@ def cockpit_config(cfg: Config, w: Workload) -> Config:
 
         if not isinstance(w.loss_fn, (nn.MSELoss, nn.CrossEntropyLoss)):
             raise ValueError("Cockpit needs a BackPACK-extendable loss module (MSELoss or CrossEntropyLoss)")
-        model, optimizer, (x, y) = extend(cfg.model), cfg.optimizer, w.batch
+        model, optimizer, batches = extend(cfg.model), cfg.optimizer, itertools.cycle(w.batches)
         loss_fn, individual = extend(type(w.loss_fn)(reduction="mean")), type(w.loss_fn)(reduction="none")
         cockpit = Cockpit(model.parameters(), quantities=[quantities.Alpha(lambda t: t >= 0)])  # every step
         counter = [0]
 
         def step() -> object:
+            x, y = next(batches)
             optimizer.zero_grad()
             out = model(x)
             loss, losses = loss_fn(out, y), individual(out, y).detach()
@@ -295,20 +361,21 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 def step_rise_bytes(cfg: Config, device: torch.device) -> int:
-    """The largest rise of allocated memory above its level at the start of ``cfg.every`` steps."""
+    """The largest rise of allocated memory above its level at the start of ``cfg.every`` steps (one unprobed)."""
     assert cfg.step is not None
+    window = 1 if cfg.every == UNPROBED else cfg.every
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(cfg.every):
+        for _ in range(window):
             cfg.step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         cfg.step()  # lets the profiler see the allocations that the measured step frees
         with record_function("measured"):
-            for _ in range(cfg.every):
+            for _ in range(window):
                 cfg.step()
     events = list(prof.profiler.kineto_results.events())
     mark = next(e for e in events if e.name() == "measured")
@@ -361,7 +428,8 @@ def benchmark(w: Workload, variant: str, args: argparse.Namespace, have_cockpit:
     """Time and measure every configuration of one workload and optimizer variant; one row per config."""
     device = torch.device(args.device)
     specs = [("plain", "-", 1)] + [(c, p, 1) for c in args.curvatures for p in PATHS]
-    specs += [SAMPLED] if SAMPLED[0] in args.curvatures and not args.no_sampled else []
+    specs += [s for s in SAMPLED if s[0] in args.curvatures and not args.no_sampled]
+    specs += [] if args.no_hand else [(h, "-", 1) for h in HAND_WRITTEN]
     specs += [("cockpit", "-", 1)] if have_cockpit else []
     configs = [make_config(w, variant, *spec, device=device) for spec in specs]
     live = [c for c in configs if c.step is not None]
@@ -433,7 +501,7 @@ def display(df: pd.DataFrame) -> pd.DataFrame:
         "optimizer": df["optimizer"],
         "backend": df["backend"],
         "path (asked → ran)": [f"{a} → {b}" if b != "-" else a for a, b in zip(df["path"], df["path_ran"])],
-        "every": df["every"],
+        "every": ["unprobed" if e == UNPROBED else e for e in df["every"]],
         "ms/step": [f"{v:.2f}" if pd.notna(v) else "" for v in df.get("ms_per_step", np.nan)],
         "time overhead [IQR]": df.apply(fmt_ratio, axis=1),
         "peak memory": [f"{v:.2f}×" if pd.notna(v) else "" for v in df.get("mem_ratio", np.nan)],
@@ -474,7 +542,9 @@ def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
     raw = probed.explode("_ratios").astype({"_ratios": float})
     hue_order = [lab for lab in labels if lab in set(probed["config"])]
     pairs = iter(sns.color_palette("Paired", 12))  # light = fast, dark = generic, one hue per backend
-    colors = {lab: ("0.55" if "every" in lab else "0.15" if lab == "cockpit" else next(pairs)) for lab in labels[1:]}
+    fixed = {"cockpit": "0.15", "double_backward": "#8c564b", "jvp_grad": "#e377c2"}
+    colors = {lab: fixed.get(lab) or ("0.55" if "every" in lab or "unprobed" in lab else next(pairs))
+              for lab in labels[1:]}
     workloads = list(dict.fromkeys(df["workload"]))
     variants = list(dict.fromkeys(df["optimizer"]))
     sns.set_theme(style="whitegrid", context="notebook")
@@ -517,8 +587,9 @@ def main() -> None:
     parser.add_argument("--out", default=OUT, help="folder for overhead.csv, overhead.md, overhead.png")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     parser.add_argument("--curvatures", default=",".join(CURVATURES), help="comma-separated subset of backends")
-    parser.add_argument("--no-sampled", action="store_true", help="leave out the every=4 row")
+    parser.add_argument("--no-sampled", action="store_true", help="leave out the every=4 and unprobed rows")
     parser.add_argument("--no-peer", action="store_true", help="leave out Cockpit")
+    parser.add_argument("--no-hand", action="store_true", help="leave out the hand-written HVPs")
     parser.add_argument("--repeats", type=int, default=None, help=f"R (default {REPEATS})")
     parser.add_argument("--steps", type=int, default=None, help=f"K (default: a ~{BLOCK_SECONDS}s plain block)")
     parser.add_argument("--warmup", type=int, default=None, help=f"warm-up steps per config (default {WARMUP})")
