@@ -287,6 +287,10 @@ def _product(sw: OpSweep, op: Op, vals: Sequence, tans: list, first: int,
     return mm(ta, b).add_(mm(a, tb))
 
 
+#: products whose parameter factor may be a vector (the others multiply matrices)
+VECTOR_PRODUCTS = (aten.mv, aten.dot, aten.vdot)
+
+
 @rule(aten.mm, aten.bmm, aten.mv, aten.dot, aten.vdot, curved=True)
 def _mm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
     return _product(sw, op, vals, tans, 0, op.func)

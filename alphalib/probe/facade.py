@@ -234,10 +234,10 @@ class AlphaProbe:
             delta = _ops.rsub_(theta, current) if plan.sweep else _ops.sub(current, theta)  # the sweep needs no θ_t
             theta = None if plan.sweep else theta
             steps = _ops.norms(delta).tolist()  # (one synchronisation for both uses)
-        blurred = unresolved(current, steps)
-        if blurred:  # the fast path, or float32 arithmetic, would lose the step to rounding: generic, in float64
+        blurred = unresolved(current, steps, self._capture) if plan.sweep else None
+        if blurred:  # the sweep would lose the step to rounding: generic
             plan.generic(blurred)
-        res, grad, error = self._measured(plan, fn, params, batches, verdict, current, delta, theta, bool(blurred))
+        res, grad, error = self._measured(plan, fn, params, batches, verdict, current, delta, theta)
         path, mismatch = plan.path, bool(verdict.mismatch)
         if self._ranks is not None:  # DDP: the global batch's numbers; the same two all-reduces on every rank
             res, path, error, mismatch = self._ranks.reduce(res, grad, params, batches, error=error, mismatch=mismatch,
@@ -282,14 +282,14 @@ class AlphaProbe:
 
     def _measured(
         self, plan: Route, fn: BatchLoss, params: list[Tensor], batches: list[object], verdict: Verdict,
-        current: list[Tensor], delta: list[Tensor], theta: list[Tensor] | None, blurred: bool,
+        current: list[Tensor], delta: list[Tensor], theta: list[Tensor] | None,
     ) -> tuple[Directional, list[Tensor] | None, bool]:
         """Measure the step on the path ``plan`` chose (``plan.path`` then says which gave it); return the result,
         under DDP this rank's gradient at θ_t, and whether it failed (``plan.reasons`` says why). Never raises: the
         optimizer has stepped."""
         attempted, error, grad = plan.sweep, False, None
         theta_t = (lambda: _ops.sub(current, delta)) if theta is None else (lambda: theta)  # the sweep consumed θ_t
-        precise = blurred or self.curvature in WIDENED
+        precise = self.curvature in WIDENED
         try:
             with torch.autocast(params[0].device.type, enabled=False):
                 if plan.sweep:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .. import _ops, _trained
 from ..curvature import Directional
 from ..fast import Capture, OpCapture
+from ..fast.ops import VECTOR_PRODUCTS
 from .evidence import Verdict
 
 #: the backends that difference gradients: below float64 they are evaluated in float64 (in float32 their step
@@ -102,23 +103,31 @@ class Trials:
         return {k: min(s for p, s in self.times[1:] if p == k) for k in ("fast", "generic")}
 
 
-def unresolved(current: list[Tensor], steps: list[float]) -> str | None:
-    r"""Say why the step (``steps``: the norm of Δ per tensor) is too small for the fast path at the parameters'
+def unresolved(current: list[Tensor], steps: list[float], capture: Capture | OpCapture | None) -> str | None:
+    r"""Say why the step (``steps``: the norm of Δ per tensor) is too small for the sweep at the parameters'
     precision, or ``None``.
 
-    The fast path forms second-order terms from products at :math:`\theta_{t+1}` and :math:`\theta_t`; their
-    difference loses about :math:`u\,\|\theta\|/\|\Delta\|` of the curvature (unit roundoff :math:`u`; measured: 0.15
-    times it on an MLP). Below float64 it must stay under 1e-3 for every parameter tensor the step moved, which keeps
-    the fast path within the 1e-3 it states for float32 (a ResNet at Adam's lr 1e-3: 1.2e-4; lr 1e-5: 4e-3-8e-3).
+    The sweep recovers the second-order term of a product with a weight from products at :math:`\theta_{t+1}` and
+    :math:`\theta_t` (:mod:`alphalib.fast.layers`); their difference loses about :math:`u\,\|W\|/\|\Delta_W\|` of
+    it (unit roundoff :math:`u`; measured: 0.15 times it on an MLP). Below float64 that must stay under 1e-3 for
+    every weight the step moved, which keeps the sweep within the 1e-3 it states for float32 (a ResNet at Adam's lr
+    1e-3: 1.2e-4; lr 1e-5: 4e-3-8e-3). Only factors of products are concerned: a parameter that enters elementwise
+    (a bias, a normalization's scale) enters through its step alone, which is exact (the difference of two floats
+    within a factor two). Matrices and kernels are checked, and vectors where the recorded operations multiply one
+    (:data:`alphalib.fast.ops.VECTOR_PRODUCTS`). The generic path has no such difference: it measures at
+    :math:`\theta_t` in the parameters' precision.
     """
     dtype = current[0].dtype
     if dtype == torch.float64:
         return None
     eps = torch.finfo(dtype).eps
+    vectors = isinstance(capture, OpCapture) and any(
+        op.other is not None and op.func.overloadpacket in VECTOR_PRODUCTS for op in capture.ops)
     sizes = _ops.norms(current).tolist()
-    if any(step > 0 and eps * size > 1e-3 * step for size, step in zip(sizes, steps)):
-        return (f"the step is below {str(dtype).removeprefix('torch.')} resolution of the parameters for the fast "
-                "path (|delta| < 1e3 u |theta| in some tensor): measured on the generic path in float64")
+    if any(step > 0 and (vectors or p.dim() > 1) and eps * size > 1e-3 * step
+           for p, size, step in zip(current, sizes, steps)):
+        return (f"the step is below {str(dtype).removeprefix('torch.')} resolution of a weight for the fast path "
+                "(|delta| < 1e3 u |W|): measured on the generic path")
     return None
 
 
