@@ -8,7 +8,8 @@ Given the evidence's :class:`~alphalib.probe.evidence.Verdict`, :func:`route` ch
 * the **generic** path: the loss evaluated afresh at :math:`\theta_t` under the training forward's state.
 
 Every reason a faster path was not taken goes into the record's ``fallback``. After the step, the precision
-rules (:func:`unresolved`, :func:`faint`, :func:`cancelled`) may still send it to the generic path in float64, and with
+rules may still send it to the generic path: :func:`unresolved` (a weight's step below the sweep's resolution), and
+in float64 :func:`faint` (a loss near zero) and :func:`cancelled` (a secant near rounding); and with
 ``path="auto"`` on recorded operations :class:`Trials` times the user's own training iteration on both paths for
 five probed steps and keeps the faster.
 """
