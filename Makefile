@@ -19,19 +19,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # runs last.
 FIGURES := -p figures_dir ../figures
 RECORDS := -p records_dir ../results
-PARAMS_01_adam_alpha_star := $(FIGURES) $(RECORDS) -p epochs 100 -p seeds 5
+PARAMS_01_adam_alpha_star := $(FIGURES) $(RECORDS) -p epochs 100 -p runs 5
 PARAMS_02_optimizers := $(FIGURES) $(RECORDS)
 PARAMS_03_lr_sweep := $(FIGURES) $(RECORDS)
 PARAMS_04_models_and_data := $(FIGURES) $(RECORDS)
 PARAMS_05_mini_vs_epoch := $(FIGURES)
-PARAMS_06_objective_vs_batch := $(FIGURES) -p epochs 30 -p seeds 5
+PARAMS_06_objective_vs_batch := $(FIGURES) -p epochs 30 -p runs 5
 PARAMS_07_edge_of_stability := $(FIGURES) -p steps 1500 -p sharpness_every 25
 # 08 sweeps 01 over four lrs x 3 seeds on a Dask LocalCluster (its runs land in build/sweeps/08_figures; a second
 # make figures reuses the runs done)
 PARAMS_08_sweep_summary := $(FIGURES) -y "axes: {lr: [0.0003, 0.001, 0.003, 0.01]}" -p seeds 3 \
-	-y "fixed: {seeds: 1, epochs: 20}" -p sweep_dir ../build/sweeps/08_figures
-PARAMS_09_closing_the_loop := $(FIGURES) -p epochs 8 -p seeds 3 -y "kappas: [0.1, 0.25, 0.5, 1.0]"
-PARAMS_10_lr_free := $(FIGURES) -p epochs 8 -p seeds 3
+	-y "fixed: {runs: 1, epochs: 20}" -p sweep_dir ../build/sweeps/08_figures
+PARAMS_09_closing_the_loop := $(FIGURES) -p epochs 8 -p runs 3 -y "kappas: [0.1, 0.25, 0.5, 1.0]"
+PARAMS_10_lr_free := $(FIGURES) -p epochs 8 -p runs 3
 
 figures: install $(filter-out %/00_explore.ipynb,$(NOTEBOOKS:notebooks/%=build/notebooks/%)) build/notebooks/00_explore.ipynb
 
@@ -42,12 +42,16 @@ build/notebooks/%.ipynb: notebooks/%.ipynb FORCE
 FORCE:
 
 # Unit tests and doctests (with the end-to-end test in JupyterLab, driven by headless Chromium: Debian's package,
-# installed here where it is missing and the machine allows), then every notebook under nbval. nbval runs on a
-# scratch copy of notebooks/ so that the quick runs it makes never overwrite the committed figures and records.
+# installed here where it is missing and the machine allows), then every notebook under nbval, which compares each
+# notebook's summary cell with its stored output. nbval runs on a scratch copy of notebooks/ so that the quick runs
+# it makes never overwrite the committed figures and records. Both spread their files over one process per core
+# (pytest-xdist), each with one torch thread.
+TEST_PROCESSES ?= auto
 test: install browser
-	$(BIN)/python -m pytest tests alphalib
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile tests alphalib
 	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks results build/nbval/
-	cd build/nbval && ../../$(BIN)/python -m pytest --nbval-lax notebooks
+	cd build/nbval && OMP_NUM_THREADS=1 ../../$(BIN)/python -m pytest --nbval-lax -n $(TEST_PROCESSES) --dist loadfile \
+		notebooks
 
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

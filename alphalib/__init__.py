@@ -15,7 +15,7 @@ from .models import SimpleNet
 from .scaled import AlphaScaled
 from .probe import AlphaProbe
 from .problems import PROBLEMS, Problem, problem
-from .records import FLAGS, Record, epoch_summary, seed_summary, to_frame
+from .records import FLAGS, Record, epoch_summary, key_numbers, seed_summary, to_frame
 from .records import read as read_records, write as write_records
 from .sharpness import Sharpness, hessian_trace, stability_threshold, top_eigenvalue
 from . import sweep
@@ -56,6 +56,7 @@ __all__ = [
     "to_frame",
     "epoch_summary",
     "seed_summary",
+    "key_numbers",
     "write_records",
     "read_records",
     # beyond the batch: full-data and held-out α*, line profiles

@@ -21,6 +21,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import matplotlib
 from matplotlib.figure import Figure
 
 from . import plot
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
     from .probe import AlphaProbe
 
 #: the columns a live view keeps of each record, and the ones the explorer needs
+#: Text sizes of the live view and the explorer, whose figures are drawn at 100 dpi: 10 pt is 14 px on the screen,
+#: as JupyterLab's own text at 100% zoom.
+READABLE = {"font.size": 11, "axes.titlesize": 11, "axes.labelsize": 11, "xtick.labelsize": 10, "ytick.labelsize": 10,
+            "legend.fontsize": 10, "legend.title_fontsize": 10, "figure.titlesize": 12}
+
 COLUMNS = ("step", "epoch", "lr", "alpha_star", "ratio", "flag", "loss")
 #: what the explorer lets you choose, in this order, and how its controls are labelled (``lr0``: a run's initial
 #: learning rate; records without it are told apart by ``lr``)
@@ -83,7 +89,7 @@ class LiveView:
         self.times: list[float] = []  #: the seconds each drawing took
         self.png = b""  #: the last drawing
         #: not pyplot's: the inline backend would show a pyplot figure again when the cell ends
-        self.figure = Figure(figsize=(11, 6.6), dpi=80)
+        self.figure = Figure(figsize=(9.6, 6.4), dpi=100)
         self._since, self._clock, self._start = 0, time.perf_counter, None
         self._estimate = 0.5  #: what the next drawing will take, in seconds: a guess until one has been made
         self._handle = None
@@ -114,12 +120,13 @@ class LiveView:
 
         return pd.DataFrame(self.rows, columns=list(COLUMNS))
 
+    @matplotlib.rc_context(READABLE)
     def draw(self) -> None:
         """Draw the records taken so far, and show the drawing where the view is shown."""
         start = self._clock()
         records, fig = self.frame(), self.figure
         if not fig.axes:  # made once: new axes would make their ticks anew at every drawing, the slow part
-            for box in ([0.08, 0.56, 0.645, 0.34], [0.08, 0.075, 0.39, 0.36], [0.585, 0.075, 0.39, 0.36]):
+            for box in ([0.08, 0.56, 0.6, 0.34], [0.08, 0.075, 0.39, 0.36], [0.585, 0.075, 0.39, 0.36]):
                 fig.add_axes(box)  # α* per step (its legend to the right), α*/lr per epoch, the loss
         alpha, ratio, loss = fig.axes
         for ax in fig.axes:
@@ -281,7 +288,7 @@ class Explorer:
         self._column = {d: lr if d == "lr0" else d for d in self.dimensions}
         self.controls = {d: w.Dropdown(description=DIMENSIONS[d], layout=w.Layout(width="220px"))
                          for d in self.dimensions}
-        self.figure = Figure(figsize=(12.5, 4.6), dpi=80, layout="constrained")
+        self.figure = Figure(figsize=(9.6, 4.2), dpi=100, layout="constrained")
         self.summary: pd.DataFrame | None = None  #: the per-epoch medians of the chosen run, as in the table
         self.caption = w.HTML()  #: the chosen run in words, drawn with the figure
         self.image = w.Image(format="png")
@@ -344,6 +351,7 @@ class Explorer:
         self._cascade(self.dimensions.index(next(d for d, c in self.controls.items() if c is change["owner"])) + 1)
         self.draw()
 
+    @matplotlib.rc_context(READABLE)
     def draw(self) -> None:
         """Draw the chosen run and its sweep, and fill the table."""
         run, sweep, fig = self.rows(), self.rows(every_lr=True), self.figure
@@ -355,7 +363,7 @@ class Explorer:
             chosen = ok.groupby("epoch")["alpha_star"].median().iloc[-1]
             left.scatter([ok["lr"].iloc[-1]], [chosen], s=160, facecolors="none", edgecolors="tab:red", lw=2,
                          zorder=5, label="chosen run")
-            left.legend(title="epoch", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+            left.legend(title="epoch", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         plot.ratio_per_epoch(run, ax=right)
         for ax in fig.axes:
             plot.plain_log(ax)
@@ -367,8 +375,10 @@ class Explorer:
         self.caption.value = (f"<b>{html.escape(chosen)}</b>: {len(run)} probed steps over {run['epoch'].nunique()} "
                               f"epochs, {int((run['flag'] != 'ok').sum())} left out of the α* medians")
         self.summary = _per_epoch(run)
-        table = self.summary.to_html(float_format="{:.3g}".format, classes="alphalib-epochs", border=0)
-        self.table.value = f"<style>{_TABLE_STYLE}</style><div style='max-height:260px;overflow:auto'>{table}</div>"
+        table = self.summary.reset_index().to_html(float_format="{:.3g}".format, classes="alphalib-epochs",
+                                                   border=0, index=False)  # one header row, which stays in view
+        self.table.value = (f"<style>{_TABLE_STYLE}</style><div class='alphalib-scroll' style='max-height:320px;"
+                            f"overflow-y:scroll;display:inline-block'>{table}</div>")
         self.draws += 1
 
 
@@ -416,6 +426,6 @@ def _label(value: Any) -> str:
     return str(value)
 
 
-_TABLE_STYLE = (".alphalib-epochs {border-collapse: collapse; font-size: 12px}"
+_TABLE_STYLE = (".alphalib-epochs {border-collapse: collapse; font-size: 14px}"
                 ".alphalib-epochs th, .alphalib-epochs td {padding: 2px 10px; text-align: right}"
                 ".alphalib-epochs thead th {border-bottom: 1px solid #999; position: sticky; top: 0; background: #fff}")

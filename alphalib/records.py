@@ -348,3 +348,38 @@ def seed_summary(
     import pandas as pd
 
     return pd.DataFrame(rows)
+
+
+def key_numbers(frame: pd.DataFrame, by: str | Sequence[str] = (), *, digits: int = 2) -> pd.DataFrame:
+    r"""Return a run's key numbers per ``by`` group, each rounded to ``digits`` significant digits.
+
+    What a notebook's last cell prints and nbval compares with the stored output: rounded, the table is the same on
+    machines whose floats differ in the last bits (another CPU, another thread count), and still changes when the
+    science does. Columns: ``steps`` (probed steps), ``ok`` (the share flagged ``ok``), ``alpha_over_lr``
+    (:math:`1/\operatorname{median}(\mathrm{lr}/\alpha^*)`: the median :math:`\alpha^*/s` counting every step, odd
+    ones included), ``loss_first`` and ``loss_last`` (the mean batch loss of the first and the last epoch probed).
+
+        >>> import pandas as pd
+        >>> frame = pd.DataFrame({"step": [0, 1, 2], "epoch": [0, 0, 1], "loss": [2.0, 1.0, 0.5], "flag": ["ok"] * 3,
+        ...                       "lr_over_alpha": [0.5, 0.25, 0.3]})
+        >>> key_numbers(frame).to_dict("records")
+        [{'steps': 3, 'ok': 1.0, 'alpha_over_lr': 3.3, 'loss_first': 1.5, 'loss_last': 0.5}]
+    """
+    import pandas as pd
+
+    def rounded(x: float) -> float:
+        return float(f"{x:.{digits}g}")
+
+    def numbers(rows: pd.DataFrame) -> dict[str, float]:
+        epochs = rows["epoch"] if rows["epoch"].notna().any() else pd.Series(0, index=rows.index)
+        return {"steps": len(rows), "ok": rounded((rows["flag"] == "ok").mean()),
+                "alpha_over_lr": rounded(1 / rows["lr_over_alpha"].median()),
+                "loss_first": rounded(rows["loss"][epochs == epochs.min()].mean()),
+                "loss_last": rounded(rows["loss"][epochs == epochs.max()].mean())}
+
+    keys = [by] if isinstance(by, str) else list(by)
+    if not keys:
+        return pd.DataFrame([numbers(frame)])
+    table = pd.DataFrame({key: numbers(rows) for key, rows in frame.groupby(keys, sort=False)}).T
+    table.index.names = keys
+    return table.astype({"steps": int})

@@ -11,9 +11,15 @@ what the notebook wrote there (its ``records_dir`` and ``figures_dir`` are point
 records gathered into ``records.parquet`` and ``run.json`` (parameters, status, seconds, error). A failed run is
 reported with its error and the others finish; running the same sweep again skips the runs whose ``run.json`` says
 ``ok`` for the same parameters (a folder left by other parameters is run again), so a killed sweep loses at most the
-runs in flight. The command line is the same function::
+runs in flight.
 
-    python -m alphalib sweep notebooks/01_adam_alpha_star.ipynb --grid lr=1e-3,1e-2 --seeds 3 -p seeds 1 \
+Each worker keeps one kernel for the runs of a sweep (``reuse_kernels``): before its next run the kernel is reset to
+the state of a fresh one where a notebook can see it (no names left in its namespace; matplotlib's settings and
+figures, torch's default dtype and grad mode, the global random generators as at start), so only the imports stay
+loaded (the kernel's own log stays in its first run's ``kernel.log``). A run that fails takes its kernel with it;
+the next run starts a fresh one. The command line is the same function::
+
+    python -m alphalib sweep notebooks/01_adam_alpha_star.ipynb --grid lr=1e-3,1e-2 --seeds 3 -p runs 1 \
         --out runs/lr [--scheduler tcp://host:8786]
 
 Needs the ``sweep`` extra (``dask[distributed]``, ``pyarrow``) besides papermill.
@@ -124,11 +130,66 @@ def _stderr_to(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
-def execute(notebook: str, folder: str, params: dict[str, Any], outputs: Sequence[str] = ()) -> dict[str, Any]:
+#: Run in a kept kernel before its next notebook: what a notebook could see of the one before, set as a fresh kernel
+#: has it (the global random generators seeded from the system's entropy, as at start).
+RESET = """\
+get_ipython().run_line_magic("reset", "-f")
+import os, random, matplotlib, matplotlib.pyplot, numpy, torch
+matplotlib.pyplot.close("all")
+matplotlib.rcParams.update({k: v for k, v in matplotlib.rcParamsDefault.items() if k != "backend"})
+matplotlib.use(os.environ.get("MPLBACKEND", "agg"))  # the kernel's inline backend
+matplotlib.rcParams["backend_fallback"] = matplotlib.rcParamsDefault["backend_fallback"]
+torch.set_default_dtype(torch.float32)
+torch.set_grad_enabled(True)
+random.seed(), numpy.random.seed(), torch.seed()
+get_ipython().run_line_magic("reset", "-f")
+"""
+
+#: This worker process's kept kernels: (sweep, the notebook's folder) -> a kernel manager.
+_KERNELS: dict[tuple[str, str], Any] = {}
+
+
+def _shutdown(km: Any) -> None:
+    with contextlib.suppress(Exception):
+        from jupyter_core.utils import run_sync
+
+        run_sync(km.shutdown_kernel)(now=True)
+
+
+def _kernel(sweep: str, cwd: str, kernel_name: str) -> Any:
+    """Return this worker's kernel manager for ``sweep``'s runs in ``cwd``, its kernel reset by :data:`RESET` (or
+    one without a kernel yet, which papermill starts); shut down the kernels of other sweeps."""
+    import atexit
+
+    from jupyter_client.manager import AsyncKernelManager  # what papermill's client starts its kernels with
+    from jupyter_core.utils import run_sync
+
+    for key in [k for k in _KERNELS if k[0] != sweep]:
+        _shutdown(_KERNELS.pop(key))
+    km = _KERNELS.get((sweep, cwd))
+    if km is not None and km.has_kernel and run_sync(km.is_alive)():
+        client = km.blocking_client()
+        client.start_channels()
+        try:
+            reply = client.execute_interactive(RESET, timeout=60, store_history=False, output_hook=lambda msg: None)
+            if reply["content"]["status"] == "ok":
+                return km
+        finally:
+            client.stop_channels()
+        _shutdown(_KERNELS.pop((sweep, cwd)))
+    if not _KERNELS:
+        atexit.register(lambda: [_shutdown(k) for k in _KERNELS.values()])
+    km = _KERNELS[(sweep, cwd)] = AsyncKernelManager(kernel_name=kernel_name)
+    return km
+
+
+def execute(notebook: str, folder: str, params: dict[str, Any], outputs: Sequence[str] = (),
+            kernel: str | None = None) -> dict[str, Any]:
     """Execute ``notebook`` with ``params`` into ``folder``; gather its records; write and return ``run.json``.
 
     ``outputs``: the notebook's parameters that name folders (``records_dir``, ``figures_dir``), pointed at
-    ``folder``. Never raises: a failure is returned (and written) with its error.
+    ``folder``. ``kernel``: a name shared by the runs that may reuse one kernel of this process (a sweep's), or
+    None for a fresh kernel. Never raises: a failure is returned (and written) with its error.
     """
     import pandas as pd
     import papermill
@@ -139,11 +200,15 @@ def execute(notebook: str, folder: str, params: dict[str, Any], outputs: Sequenc
     for stale in ("run.json", "records.parquet"):  # what an earlier run left here
         (out / stale).unlink(missing_ok=True)
     info: dict[str, Any] = {"run": out.name, "params": params, "status": "ok", "error": ""}
+    cwd, km = str(Path(notebook).parent), None
     try:
         with _stderr_to(out / "kernel.log"):  # the kernel's own log lines, not the caller's output
+            if kernel is not None:
+                spec = json.loads(Path(notebook).read_text()).get("metadata", {}).get("kernelspec", {})
+                km = _kernel(kernel, cwd, spec.get("name", "python3"))
             papermill.execute_notebook(notebook, str(out / Path(notebook).name), parameters={
-                **params, **{name: str(out.resolve()) for name in outputs}}, cwd=str(Path(notebook).parent),
-                progress_bar=False, log_output=False)
+                **params, **{name: str(out.resolve()) for name in outputs}}, cwd=cwd, progress_bar=False,
+                log_output=False, **({"km": km} if km is not None else {}))
         found = sorted(p for p in out.iterdir() if p.name.endswith((".csv", ".csv.gz")))
         if found:
             frame = pd.concat([read(p) for p in found], ignore_index=True)
@@ -151,6 +216,9 @@ def execute(notebook: str, folder: str, params: dict[str, Any], outputs: Sequenc
                                                   if k not in frame and not isinstance(v, (list, dict))})
             write(frame, out / "records.parquet")
     except Exception as exc:  # a failed run is reported, the others go on
+        if km is not None:  # and its kernel is not reused
+            _KERNELS.pop((kernel, cwd), None)
+            _shutdown(km)
         info.update(status="failed", error=f"{type(exc).__name__}: {exc}"[-4000:], traceback=traceback.format_exc())
     info["seconds"] = round(time.perf_counter() - start, 3)
     (out / "run.json").write_text(json.dumps(info, indent=1, default=str))
@@ -166,12 +234,14 @@ def sweep(
     parameters: Mapping[str, Any] | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
+    reuse_kernels: bool = True,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Execute ``notebook`` once per point of the ``axes`` grid (× ``seed`` in ``range(seeds)``) as Dask tasks.
 
-    ``parameters`` are passed to every run unchanged. Returns one row per run: ``run``, ``status`` (``ok``,
-    ``failed`` or ``skipped``: done by an earlier sweep), ``seconds``, ``error``. See the module for the folders.
+    ``parameters`` are passed to every run unchanged; ``reuse_kernels=False`` starts a fresh kernel for every run
+    (see the module). Returns one row per run: ``run``, ``status`` (``ok``, ``failed`` or ``skipped``: done by an
+    earlier sweep), ``seconds``, ``error``. See the module for the folders.
     """
     import pandas as pd
     import papermill
@@ -211,7 +281,8 @@ def sweep(
                                                       processes=True, dashboard_address=None)
         try:
             with Client(scheduler or cluster) as client:
-                futures = [client.submit(execute, str(notebook), str(folder.resolve()), params, outputs,
+                kernel = f"{notebook}@{time.time_ns()}" if reuse_kernels else None
+                futures = [client.submit(execute, str(notebook), str(folder.resolve()), params, outputs, kernel,
                                          key=f"alphalib-sweep-{folder.name}-{time.time_ns()}", pure=False)
                            for folder, params in todo]
                 for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):

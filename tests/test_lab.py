@@ -125,7 +125,7 @@ def test_explore_and_watch_in_jupyterlab(lab):
             page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
 
             # the live view: the last cell's figure redraws while the run trains
-            live = ".jp-NotebookPanel .jp-CodeCell:last-of-type .jp-OutputArea-output img"
+            live = ".jp-NotebookPanel .jp-CodeCell:nth-last-of-type(2) .jp-OutputArea-output img"  # before the summary
             seen, deadline = [], time.monotonic() + 5 * 60
             expect(status).to_have_attribute("data-status", "busy", timeout=MINUTE)
             while time.monotonic() < deadline:
@@ -140,7 +140,7 @@ def test_explore_and_watch_in_jupyterlab(lab):
             assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0 \
                 or "Error" not in page.locator(".jp-OutputArea-output").all_inner_texts()
             assert len(seen) >= 2, f"the live figure was drawn {len(seen)} time(s) while the run trained"
-            last = page.locator(".jp-NotebookPanel .jp-CodeCell").last
+            last = page.locator(".jp-NotebookPanel .jp-CodeCell").nth(-2)
             last.scroll_into_view_if_needed()
             last.screenshot(path=SHOTS / "live_view.png")
 
@@ -161,6 +161,21 @@ def test_explore_and_watch_in_jupyterlab(lab):
             _redrawn(page, image, after_results)
             expect(panel.locator("table.alphalib-epochs")).to_contain_text("median α*/lr")
             panel.screenshot(path=SHOTS / "explorer_changed.png")
+
+            # the table scrolls in its own box, in the notebook's text size; its last epoch can be brought into view
+            box = panel.locator(".alphalib-scroll")
+            row = panel.locator("table.alphalib-epochs tbody tr").last
+            expect(row).to_contain_text("20")  # 02_optimizers trained 20 epochs
+            assert row.evaluate("r => getComputedStyle(r.cells[0]).fontSize") == "14px"
+
+            def bottom(locator) -> float:
+                area = locator.bounding_box()
+                return area["y"] + area["height"]
+
+            assert bottom(row) > bottom(box) + 1, "the last row shows without scrolling: nothing to test"
+            row.scroll_into_view_if_needed()
+            assert box.evaluate("b => b.scrollTop") > 0 and bottom(row) <= bottom(box) + 1
+            box.screenshot(path=SHOTS / "explorer_table_scrolled.png")
             page.screenshot(path=SHOTS / "lab.png")
         finally:
             page.screenshot(path=SHOTS / "last_state.png")

@@ -283,6 +283,25 @@ def test_explorer_draws_the_chosen_run_and_its_sweep(sweep):
     assert "median α*/lr" in ex.table.value and bytes(ex.image.value).startswith(b"\x89PNG")
 
 
+def test_explorer_and_live_view_are_readable_at_100_percent_zoom(sweep, tmp_path):
+    """At JupyterLab's 100% zoom one pixel of the PNG is one pixel of the screen: every text of both figures is at
+    least 12 px high, and each figure fits an output area 1000 px wide without being scaled down."""
+    from matplotlib.text import Text
+
+    view = LiveView(show=False, budget=0.5)
+    _train(listener=view.update)
+    view.close()
+    ex = live.explore(sweep)
+    for fig in (view.figure, ex.figure):
+        width, _ = fig.get_size_inches() * fig.dpi
+        assert width <= 1000
+        fig.savefig(tmp_path / "drawn.png")  # lays out the ticks
+        texts = [t for t in fig.findobj(Text) if t.get_text() and t.get_visible()]
+        smallest = min(texts, key=Text.get_fontsize)
+        assert smallest.get_fontsize() * fig.dpi / 72 >= 12, f"{smallest.get_text()!r} is too small"
+    assert "font-size: 14px" in ex.table.value and "overflow-y:scroll" in ex.table.value
+
+
 def test_explorer_table_leaves_odd_steps_out_of_the_medians():
     """Steps with H < 0 along d have a negative α*: the table's medians, like the figure's, leave them out."""
     rows = [dict(step=s, epoch=0, lr=1e-3, alpha_star=a, ratio=a / 1e-3, flag=f, loss=1.0, optimizer="Adam")

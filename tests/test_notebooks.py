@@ -1,4 +1,5 @@
-"""The notebooks are stored as papermill and nbval expect them: no outputs, one ``parameters`` cell."""
+"""The notebooks are stored as papermill and nbval expect them: one ``parameters`` cell, no outputs but the last
+cell's, the summary nbval compares."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ def test_there_are_numbered_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_is_stored_without_outputs_and_with_one_parameters_cell(path):
+def test_notebook_is_stored_with_one_parameters_cell_and_only_its_summary_output(path):
     cells = json.loads(path.read_text())["cells"]
     code = [c for c in cells if c["cell_type"] == "code"]
-    assert all(not c["outputs"] and c["execution_count"] is None for c in code), "clear the outputs before committing"
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code[:-1]), "clear the outputs first"
+    summary = code[-1]
+    assert cells[-1] is summary and "".join(summary["source"]).startswith("# NBVAL_CHECK_OUTPUT")
+    assert "alphalib.key_numbers(" in "".join(summary["source"]), "the summary prints the run's key numbers"
+    assert [o["output_type"] for o in summary["outputs"]] == ["stream"]
+    assert summary["execution_count"] == len(code), "nbval skips a stored output without its execution count"
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1 and tagged[0] is code[0], "the first code cell, and only it, is tagged 'parameters'"
     source = "".join("".join(c["source"]) for c in code)
@@ -90,3 +96,30 @@ def test_papermill_refuses_a_misspelt_parameter_before_training(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match="unknown parameter 'epochz'.*did you mean 'epochs'"):
         papermill.execute_notebook(str(path), str(tmp_path / "out.ipynb"), parameters={"epochz": 1},
                                    cwd=str(path.parent), progress_bar=False, kernel_name="python3")
+
+
+MISMATCH = """\
+import math
+print(f"{math.pi:.2g}")
+"""
+
+
+@pytest.mark.parametrize("stored", ["3.1\n", "3.2\n"])
+def test_nbval_compares_the_summary_cell_with_its_stored_output(tmp_path, stored):
+    """Under --nbval-lax a cell marked NBVAL_CHECK_OUTPUT fails when its output differs from the stored one."""
+    import subprocess
+    import sys
+
+    nbformat = pytest.importorskip("nbformat")
+    cell = nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\n" + MISMATCH)
+    cell.outputs, cell.execution_count = [nbformat.v4.new_output("stream", name="stdout", text=stored)], 2
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), cell])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "summary.ipynb")
+    ran = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "summary.ipynb"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    if stored == "3.1\n":
+        assert ran.returncode == 0, ran.stdout
+    else:
+        assert ran.returncode == 1 and "1 failed, 1 passed" in ran.stdout, ran.stdout
+        assert "3.2" in ran.stdout and "3.1" in ran.stdout  # nbval shows the stored and the new output

@@ -121,3 +121,41 @@ def test_an_existing_cluster_is_used_unchanged_through_its_address(tiny, tmp_pat
             assert len(client.scheduler_info()["workers"]) == 1
     records = alphalib.sweep.load(tmp_path / "remote")
     assert sorted(records.run.unique()) == ["scale=1", "scale=2"]
+
+
+STATE = """\
+import json, os
+import matplotlib, matplotlib.pyplot as plt, torch
+from matplotlib import rcParamsDefault
+
+seen = {"left": sorted(k for k in ("marker", "scale_seen") if k in globals()), "dtype": str(torch.get_default_dtype()),
+        "grad": torch.is_grad_enabled(), "backend": matplotlib.get_backend(),
+        "rc": sorted(k for k, v in matplotlib.rcParams.items() if k != "backend" and v != rcParamsDefault[k]),
+        "seed 5": torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(5)).item(),
+        "figures": len(plt.get_fignums())}
+json.dump({"seen": seen, "pid": os.getpid()}, open(f"{records_dir}/state.json", "w"))
+marker, scale_seen = 1, scale  # what a careless run leaves behind for the next
+torch.set_default_dtype(torch.float64); torch.set_grad_enabled(False); torch.manual_seed(5)
+matplotlib.rcParams["lines.linewidth"] = 9.0; plt.figure()
+"""
+
+
+def test_a_kept_kernel_shows_each_run_what_a_fresh_one_shows(tmp_path):
+    """One worker runs three notebooks in one kernel (one process); each sees what a fresh kernel shows it."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("scale = 1\nrecords_dir = '.'",
+                                                                   metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell(STATE)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "state.ipynb")
+
+    def states(reuse: bool) -> list[dict]:
+        out = tmp_path / f"reuse={reuse}"
+        table = alphalib.sweep.sweep(tmp_path / "state.ipynb", {"scale": [1, 2, 3]}, out=out, workers=1,
+                                     reuse_kernels=reuse, progress=False)
+        assert (table.status == "ok").all(), table.error.tolist()
+        return [json.loads((out / f"scale={s}" / "state.json").read_text()) for s in (1, 2, 3)]
+
+    kept, fresh = states(True), states(False)
+    assert len({s["pid"] for s in kept}) == 1 and len({s["pid"] for s in fresh}) == 3
+    assert [s["seen"] for s in kept] == [s["seen"] for s in fresh] == [fresh[0]["seen"]] * 3
+    assert fresh[0]["seen"]["left"] == [] and fresh[0]["seen"]["dtype"] == "torch.float32"
