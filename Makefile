@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: install figures test browser bench lab clean FORCE
+.PHONY: install figures test lint browser bench lab clean FORCE
 
 install: $(VENV)/.installed
 
@@ -47,11 +47,16 @@ FORCE:
 # it makes never overwrite the committed figures and records. Both spread their files over one process per core
 # (pytest-xdist), each with one torch thread.
 TEST_PROCESSES ?= auto
-test: install browser
+test: install browser lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile tests alphalib
 	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks results build/nbval/
 	cd build/nbval && OMP_NUM_THREADS=1 ../../$(BIN)/python -m pytest --nbval-lax -n $(TEST_PROCESSES) --dist loadfile \
 		notebooks
+
+# The lint and format checks .pre-commit-config.yaml runs on each commit (rules in pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

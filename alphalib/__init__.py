@@ -6,24 +6,25 @@ at :math:`\\alpha^* = -d^\\top g_t / d^\\top H_t d`; :math:`\\alpha^*/\\mathrm{l
 on that minimum.
 """
 
-from .curvature import BACKENDS, AlphaResult, Backend, alpha_star, hvp
-from .data import gaussian_regression, loader
+from . import sweep
 from ._checks import ParamVector
 from ._function import Objective, objective
+from .curvature import BACKENDS, AlphaResult, Backend, alpha_star, hvp
+from .data import gaussian_regression, loader
 from .direction import direction
 from .models import SimpleNet
-from .scaled import AlphaScaled
+from .optim import OPTIMIZERS, make_optimizer, step_size
+from .parameters import check_parameters
 from .probe import AlphaProbe
 from .problems import PROBLEMS, Problem, problem
 from .records import FLAGS, Record, epoch_summary, key_numbers, seed_summary, to_frame
-from .records import read as read_records, write as write_records
+from .records import read as read_records
+from .records import write as write_records
+from .scaled import AlphaScaled
 from .sharpness import Sharpness, hessian_trace, stability_threshold, top_eigenvalue
-from . import sweep
-from .sweep import grid, runs
 from .spectrum import AlphaScope, LineProfile, alpha_over, line_profile, next_step_profiles
-from .optim import OPTIMIZERS, make_optimizer, step_size
+from .sweep import grid, runs
 from .train import History, evaluate, run, train
-from .parameters import check_parameters
 
 __version__ = "0.1.0"
 

@@ -10,8 +10,8 @@ from typing import Any
 def value(text: str) -> Any:
     """Read a command-line value as papermill's ``-p`` does: an int, a float, a bool, None, or else the string.
 
-        >>> [value(t) for t in ("3", "1e-3", "True", "None", "adam")]
-        [3, 0.001, True, None, 'adam']
+    >>> [value(t) for t in ("3", "1e-3", "True", "None", "adam")]
+    [3, 0.001, True, None, 'adam']
     """
     for kind in (int, float):
         try:
@@ -33,15 +33,31 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return its exit status (1 when a run failed)."""
     parser = argparse.ArgumentParser(prog="python -m alphalib", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    sweep = commands.add_parser("sweep", help="execute a notebook over a grid of parameters as Dask tasks",
-                                description="Execute NOTEBOOK through papermill once per combination of the grid "
-                                            "(and seed), each run a Dask task; runs already done are skipped.")
+    sweep = commands.add_parser(
+        "sweep",
+        help="execute a notebook over a grid of parameters as Dask tasks",
+        description="Execute NOTEBOOK through papermill once per combination of the grid "
+        "(and seed), each run a Dask task; runs already done are skipped.",
+    )
     sweep.add_argument("notebook", help="the parameterized notebook (its cell tagged 'parameters' declares the names)")
-    sweep.add_argument("--grid", nargs="*", type=axis, default=[], metavar="NAME=V1,V2",
-                       help="an axis of the grid: a parameter and its values")
+    sweep.add_argument(
+        "--grid",
+        nargs="*",
+        type=axis,
+        default=[],
+        metavar="NAME=V1,V2",
+        help="an axis of the grid: a parameter and its values",
+    )
     sweep.add_argument("--seeds", type=int, help="also run seed = 0 .. SEEDS-1 (the notebook's 'seed' parameter)")
-    sweep.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                       help="a parameter passed to every run, as papermill's -p")
+    sweep.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter passed to every run, as papermill's -p",
+    )
     sweep.add_argument("--out", required=True, help="the sweep's folder: one subfolder per run")
     sweep.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a LocalCluster here)")
     sweep.add_argument("--workers", type=int, help="worker processes of the LocalCluster (default: one per core)")
@@ -50,9 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     from .sweep import sweep as run_sweep
 
     try:
-        table = run_sweep(args.notebook, dict(args.grid), out=args.out, seeds=args.seeds,
-                          parameters={k: value(v) for k, v in args.parameter}, scheduler=args.scheduler,
-                          workers=args.workers)
+        table = run_sweep(
+            args.notebook,
+            dict(args.grid),
+            out=args.out,
+            seeds=args.seeds,
+            parameters={k: value(v) for k, v in args.parameter},
+            scheduler=args.scheduler,
+            workers=args.workers,
+        )
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -71,7 +71,7 @@ def _by_identity(v: ParamVector, model: nn.Module, named: dict[str, Tensor], nam
     where = {id(p): i for i, p in enumerate(named.values())}
     frozen = {id(p): n for n, p in model.named_parameters() if not p.requires_grad}
     out: list[Tensor | None] = [None] * len(named)
-    for j, (vj, p) in enumerate(zip(v, v.params)):
+    for j, (vj, p) in enumerate(zip(v, v.params, strict=True)):
         i = where.get(id(p))
         if i is not None:
             if out[i] is not None:
@@ -88,7 +88,7 @@ def _by_identity(v: ParamVector, model: nn.Module, named: dict[str, Tensor], nam
                 "or leave it out of the vector."
             )
         # else: a zero step of a frozen parameter (an optimizer holding it gets no gradient) changes nothing
-    return [torch.zeros_like(p) if vi is None else vi for vi, p in zip(out, named.values())]
+    return [torch.zeros_like(p) if vi is None else vi for vi, p in zip(out, named.values(), strict=True)]
 
 
 def _by_name(v: Mapping[str, Tensor], named: dict[str, Tensor], name: str) -> list[Tensor]:
@@ -125,11 +125,11 @@ def check_vector(v: Vector, model: nn.Module, name: str = "v") -> ParamVector:
         )
     if len(v) != len(params):
         raise ValueError(f"{name} has {len(v)} tensors but the model has {len(params)} trainable parameters.")
-    for i, (vi, (n, p)) in enumerate(zip(v, named.items())):
+    for i, (vi, (n, p)) in enumerate(zip(v, named.items(), strict=True)):
         if not isinstance(vi, Tensor) or vi.shape != p.shape:
             got = tuple(vi.shape) if isinstance(vi, Tensor) else type(vi).__name__
             raise ValueError(f"{name}[{i}] has shape {got}, expected {tuple(p.shape)} (parameter {i}, {n!r}).")
-    return ParamVector((vi.to(device=p.device, dtype=p.dtype) for vi, p in zip(v, params)), params)
+    return ParamVector((vi.to(device=p.device, dtype=p.dtype) for vi, p in zip(v, params, strict=True)), params)
 
 
 def trainable(model: torch.nn.Module, params: Iterable[Tensor] | None = None) -> list[Tensor]:

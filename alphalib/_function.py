@@ -30,7 +30,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Return :math:`\\sum_i \\langle a_i, b_i \\rangle` over two parameter-shaped tuples."""
-    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
+    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]).sum()
 
 
 def rng_state(device: torch.device) -> Tensor:
@@ -108,10 +108,18 @@ class BatchLoss:
     """
 
     def __init__(
-        self, model: nn.Module, loss: LossFn | Objective, batch: object, rng: Tensor | None = None, *,
-        batches: Sequence[object] | None = None, weights: Sequence[float] | None = None,
-        rngs: Sequence[Tensor | None] | None = None, rngs_after: Sequence[Tensor | None] | None = None,
-        buffers: Sequence[dict[str, Tensor] | None] | None = None, modes: Sequence[bool] | None = None,
+        self,
+        model: nn.Module,
+        loss: LossFn | Objective,
+        batch: object,
+        rng: Tensor | None = None,
+        *,
+        batches: Sequence[object] | None = None,
+        weights: Sequence[float] | None = None,
+        rngs: Sequence[Tensor | None] | None = None,
+        rngs_after: Sequence[Tensor | None] | None = None,
+        buffers: Sequence[dict[str, Tensor] | None] | None = None,
+        modes: Sequence[bool] | None = None,
         dtype: torch.dtype | None = None,
     ):
         self.model, self.loss = model, loss
@@ -142,17 +150,22 @@ class BatchLoss:
 
     def _state(self, params: Sequence[Tensor], i: int = 0) -> dict[str, Tensor]:
         kept = self.buffers[i]
-        state = {n: self._cast(b.clone()) for n, b in (kept.items() if kept is not None else
-                                                        self.model.named_buffers())}
+        state = {
+            n: self._cast(b.clone()) for n, b in (kept.items() if kept is not None else self.model.named_buffers())
+        }
         state.update((n, self._cast(p)) for n, p in self.frozen.items())
-        state.update(zip(self.names, map(self._cast, params)))
+        state.update(zip(self.names, map(self._cast, params), strict=True))
         return state
 
     @contextlib.contextmanager
     def _as_trained(self, i: int) -> Iterator[None]:
         """The modes, random draws and kernels of batch ``i``'s training forward; gradient-only modifiers off."""
-        with _trained.as_trained(self.model, self.modes), replay_rng(self.rngs[i], self.device), \
-                sdpa_kernel(SDPBackend.MATH), _ops.second_order():
+        with (
+            _trained.as_trained(self.model, self.modes),
+            replay_rng(self.rngs[i], self.device),
+            sdpa_kernel(SDPBackend.MATH),
+            _ops.second_order(),
+        ):
             yield
             if self.rngs_after[i] is None:
                 self.rngs_after[i] = rng_state(self.device)
@@ -168,7 +181,7 @@ class BatchLoss:
     def loss_of(self, outputs: Sequence[Tensor]) -> Tensor:
         r"""Return the weighted loss :math:`\sum_i w_i \ell(f_i, y_i)` of given outputs."""
         losses = []
-        for out, b, after in zip(outputs, self.batches, self.rngs_after):
+        for out, b, after in zip(outputs, self.batches, self.rngs_after, strict=True):
             with replay_rng(after, self.device):  # a loss_fn that draws (label noise) draws as in training
                 losses.append(check_loss(self.loss(out, self._cast(b[1]))))
         return _weighted(losses, self.weights)
@@ -193,4 +206,4 @@ class BatchLoss:
 def _weighted(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     if len(losses) == 1 and weights[0] == 1.0:
         return losses[0]
-    return sum(w * loss for w, loss in zip(weights, losses))
+    return sum(w * loss for w, loss in zip(weights, losses, strict=True))

@@ -61,8 +61,9 @@ def _verdict(name: str) -> str | None:
             detail = (str(exc).strip().splitlines() or [""])[0][:160].rstrip(":")
             _verdicts[name] = f"{call} {what} ({type(exc).__name__}: {detail}) {where}"
         else:
-            _verdicts[name] = None if err <= TOLERANCE else \
-                f"{call} disagrees with {reference} (relative error {err:.1e}) {where}"
+            _verdicts[name] = (
+                None if err <= TOLERANCE else f"{call} disagrees with {reference} (relative error {err:.1e}) {where}"
+            )
     return _verdicts[name]
 
 
@@ -93,6 +94,7 @@ def _rel(a: object, b: Tensor) -> float:
 
 
 # ---- each op: its private call `_<name>_impl` (looked up when called: a test can swap it), check and wrapper ----
+
 
 def _gelu_backward_impl(grad: Tensor, z: Tensor) -> Tensor:
     return torch.ops.aten.gelu_backward(grad, z)
@@ -151,8 +153,9 @@ def _check_layer_norm() -> float:
     return max(_rel(out, F.layer_norm(x, shape, eps=eps)), _rel(mean, ref_mean), _rel(rstd, ref_rstd))
 
 
-@_check("layer_norm_backward", "torch.ops.aten.native_layer_norm_backward", "autograd",
-        "the fast path is off for LayerNorm")
+@_check(
+    "layer_norm_backward", "torch.ops.aten.native_layer_norm_backward", "autograd", "the fast path is off for LayerNorm"
+)
 def _check_layer_norm_backward() -> float:
     x, g, shape, eps = _fixed(2, 3, 4).requires_grad_(True), _fixed(2, 3, 4, phase=30), (3, 4), 1e-5
     (ref,) = torch.autograd.grad(F.layer_norm(x, shape, eps=eps), x, g)
@@ -179,8 +182,7 @@ def _softmax_backward_impl(grad: Tensor, p: Tensor, dim: int) -> Tensor:
     return torch.ops.aten._softmax_backward_data(grad, p, dim, p.dtype)
 
 
-@_check("softmax_backward", "torch.ops.aten._softmax_backward_data", "autograd",
-        "the fast path is off for attention")
+@_check("softmax_backward", "torch.ops.aten._softmax_backward_data", "autograd", "the fast path is off for attention")
 def _check_softmax_backward() -> float:
     s, g = _fixed(2, 4, 4), _fixed(2, 4, 4, phase=40)
     causal = torch.full((4, 4), -math.inf, dtype=torch.float64).triu(1)  # masked rows, as in causal attention
@@ -203,8 +205,12 @@ def _pool_indices_impl(output: Tensor) -> object:
     return output.grad_fn._saved_result1
 
 
-@_check("pool_indices", "the max-pool grad_fn's _saved_result1", "F.max_pool2d's indices",
-        "max pooling recomputes its indices from the input")
+@_check(
+    "pool_indices",
+    "the max-pool grad_fn's _saved_result1",
+    "F.max_pool2d's indices",
+    "max pooling recomputes its indices from the input",
+)
 def _check_pool_indices() -> float:
     x = _fixed(1, 2, 4, 6).requires_grad_(True)
     out, ref = F.max_pool2d(x, 2), F.max_pool2d(x.detach(), 2, return_indices=True)[1]
@@ -255,6 +261,7 @@ def conv(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
 
 
 # ---- second derivatives torch gets wrong: evaluate the function in a form whose double backward is right ------
+
 
 def _weight_norm_composite(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     r""":math:`w = g\, v / \|v\|` (norm over all dims but ``dim``), from public ops with correct second derivatives."""
@@ -309,6 +316,7 @@ _replaced: dict[Callable, Callable] | None = None  #: what :func:`second_order` 
 # Where one of these is missing or changed, the probe loses a proof, never a value: the fallbacks below make it
 # conclude "changed", "hooked" or "not measurable here", so it measures on the generic path or flags the record.
 
+
 def _version_impl(t: Tensor) -> int:
     return t._version
 
@@ -338,23 +346,39 @@ def _hook_tables_impl(m: nn.Module | None) -> tuple[dict, dict, dict, dict]:
     if m is None:
         from torch.nn.modules import module as mod
 
-        return (mod._global_forward_hooks, mod._global_forward_pre_hooks, mod._global_backward_hooks,
-                mod._global_backward_pre_hooks)
+        return (
+            mod._global_forward_hooks,
+            mod._global_forward_pre_hooks,
+            mod._global_backward_hooks,
+            mod._global_backward_pre_hooks,
+        )
     return m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks
 
 
-@_check("hooks", "nn.Module's hook tables (_forward_hooks, ...)", "the register_*_hook functions",
-        "the probe assumes every module is hooked")
+@_check(
+    "hooks",
+    "nn.Module's hook tables (_forward_hooks, ...)",
+    "the register_*_hook functions",
+    "the probe assumes every module is hooked",
+)
 def _check_hooks() -> float:
     from torch.nn.modules import module as mod
 
     m, before = nn.Identity(), [len(d) for d in _hook_tables_impl(None)]
-    handles = [m.register_forward_hook(_noop), m.register_forward_pre_hook(_noop),
-               m.register_full_backward_hook(_noop), m.register_full_backward_pre_hook(_noop),
-               mod.register_module_forward_hook(_noop), mod.register_module_forward_pre_hook(_noop),
-               mod.register_module_full_backward_hook(_noop), mod.register_module_full_backward_pre_hook(_noop)]
+    handles = [
+        m.register_forward_hook(_noop),
+        m.register_forward_pre_hook(_noop),
+        m.register_full_backward_hook(_noop),
+        m.register_full_backward_pre_hook(_noop),
+        mod.register_module_forward_hook(_noop),
+        mod.register_module_forward_pre_hook(_noop),
+        mod.register_module_full_backward_hook(_noop),
+        mod.register_module_full_backward_pre_hook(_noop),
+    ]
     try:
-        seen = [len(d) for d in _hook_tables_impl(m)] + [len(d) - n for d, n in zip(_hook_tables_impl(None), before)]
+        seen = [len(d) for d in _hook_tables_impl(m)] + [
+            len(d) - n for d, n in zip(_hook_tables_impl(None), before, strict=True)
+        ]
     finally:
         for h in handles:
             h.remove()
@@ -394,7 +418,7 @@ def backward_hooks_off(modules: Sequence[nn.Module]) -> Iterator[None]:
             d.clear()
         yield
     finally:
-        for d, hooks in zip(tables, kept):
+        for d, hooks in zip(tables, kept, strict=True):
             d.clear()
             d.update(hooks)
 
@@ -403,8 +427,12 @@ def _slot_impl(m: nn.Module, name: str) -> object:
     return m._parameters.get(name)
 
 
-@_check("parameter_slot", "nn.Module._parameters", "functional_call's swap",
-        "every forward is taken for one on the model's own parameters")
+@_check(
+    "parameter_slot",
+    "nn.Module._parameters",
+    "functional_call's swap",
+    "every forward is taken for one on the model's own parameters",
+)
 def _check_parameter_slot() -> float:
     m = nn.utils.skip_init(nn.Linear, 2, 2, dtype=torch.float64)
     other = {"weight": _fixed(2, 2), "bias": _fixed(2)}
@@ -440,6 +468,7 @@ except ImportError:  # pragma: no cover - a torch without it: no recorded operat
 
 # foreach kernels: one call for a list of tensors (torch's optimizers use them); a plain loop where they are gone
 
+
 def _foreach(name: str) -> Callable | None:
     return getattr(torch, f"_foreach_{name}", None)
 
@@ -458,7 +487,7 @@ def norm(ts: Sequence[Tensor]) -> float:
 def sub(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
     """Return ``[x - y for x, y in zip(a, b)]``."""
     kernel = _foreach("sub")
-    return list(kernel(list(a), list(b))) if kernel else [x - y for x, y in zip(a, b)]
+    return list(kernel(list(a), list(b))) if kernel else [x - y for x, y in zip(a, b, strict=True)]
 
 
 def div(a: Sequence[Tensor], c: float) -> list[Tensor]:
@@ -474,6 +503,6 @@ def rsub_(a: list[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
         sub_(a, list(b))
         neg_(a)
     else:
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             x.sub_(y).neg_()
     return a

@@ -39,9 +39,11 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from . import _ops
 
 #: the message of the error a generic evaluation raises on a model that recomputes activations in its backward
-CHECKPOINTED = ("the model recomputes activations during the backward pass (activation checkpointing), which "
-                "would run on its own parameters, not on those the probe evaluates; this step is measured only on "
-                "the fast path (curvature='hessian' or 'ggn', path='auto')")
+CHECKPOINTED = (
+    "the model recomputes activations during the backward pass (activation checkpointing), which "
+    "would run on its own parameters, not on those the probe evaluates; this step is measured only on "
+    "the fast path (curvature='hessian' or 'ggn', path='auto')"
+)
 
 
 def _ours(hook: object) -> bool:
@@ -121,8 +123,10 @@ def gradient_modifiers(model: nn.Module) -> str | None:
             if _ops.backward_hooks(m):
                 return f"{_where(name, m)} has a backward hook, which changes the gradient but not the loss"
             if vars(m).get("scale_grad_by_freq", False):
-                return (f"{_where(name, m)} scales its gradient by token frequency (scale_grad_by_freq), not the "
-                        "loss's gradient")
+                return (
+                    f"{_where(name, m)} scales its gradient by token frequency (scale_grad_by_freq), not the "
+                    "loss's gradient"
+                )
     except _ops.Unverified as exc:
         return str(exc)
     return None
@@ -141,7 +145,7 @@ def as_trained(model: nn.Module, flags: Sequence[bool] | None = None) -> Iterato
     scaled = [m for m in mods if vars(m).get("scale_grad_by_freq", False)]
     try:
         if flags is not None:
-            for m, flag in zip(mods, flags):
+            for m, flag in zip(mods, flags, strict=True):
                 m.training = flag
         for m, _ in power_iterations(model):  # u and v held as the training forward left them
             m.training = False
@@ -150,7 +154,7 @@ def as_trained(model: nn.Module, flags: Sequence[bool] | None = None) -> Iterato
         with _ops.backward_hooks_off(mods), torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTED):
             yield
     finally:
-        for m, flag in zip(mods, kept_modes):
+        for m, flag in zip(mods, kept_modes, strict=True):
             m.training = flag
         for m in scaled:
             m.scale_grad_by_freq = True

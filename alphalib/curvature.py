@@ -16,12 +16,14 @@ The backends differ only in how they obtain :math:`d^\top H d` (the *curvature*)
     exact :math:`d^\top H d` by a Hessian-vector product (double backward). Cost: about two training steps.
 ``"ggn"``
     :math:`d^\top G d = (J d)^\top \nabla^2_f \ell\, (J d)`, the generalised Gauss-Newton matrix
-    :math:`G = J^\top \nabla^2_f \ell\, J` at the model output :math:`f` (Jacobian :math:`J = \partial f/\partial\theta`).
+    :math:`G = J^\top \nabla^2_f \ell\, J` at the model output :math:`f` (Jacobian
+    :math:`J = \partial f/\partial\theta`).
     It drops the term :math:`\sum_k \partial_{f_k}\ell\, \nabla^2_\theta f_k`, so it equals the Hessian for
     models linear in :math:`\theta` (linear least squares) and is never negative for losses convex in
     :math:`f` (MSE, cross-entropy). Cost: about two training steps.
 ``"fd"``
-    central differences of gradients, :math:`d^\top H d \approx d^\top[g(\theta+\epsilon d) - g(\theta-\epsilon d)]/(2\epsilon)`,
+    central differences of gradients,
+    :math:`d^\top H d \approx d^\top[g(\theta+\epsilon d) - g(\theta-\epsilon d)]/(2\epsilon)`,
     with :math:`\epsilon\|d\| = u^{1/3}(1+\|\theta\|)` for unit roundoff :math:`u`. Error
     :math:`O(\epsilon^2)` from third derivatives plus :math:`O(u/\epsilon)` roundoff: about 1e-10 relative in
     float64; in float32 :math:`\epsilon` is large enough for ReLU kinks to dominate (measured median relative
@@ -118,8 +120,10 @@ def _values(loss: Tensor, slope: Tensor, curvature: Tensor, g: Sequence[Tensor])
 
 def _ggn(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: Known | None = None) -> Directional:
     if not fn.has_outputs:
-        raise ValueError("the 'ggn' backend needs loss_fn(model(inputs), targets); an objective has no model "
-                         "output to split the loss at. Use curvature='hessian'.")
+        raise ValueError(
+            "the 'ggn' backend needs loss_fn(model(inputs), targets); an objective has no model "
+            "output to split the loss at. Use curvature='hessian'."
+        )
     theta = _leaves(theta)
     outs = fn.outputs(theta)
     loss = fn.loss_of(outs)
@@ -135,7 +139,7 @@ def _jvp(out: Tensor, theta: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
     r"""Return :math:`J v` by the double-vjp trick: :math:`J^\top u` is linear in u, its gradient along v is J v."""
     u = torch.zeros_like(out, requires_grad=True)
     jt_u = _grad(out, theta, grad_outputs=u, create_graph=True)
-    pairs = [(t, vi) for t, vi in zip(jt_u, v) if t.requires_grad]
+    pairs = [(t, vi) for t, vi in zip(jt_u, v, strict=True) if t.requires_grad]
     if not pairs:
         return torch.zeros_like(out)
     return _grad([t for t, _ in pairs], u, grad_outputs=[vi for _, vi in pairs])[0]
@@ -173,9 +177,9 @@ def _differences(
     eps = _fd_step(theta, v_norm, order=2 if central else 1)
     if not (math.isfinite(v_norm) and eps > 0):  # a step too large to difference along (an overflowing lr)
         return Directional(at.loss, at.slope, math.nan, at.grad_norm)
-    g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v)])
+    g_plus = _grad_at(fn, [p + eps * vi for p, vi in zip(theta, v, strict=True)])
     if central:
-        g_minus = _grad_at(fn, [p - eps * vi for p, vi in zip(theta, v)])
+        g_minus = _grad_at(fn, [p - eps * vi for p, vi in zip(theta, v, strict=True)])
         curvature = (dot(g_plus, v) - dot(g_minus, v)).item() / (2 * eps)
     else:
         curvature = (dot(g_plus, v).item() - at.slope) / eps
@@ -186,7 +190,7 @@ def _secant(fn: BatchLoss, theta: Sequence[Tensor], v: Sequence[Tensor], known: 
     at = _known(fn, theta, v, known)
     with torch.no_grad():
         end = known.endpoint if known is not None else None
-        loss_next = fn(end if end is not None else [p + vi for p, vi in zip(theta, v)])
+        loss_next = fn(end if end is not None else [p + vi for p, vi in zip(theta, v, strict=True)])
     return Directional(at.loss, at.slope, 2 * (loss_next.item() - at.loss - at.slope), at.grad_norm)
 
 

@@ -118,7 +118,10 @@ def is_main_process() -> bool:
 
 
 def all_reduce_sum(
-    values: Sequence[float], *, group: Any = None, device: torch.device | str = "cpu",
+    values: Sequence[float],
+    *,
+    group: Any = None,
+    device: torch.device | str = "cpu",
 ) -> list[float]:
     r"""Return :math:`\sum_r v_r` over the ranks of ``group``, elementwise, for a short list of floats.
 
@@ -138,7 +141,10 @@ def all_reduce_sum(
 
 
 def all_reduce_mean(
-    values: Sequence[float], *, group: Any = None, device: torch.device | str = "cpu",
+    values: Sequence[float],
+    *,
+    group: Any = None,
+    device: torch.device | str = "cpu",
 ) -> list[float]:
     r"""Return :math:`\frac1R \sum_r v_r` over the :math:`R` ranks of ``group``, elementwise, in one collective."""
     size = world_size(group)
@@ -191,8 +197,16 @@ class Ranks:
         self._warned = False
 
     def reduce(
-        self, res: Directional, grad: Sequence[Tensor] | None, params: Sequence[Tensor], batches: Sequence[object],
-        *, fast: bool, error: bool, mismatch: bool, fallback: list[str],
+        self,
+        res: Directional,
+        grad: Sequence[Tensor] | None,
+        params: Sequence[Tensor],
+        batches: Sequence[object],
+        *,
+        fast: bool,
+        error: bool,
+        mismatch: bool,
+        fallback: list[str],
     ) -> tuple[Directional, str, bool, bool]:
         r"""Return the global batch's loss, slope, curvature and gradient norm, path, error and mismatch.
 
@@ -215,8 +229,9 @@ class Ranks:
         except Exception as exc:  # the step is taken: record, never raise
             why = f"the all-reduce over the ranks failed ({type(exc).__name__}: {exc})"
             if not self._warned:
-                warnings.warn(f"AlphaProbe: {why}; such steps are recorded with flag='error'.", RuntimeWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"AlphaProbe: {why}; such steps are recorded with flag='error'.", RuntimeWarning, stacklevel=3
+                )
                 self._warned = True
             fallback.append(f"error: {why}")
             return Directional(math.nan, math.nan, math.nan, math.nan), "generic", True, mismatch
@@ -230,8 +245,10 @@ class Ranks:
         if n_mismatch and not mismatch:
             fallback.append(f"the batch handed over did not match training's on {n_mismatch} of {size} ranks")
         if all(counts) and len(set(counts)) > 1:
-            fallback.append(f"shards of unequal sizes ({_sizes(counts)}): measured is the average of the ranks' "
-                            "mean losses, the loss whose gradient DDP averaged, not the concatenated batch's mean")
+            fallback.append(
+                f"shards of unequal sizes ({_sizes(counts)}): measured is the average of the ranks' "
+                "mean losses, the loss whose gradient DDP averaged, not the concatenated batch's mean"
+            )
         path = "fast" if n_fast == size else "generic"
         return Directional(loss, slope, curvature, norm), path, n_error > 0, n_mismatch > 0
 
@@ -243,13 +260,17 @@ def for_probe(model: nn.Module, *, scopes: bool, sharpness: bool) -> Ranks | Non
         return None
     what = [name for name, asked in (("full_data/held_out", scopes), ("sharpness_every", sharpness)) if asked]
     if what:
-        raise ValueError(f"AlphaProbe on a DistributedDataParallel model measures the global batch, but "
-                         f"{' and '.join(what)} would measure only each rank's own data (not distributed yet): "
-                         "leave them out, and measure those on one rank with alphalib.alpha_over or "
-                         "alphalib.top_eigenvalue on model.module.")
+        raise ValueError(
+            f"AlphaProbe on a DistributedDataParallel model measures the global batch, but "
+            f"{' and '.join(what)} would measure only each rank's own data (not distributed yet): "
+            "leave them out, and measure those on one rank with alphalib.alpha_over or "
+            "alphalib.top_eigenvalue on model.module."
+        )
     synced = [name for name, m in model.module.named_modules() if isinstance(m, nn.SyncBatchNorm)]
     if synced:
-        raise ValueError(f"AlphaProbe cannot probe a model with SyncBatchNorm ({synced[0]!r}): its forward runs "
-                         "collectives that the probe's own passes would have to repeat in step on every rank, and it "
-                         "has no double backward. Probe a model with BatchNorm (per-rank statistics) instead.")
+        raise ValueError(
+            f"AlphaProbe cannot probe a model with SyncBatchNorm ({synced[0]!r}): its forward runs "
+            "collectives that the probe's own passes would have to repeat in step on every rank, and it "
+            "has no double backward. Probe a model with BatchNorm (per-rank statistics) instead."
+        )
     return Ranks(model)

@@ -20,8 +20,8 @@ from torch.nn import functional as F
 
 from .models import BasicBlock
 
-
 # ---- torchvision: resnet18 ---------------------------------------------------------------------------------
+
 
 class ResNet18(nn.Module):
     """torchvision's ``resnet18``: a 7×7 stride-2 stem, max pooling, four stages of two :class:`BasicBlock` s,
@@ -46,6 +46,7 @@ class ResNet18(nn.Module):
 
 
 # ---- timm: VisionTransformer -------------------------------------------------------------------------------
+
 
 class Attention(nn.Module):
     """timm's ViT attention: a fused ``qkv`` projection, reshaped, permuted and unbound into heads."""
@@ -82,8 +83,17 @@ class VisionTransformer(nn.Module):
     a convolutional patch embedding, a class token, learned position embeddings, pre-norm blocks, a final norm and
     a head on the class token."""
 
-    def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3, num_classes: int = 10,
-                 embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        img_size: int = 32,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 10,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
         n = (img_size // patch_size) ** 2
@@ -105,6 +115,7 @@ def vit_tiny(img_size: int = 32, patch_size: int = 4, num_classes: int = 10, **k
 
 # ---- nanoGPT: GPT ------------------------------------------------------------------------------------------
 # (https://github.com/karpathy/nanoGPT, model.py: the same structure, module names, initialisation and forward)
+
 
 @dataclass
 class GPTConfig:
@@ -142,8 +153,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0,
-                                           is_causal=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0, is_causal=True
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -175,11 +187,15 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout), h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=LayerNorm(cfg.n_embd, cfg.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                ln_f=LayerNorm(cfg.n_embd, cfg.bias),
+            )
+        )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
@@ -209,5 +225,3 @@ class GPT(nn.Module):
         else:  # inference: the last position only
             logits, loss = self.lm_head(x[:, [-1], :]), None
         return logits, loss
-
-

@@ -35,14 +35,28 @@ if TYPE_CHECKING:
 #: the columns a live view keeps of each record, and the ones the explorer needs
 #: Text sizes of the live view and the explorer, whose figures are drawn at 100 dpi: 10 pt is 14 px on the screen,
 #: as JupyterLab's own text at 100% zoom.
-READABLE = {"font.size": 11, "axes.titlesize": 11, "axes.labelsize": 11, "xtick.labelsize": 10, "ytick.labelsize": 10,
-            "legend.fontsize": 10, "legend.title_fontsize": 10, "figure.titlesize": 12}
+READABLE = {
+    "font.size": 11,
+    "axes.titlesize": 11,
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 10,
+    "legend.title_fontsize": 10,
+    "figure.titlesize": 12,
+}
 
 COLUMNS = ("step", "epoch", "lr", "alpha_star", "ratio", "flag", "loss")
 #: what the explorer lets you choose, in this order, and how its controls are labelled (``lr0``: a run's initial
 #: learning rate; records without it are told apart by ``lr``)
-DIMENSIONS = {"sweep": "results", "problem": "problem", "optimizer": "optimizer", "lr0": "lr", "seed": "seed",
-              "backend": "curvature"}
+DIMENSIONS = {
+    "sweep": "results",
+    "problem": "problem",
+    "optimizer": "optimizer",
+    "lr0": "lr",
+    "seed": "seed",
+    "backend": "curvature",
+}
 #: records without epochs are drawn every this many records when ``every="epoch"``
 _NO_EPOCHS = 25
 
@@ -57,8 +71,11 @@ def frontend() -> bool:
     shell = _shell()
     if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
         return False
-    return bool(os.environ.get("JPY_SESSION_NAME")) or "__vsc_ipynb_file__" in shell.user_ns \
+    return (
+        bool(os.environ.get("JPY_SESSION_NAME"))
+        or "__vsc_ipynb_file__" in shell.user_ns
         or "google.colab" in sys.modules
+    )
 
 
 def _shell() -> Any:
@@ -78,8 +95,9 @@ class LiveView:
     :func:`watch` is the usual way to make one.
     """
 
-    def __init__(self, *, every: int | Literal["epoch"] = "epoch", budget: float = 0.05, title: str = "",
-                 show: bool = True):
+    def __init__(
+        self, *, every: int | Literal["epoch"] = "epoch", budget: float = 0.05, title: str = "", show: bool = True
+    ):
         if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be 'epoch' or a positive number of records, got {every!r}.")
         if not 0 < budget < 1:
@@ -96,9 +114,14 @@ class LiveView:
         if show:
             from IPython.display import HTML, display
 
-            self._handle = display(HTML(f"<i>α* live view: the first drawing comes after about "
-                                        f"{self._estimate / budget:.0f} s of training (drawing takes at most "
-                                        f"{budget:.0%} of the time)…</i>"), display_id=True)
+            self._handle = display(
+                HTML(
+                    f"<i>α* live view: the first drawing comes after about "
+                    f"{self._estimate / budget:.0f} s of training (drawing takes at most "
+                    f"{budget:.0%} of the time)…</i>"
+                ),
+                display_id=True,
+            )
 
     def update(self, rec: Record) -> None:
         """Take one record; redraw when ``every`` says so and the budget allows."""
@@ -137,8 +160,9 @@ class LiveView:
             plot.ratio_per_epoch(records, ax=ratio)
             ratio.set_title(f"α*/lr per epoch (epoch {int(records['epoch'].max()) + 1} so far)")
         else:
-            ratio.text(0.5, 0.5, "no epochs: pass epoch= to probe.step", ha="center", va="center",
-                       transform=ratio.transAxes)
+            ratio.text(
+                0.5, 0.5, "no epochs: pass epoch= to probe.step", ha="center", va="center", transform=ratio.transAxes
+            )
         plot.loss_curve(records.fillna({"epoch": -1}), ax=loss)
         loss.set_title("mini-batch loss at θ_t")
         for ax in fig.axes:
@@ -187,8 +211,9 @@ class Watching:
             try:
                 self.view.close()
             except Exception as exc:
-                warnings.warn(f"alphalib: the live view's final drawing failed ({exc!r}).", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(
+                    f"alphalib: the live view's final drawing failed ({exc!r}).", RuntimeWarning, stacklevel=2
+                )
 
     def __repr__(self) -> str:
         if self.view is None:
@@ -202,8 +227,14 @@ class Watching:
         self.close()
 
 
-def watch(probe: AlphaProbe, *, every: int | Literal["epoch"] = "epoch", budget: float = 0.05, title: str = "",
-          show: bool | None = None) -> Watching:
+def watch(
+    probe: AlphaProbe,
+    *,
+    every: int | Literal["epoch"] = "epoch",
+    budget: float = 0.05,
+    title: str = "",
+    show: bool | None = None,
+) -> Watching:
     """Show the probe's records as a live figure below the running cell, where a notebook frontend shows it.
 
     ``show=None`` (default) asks :func:`frontend`; where nothing would be seen the probe gets no listener at all.
@@ -278,16 +309,19 @@ class Explorer:
         frame = load(records)
         missing = [c for c in (*COLUMNS, "lr") if c not in frame]
         if missing:
-            raise ValueError(f"these records lack the columns {missing}: give the probe's records "
-                             "(AlphaProbe.to_frame(), History.records) or files written from them.")
+            raise ValueError(
+                f"these records lack the columns {missing}: give the probe's records "
+                "(AlphaProbe.to_frame(), History.records) or files written from them."
+            )
         if frame.empty:
             raise ValueError("there are no records to explore.")
         self.records = frame
         lr = "lr0" if "lr0" in frame else "lr"
         self.dimensions = [d for d in DIMENSIONS if (d if d != "lr0" else lr) in frame]
         self._column = {d: lr if d == "lr0" else d for d in self.dimensions}
-        self.controls = {d: w.Dropdown(description=DIMENSIONS[d], layout=w.Layout(width="220px"))
-                         for d in self.dimensions}
+        self.controls = {
+            d: w.Dropdown(description=DIMENSIONS[d], layout=w.Layout(width="220px")) for d in self.dimensions
+        }
         self.figure = Figure(figsize=(9.6, 4.2), dpi=100, layout="constrained")
         self.summary: pd.DataFrame | None = None  #: the per-epoch medians of the chosen run, as in the table
         self.caption = w.HTML()  #: the chosen run in words, drawn with the figure
@@ -301,8 +335,14 @@ class Explorer:
         self._cascade(0, chosen)
         for control in self.controls.values():
             control.observe(self._changed, names="value")
-        self.widget = w.VBox([w.HBox(list(self.controls.values()), layout=w.Layout(flex_flow="row wrap")),
-                              self.caption, self.image, self.table])
+        self.widget = w.VBox(
+            [
+                w.HBox(list(self.controls.values()), layout=w.Layout(flex_flow="row wrap")),
+                self.caption,
+                self.image,
+                self.table,
+            ]
+        )
         self.draw()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict:
@@ -361,8 +401,16 @@ class Explorer:
         ok = run[run["flag"] == "ok"]
         if len(ok):
             chosen = ok.groupby("epoch")["alpha_star"].median().iloc[-1]
-            left.scatter([ok["lr"].iloc[-1]], [chosen], s=160, facecolors="none", edgecolors="tab:red", lw=2,
-                         zorder=5, label="chosen run")
+            left.scatter(
+                [ok["lr"].iloc[-1]],
+                [chosen],
+                s=160,
+                facecolors="none",
+                edgecolors="tab:red",
+                lw=2,
+                zorder=5,
+                label="chosen run",
+            )
             left.legend(title="epoch", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         plot.ratio_per_epoch(run, ax=right)
         for ax in fig.axes:
@@ -372,13 +420,18 @@ class Explorer:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
         self.image.value = buffer.getvalue()
-        self.caption.value = (f"<b>{html.escape(chosen)}</b>: {len(run)} probed steps over {run['epoch'].nunique()} "
-                              f"epochs, {int((run['flag'] != 'ok').sum())} left out of the α* medians")
+        self.caption.value = (
+            f"<b>{html.escape(chosen)}</b>: {len(run)} probed steps over {run['epoch'].nunique()} "
+            f"epochs, {int((run['flag'] != 'ok').sum())} left out of the α* medians"
+        )
         self.summary = _per_epoch(run)
-        table = self.summary.reset_index().to_html(float_format="{:.3g}".format, classes="alphalib-epochs",
-                                                   border=0, index=False)  # one header row, which stays in view
-        self.table.value = (f"<style>{_TABLE_STYLE}</style><div class='alphalib-scroll' style='max-height:320px;"
-                            f"overflow-y:scroll;display:inline-block'>{table}</div>")
+        table = self.summary.reset_index().to_html(
+            float_format="{:.3g}".format, classes="alphalib-epochs", border=0, index=False
+        )  # one header row, which stays in view
+        self.table.value = (
+            f"<style>{_TABLE_STYLE}</style><div class='alphalib-scroll' style='max-height:320px;"
+            f"overflow-y:scroll;display:inline-block'>{table}</div>"
+        )
         self.draws += 1
 
 
@@ -407,11 +460,21 @@ def _per_epoch(run: pd.DataFrame) -> pd.DataFrame:
     (as in the figure), how many those are, the shares of steps with H < 0 along d and going uphill, the mean loss."""
     flag = run["flag"]
     ok = run.assign(alpha_star=run["alpha_star"].where(flag == "ok"), ratio=run["ratio"].where(flag == "ok"))
-    table = ok.assign(ok=flag == "ok", negative=flag.str.contains("negative_curvature"),
-                      ascent=flag.str.contains("ascent")).groupby("epoch").agg(
-        **{"steps": ("step", "size"), "ok steps": ("ok", "sum"), "median α*": ("alpha_star", "median"),
-           "median α*/lr": ("ratio", "median"), "H<0 share": ("negative", "mean"),
-           "ascent share": ("ascent", "mean"), "mean loss": ("loss", "mean")})
+    table = (
+        ok.assign(ok=flag == "ok", negative=flag.str.contains("negative_curvature"), ascent=flag.str.contains("ascent"))
+        .groupby("epoch")
+        .agg(
+            **{
+                "steps": ("step", "size"),
+                "ok steps": ("ok", "sum"),
+                "median α*": ("alpha_star", "median"),
+                "median α*/lr": ("ratio", "median"),
+                "H<0 share": ("negative", "mean"),
+                "ascent share": ("ascent", "mean"),
+                "mean loss": ("loss", "mean"),
+            }
+        )
+    )
     table.index = (table.index + 1).rename("epoch")
     return table
 
@@ -426,6 +489,8 @@ def _label(value: Any) -> str:
     return str(value)
 
 
-_TABLE_STYLE = (".alphalib-epochs {border-collapse: collapse; font-size: 14px}"
-                ".alphalib-epochs th, .alphalib-epochs td {padding: 2px 10px; text-align: right}"
-                ".alphalib-epochs thead th {border-bottom: 1px solid #999; position: sticky; top: 0; background: #fff}")
+_TABLE_STYLE = (
+    ".alphalib-epochs {border-collapse: collapse; font-size: 14px}"
+    ".alphalib-epochs th, .alphalib-epochs td {padding: 2px 10px; text-align: right}"
+    ".alphalib-epochs thead th {border-bottom: 1px solid #999; position: sticky; top: 0; background: #fff}"
+)

@@ -50,7 +50,7 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
     if len(sizes) < 2:
         raise ValueError(f"mlp needs at least an input and an output size, got sizes={list(sizes)}.")
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         if i:
             layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(n_in, n_out))
@@ -109,8 +109,12 @@ class ResNet(nn.Module):
         ws = tuple(widths)
         self.conv1 = nn.Conv2d(in_channels, ws[0], 3, padding=1, bias=False)
         self.bn1, self.relu = nn.BatchNorm2d(ws[0]), nn.ReLU(inplace=True)
-        self.layers = nn.Sequential(*[BasicBlock(c_in, c, 1 if i == 0 else 2)
-                                      for i, (c_in, c) in enumerate(zip(ws[:1] + ws[:-1], ws))])
+        self.layers = nn.Sequential(
+            *[
+                BasicBlock(c_in, c, 1 if i == 0 else 2)
+                for i, (c_in, c) in enumerate(zip(ws[:1] + ws[:-1], ws, strict=True))
+            ]
+        )
         self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(ws[-1], n_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -121,8 +125,16 @@ class ResNet(nn.Module):
 class EncoderClassifier(nn.Module):
     """Token embedding → ``nn.TransformerEncoder`` (pre-norm, batch first) → mean over positions → linear head."""
 
-    def __init__(self, vocab_size: int, d_model: int = 64, n_heads: int = 4, n_layers: int = 2, d_ff: int = 128,
-                 n_classes: int = 10, dropout: float = 0.1):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 64,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        d_ff: int = 128,
+        n_classes: int = 10,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
         layer = nn.TransformerEncoderLayer(d_model, n_heads, d_ff, dropout, batch_first=True, norm_first=True)
@@ -214,4 +226,3 @@ def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     This is the ``loss_fn(model(inputs), targets)`` to pair with :class:`CharTransformer`.
     """
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-

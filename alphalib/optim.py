@@ -60,8 +60,11 @@ LR_FREE: dict[str, tuple[str, str, str]] = {
     "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
     "schedulefree_sgd": ("schedulefree", "SGDScheduleFree", "schedulefree"),
 }
-_TORCH = {name.lower(): cls for name, cls in vars(torch.optim).items()
-          if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer}
+_TORCH = {
+    name.lower(): cls
+    for name, cls in vars(torch.optim).items()
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
+}
 #: every name :func:`make_optimizer` knows
 OPTIMIZERS: tuple[str, ...] = (*sorted(_TORCH), *LR_FREE, "alpha_scaled")
 
@@ -72,15 +75,18 @@ def _class(name: str) -> type[torch.optim.Optimizer]:
     if key in _TORCH:
         return _TORCH[key]
     if key not in LR_FREE:
-        raise ValueError(f"unknown optimizer {name!r}: give one of {', '.join(OPTIMIZERS)} "
-                         "(torch.optim's names in any case).")
+        raise ValueError(
+            f"unknown optimizer {name!r}: give one of {', '.join(OPTIMIZERS)} (torch.optim's names in any case)."
+        )
     module, cls, package = LR_FREE[key]
     try:
         return getattr(importlib.import_module(module), cls)
     except ImportError as exc:
-        raise ImportError(f"optimizer {name!r} needs the package {package!r}: install the extra with "
-                          f'pip install -c constraints.txt "alphalib[lrfree]"  (or: pip install {package} with '
-                          "torch held at its pin).") from exc
+        raise ImportError(
+            f"optimizer {name!r} needs the package {package!r}: install the extra with "
+            f'pip install -c constraints.txt "alphalib[lrfree]"  (or: pip install {package} with '
+            "torch held at its pin)."
+        ) from exc
 
 
 def make_optimizer(

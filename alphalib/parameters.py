@@ -45,8 +45,11 @@ def check_parameters(namespace: Mapping[str, Any]) -> None:
     for name, kind in declared.items():
         value = namespace.get(name)
         if name in namespace and not _matches(value, kind):
-            hint = " (papermill's -r passes text: pass numbers with -p, lists and dicts with -y)" \
-                if isinstance(value, str) else ""
+            hint = (
+                " (papermill's -r passes text: pass numbers with -p, lists and dicts with -y)"
+                if isinstance(value, str)
+                else ""
+            )
             raise TypeError(f"parameter {name!r} must be {_name(kind)}, got {type(value).__name__} {value!r}{hint}.")
 
 
@@ -75,8 +78,9 @@ def _matches(value: object, kind: Any) -> bool:
     if origin is list:
         return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
     if origin is dict:
-        return isinstance(value, dict) and (not args or all(_matches(k, args[0]) and _matches(v, args[1])
-                                                            for k, v in value.items()))
+        return isinstance(value, dict) and (
+            not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+        )
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:

@@ -52,12 +52,27 @@ def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
         if not len(sel):
             continue
         if kind.startswith("descent"):
-            ax.scatter(sel["step"], sel["alpha_star"], s=6, alpha=0.35, linewidths=0.8,
-                       label=f"α*, {kind} ({len(sel)})", **spec)
+            ax.scatter(
+                sel["step"],
+                sel["alpha_star"],
+                s=6,
+                alpha=0.35,
+                linewidths=0.8,
+                label=f"α*, {kind} ({len(sel)})",
+                **spec,
+            )
         else:  # no step size: a tick at the bottom
             height = 0.03 if kind == "ascent" else 0.07
-            ax.scatter(sel["step"], np.full(len(sel), height), transform=ax.get_xaxis_transform(), s=40,
-                       marker="|", color=spec["color"], linewidths=1.2, label=f"step with {kind} ({len(sel)})")
+            ax.scatter(
+                sel["step"],
+                np.full(len(sel), height),
+                transform=ax.get_xaxis_transform(),
+                s=40,
+                marker="|",
+                color=spec["color"],
+                linewidths=1.2,
+                label=f"step with {kind} ({len(sel)})",
+            )
     if "epoch" in records and records["epoch"].notna().any():
         ok = records[kinds == "descent, H>0"].groupby("epoch").agg(step=("step", "mean"), a=("alpha_star", "median"))
         ax.plot(ok["step"], ok["a"], color="black", lw=1.8, label="per-epoch median α*")
@@ -93,8 +108,9 @@ def _median_band(ax: Axes, records: pd.DataFrame, band: tuple[float, float], col
     _line_band(ax, per.index, per[0.5], per[band[0]], per[band[1]], color, label)
 
 
-def _line_band(ax: Axes, epoch: object, mid: object, lo: object, hi: object, color: object, label: str,
-               alpha: float = 0.2) -> None:
+def _line_band(
+    ax: Axes, epoch: object, mid: object, lo: object, hi: object, color: object, label: str, alpha: float = 0.2
+) -> None:
     """Draw ``mid`` against 0-based ``epoch`` (at epoch + 1) with the band ``lo``–``hi`` around it."""
     ax.plot(epoch + 1, mid, color=color, label=label)
     ax.fill_between(epoch + 1, lo, hi, color=color, alpha=alpha, linewidth=0)
@@ -139,7 +155,7 @@ def ratio_by(records: pd.DataFrame, hue: str, *, ax: Axes | None = None) -> Axes
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     groups = records.groupby(hue, sort=False)
-    for (name, rows), color in zip(groups, sns.color_palette(n_colors=groups.ngroups)):
+    for (name, rows), color in zip(groups, sns.color_palette(n_colors=groups.ngroups), strict=True):
         lr = _lr_text(rows)
         _median_band(ax, rows, (0.25, 0.75), color, f"{name}{f' ({lr})' if lr else ''}, {_left_out(rows)}")
     _log_ratio_axis(ax)
@@ -158,10 +174,16 @@ def odd_share(records: pd.DataFrame, by: str, *, ax: Axes | None = None) -> Axes
     ax = ax or plt.subplots(figsize=(8, 4))[1]
     flag = records["flag"]
     share = (
-        records.assign(**{"negative curvature": flag.str.contains("negative_curvature"),
-                          "ascent (dᵀg > 0)": flag.str.contains("ascent")})
-        .groupby(by, sort=False)[["negative curvature", "ascent (dᵀg > 0)"]].mean()
-        .reset_index().melt(id_vars=by, var_name="kind", value_name="share")
+        records.assign(
+            **{
+                "negative curvature": flag.str.contains("negative_curvature"),
+                "ascent (dᵀg > 0)": flag.str.contains("ascent"),
+            }
+        )
+        .groupby(by, sort=False)[["negative curvature", "ascent (dᵀg > 0)"]]
+        .mean()
+        .reset_index()
+        .melt(id_vars=by, var_name="kind", value_name="share")
     )
     sns.barplot(data=share, x=by, y="share", hue="kind", ax=ax)
     groups = records.groupby(by, sort=False)
@@ -188,8 +210,9 @@ def alpha_vs_lr(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.axline((lo, lo), (hi, hi), color="tab:green", ls="--", lw=1.8, label="α* = lr")  # across the whole panel
     ax.update_datalim([(lo, lo), (hi, hi)])
     ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="median α* per epoch")
-    ax.set_title(f"dots: medians of {_per_epoch(records, ['lr', 'epoch'])} probed steps; {_left_out(records)}",
-                 fontsize="small")
+    ax.set_title(
+        f"dots: medians of {_per_epoch(records, ['lr', 'epoch'])} probed steps; {_left_out(records)}", fontsize="small"
+    )
     ax.legend(title="epoch", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return ax
 
@@ -202,7 +225,7 @@ def ratio_bands(summary: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     colors = [f"C{i}" for i in (0, 3, 4, 1, 5)]  # blue, red, purple, ...: apart from the green α* = lr line
-    for (scope, rows), color in zip(summary.groupby("scope", sort=False), colors):
+    for (scope, rows), color in zip(summary.groupby("scope", sort=False), colors, strict=False):
         _line_band(ax, rows["epoch"], rows["median"], rows["lo"], rows["hi"], color, scope)
     _log_ratio_axis(ax)
     _epoch_axis(ax)
@@ -230,8 +253,12 @@ def final_loss_vs_lr(epochs: pd.DataFrame, *, column: str = "train_loss", ax: Ax
     ax = ax or plt.subplots(figsize=(6, 5))[1]
     last = epochs[epochs["epoch"] == epochs["epoch"].max()].sort_values("lr0")
     ax.plot(last["lr0"], last[column], marker="o", color="black")
-    ax.set(xscale="log", xlabel="learning rate", ylabel=f"final {column.replace('_', ' ')}",
-           title=f"after epoch {int(last['epoch'].iloc[0]) + 1}, one dot per run")
+    ax.set(
+        xscale="log",
+        xlabel="learning rate",
+        ylabel=f"final {column.replace('_', ' ')}",
+        title=f"after epoch {int(last['epoch'].iloc[0]) + 1}, one dot per run",
+    )
     return ax
 
 

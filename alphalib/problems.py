@@ -46,8 +46,14 @@ def problem(name: str, *, seed: int = 0) -> Problem:
         (1000, 500, 1000)
     """
     if name == "seed problem":
-        return Problem(name, models.SimpleNet, F.mse_loss, data.gaussian_regression(seed=seed),
-                       data.gaussian_regression(n=500, seed=seed + 2000), data.gaussian_regression(seed=seed + 1000))
+        return Problem(
+            name,
+            models.SimpleNet,
+            F.mse_loss,
+            data.gaussian_regression(seed=seed),
+            data.gaussian_regression(n=500, seed=seed + 2000),
+            data.gaussian_regression(seed=seed + 1000),
+        )
     if name == "digits MLP":
         split, model = data.digits(seed=seed), lambda: models.mlp([64, 64, 10])
     elif name == "MNIST-1D MLP":

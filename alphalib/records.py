@@ -27,7 +27,13 @@ if TYPE_CHECKING:
 #: ``mismatch``: what was handed to the probe is not what training backpropagated (another batch, a loss that is
 #: not a multiple of ``loss_fn``, fewer batches than backward passes); the numbers are those of what was handed.
 FLAGS: tuple[str, ...] = (
-    "error", "nonfinite", "mismatch", "zero_step", "zero_curvature", "negative_curvature", "ascent",
+    "error",
+    "nonfinite",
+    "mismatch",
+    "zero_step",
+    "zero_curvature",
+    "negative_curvature",
+    "ascent",
 )
 
 
@@ -85,10 +91,23 @@ def classify(slope: float, curvature: float, *values: float, step_norm: float = 
 
 
 def make_record(
-    *, step: int, epoch: int | None, loss: float, lr: float, step_slope: float, step_curvature: float,
-    grad_norm: float, step_norm: float, backend: str, path: str = "generic", error: bool = False,
-    mismatch: bool = False, fallback: str = "", scopes: Mapping[str, Any] | None = None,
-    step_size: float | None = None, sharpness: Mapping[str, float] | None = None,
+    *,
+    step: int,
+    epoch: int | None,
+    loss: float,
+    lr: float,
+    step_slope: float,
+    step_curvature: float,
+    grad_norm: float,
+    step_norm: float,
+    backend: str,
+    path: str = "generic",
+    error: bool = False,
+    mismatch: bool = False,
+    fallback: str = "",
+    scopes: Mapping[str, Any] | None = None,
+    step_size: float | None = None,
+    sharpness: Mapping[str, float] | None = None,
 ) -> Record:
     """Build a record from slope and curvature along the realized step :math:`\\Delta` (not yet in step-size units;
     ``step_size`` defaults to ``lr``)."""
@@ -100,13 +119,27 @@ def make_record(
     size = lr if step_size is None else step_size
     scale = size if size > 0 else math.nan
     return Record(
-        step=step, epoch=epoch, loss=loss, lr=lr, step_size=size,
-        slope=step_slope / scale, curvature=step_curvature / scale / scale,  # (never OverflowError: inf)
-        alpha_star=ratio * scale, ratio=ratio,
-        grad_norm=grad_norm, step_norm=step_norm, flag=flag, backend=backend, path=path, fallback=fallback,
+        step=step,
+        epoch=epoch,
+        loss=loss,
+        lr=lr,
+        step_size=size,
+        slope=step_slope / scale,
+        curvature=step_curvature / scale / scale,  # (never OverflowError: inf)
+        alpha_star=ratio * scale,
+        ratio=ratio,
+        grad_norm=grad_norm,
+        step_norm=step_norm,
+        flag=flag,
+        backend=backend,
+        path=path,
+        fallback=fallback,
         lr_over_alpha=_inverse(step_slope, step_curvature) if flag != "error" else math.nan,
-        **{f"{name}_{key}": value for name, res in (scopes or {}).items()
-           for key, value in _scope(res.loss, res.slope, res.curvature, scale).items()},
+        **{
+            f"{name}_{key}": value
+            for name, res in (scopes or {}).items()
+            for key, value in _scope(res.loss, res.slope, res.curvature, scale).items()
+        },
         **dict(sharpness or {}),
     )
 
@@ -118,8 +151,11 @@ def tell(listeners: list[Callable[[Record], None]], rec: Record) -> None:
             listener(rec)
         except Exception as exc:
             listeners.remove(listener)
-            warnings.warn(f"alphalib: listener {listener!r} raised {exc!r} and was detached; training goes on.",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"alphalib: listener {listener!r} raised {exc!r} and was detached; training goes on.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def alpha(slope: float, curvature: float) -> float:
@@ -190,19 +226,25 @@ def read(path: str | Path) -> pd.DataFrame:
 def _whole_lines(path: Path) -> str:
     """Return the text of a records ``.csv`` (or ``.csv.gz``) without a torn last line, which is dropped with a
     warning; raise ``ValueError`` naming the line where a row has not the header's number of fields."""
-    with (gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")) as f:
+    with gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="") as f:
         text = f.read()
     lines = text.count("\n")
     if text and not text.endswith("\n"):  # a crash while a line was written: keep the whole lines before it
-        warnings.warn(f"{path}, line {lines + 1}: the last line is incomplete (the run stopped while writing it); "
-                      "it is left out.", RuntimeWarning, stacklevel=3)
-        text = text[:text.rfind("\n") + 1]
+        warnings.warn(
+            f"{path}, line {lines + 1}: the last line is incomplete (the run stopped while writing it); "
+            "it is left out.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        text = text[: text.rfind("\n") + 1]
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     for row in reader:
         if header is not None and len(row) != len(header):
-            raise ValueError(f"{path}, line {reader.line_num}: {len(row)} fields where the header has {len(header)}; "
-                             "the file is damaged there (two runs writing to it, or an edit). Remove that line.")
+            raise ValueError(
+                f"{path}, line {reader.line_num}: {len(row)} fields where the header has {len(header)}; "
+                "the file is damaged there (two runs writing to it, or an edit). Remove that line."
+            )
     return text
 
 
@@ -236,8 +278,9 @@ class Stream:
             return
         frame = to_frame(self._kept, self.tags)
         if self.csv:
-            frame.to_csv(self.path, mode="a", header=not self.path.exists() or self.path.stat().st_size == 0,
-                         index=False)
+            frame.to_csv(
+                self.path, mode="a", header=not self.path.exists() or self.path.stat().st_size == 0, index=False
+            )
         else:
             frame.to_parquet(self.path / f"part-{self._parts:05d}.parquet", index=False)
             self._parts += 1
@@ -262,8 +305,10 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            raise ImportError('TensorBoard scalars need the tensorboard package: pip install -c constraints.txt '
-                              '"alphalib[tensorboard]".') from exc
+            raise ImportError(
+                "TensorBoard scalars need the tensorboard package: pip install -c constraints.txt "
+                '"alphalib[tensorboard]".'
+            ) from exc
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def __call__(self, rec: Record) -> None:
@@ -287,15 +332,12 @@ def epoch_summary(frame: pd.DataFrame) -> pd.DataFrame:
     """
     flag = frame["flag"]
     columns = {"lr_over_alpha": frame["lr_over_alpha"]} if "lr_over_alpha" in frame else {}
-    summary = (
-        frame.assign(
-            negative_curvature=flag.str.contains("negative_curvature"),
-            ascent=flag.str.contains("ascent"),
-            undefined=frame["ratio"].isna(),
-            **columns,
-        )
-        .groupby("epoch")
-    )
+    summary = frame.assign(
+        negative_curvature=flag.str.contains("negative_curvature"),
+        ascent=flag.str.contains("ascent"),
+        undefined=frame["ratio"].isna(),
+        **columns,
+    ).groupby("epoch")
     extra = {"median_lr_over_alpha": ("lr_over_alpha", "median")} if columns else {}
     return summary.agg(
         steps=("step", "size"),
@@ -335,15 +377,18 @@ def seed_summary(
     rows = []
     for key, group in per_run.groupby(level=list(range(len(keys)))):
         medians = group["median"].dropna().to_numpy()
-        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
         row.update(runs=len(group), steps=int(group["steps"].sum()), undefined=int(group["undefined"].sum()))
         if len(medians) == 0:
             row.update(median=math.nan, lo=math.nan, hi=math.nan)
         else:
             draws = np.median(rng.choice(medians, size=(boot, len(medians))), axis=1)
             tail = (1 - level) / 2
-            row.update(median=float(np.median(medians)), lo=float(np.quantile(draws, tail)),
-                       hi=float(np.quantile(draws, 1 - tail)))
+            row.update(
+                median=float(np.median(medians)),
+                lo=float(np.quantile(draws, tail)),
+                hi=float(np.quantile(draws, 1 - tail)),
+            )
         rows.append(row)
     import pandas as pd
 
@@ -372,10 +417,13 @@ def key_numbers(frame: pd.DataFrame, by: str | Sequence[str] = (), *, digits: in
 
     def numbers(rows: pd.DataFrame) -> dict[str, float]:
         epochs = rows["epoch"] if rows["epoch"].notna().any() else pd.Series(0, index=rows.index)
-        return {"steps": len(rows), "ok": rounded((rows["flag"] == "ok").mean()),
-                "alpha_over_lr": rounded(1 / rows["lr_over_alpha"].median()),
-                "loss_first": rounded(rows["loss"][epochs == epochs.min()].mean()),
-                "loss_last": rounded(rows["loss"][epochs == epochs.max()].mean())}
+        return {
+            "steps": len(rows),
+            "ok": rounded((rows["flag"] == "ok").mean()),
+            "alpha_over_lr": rounded(1 / rows["lr_over_alpha"].median()),
+            "loss_first": rounded(rows["loss"][epochs == epochs.min()].mean()),
+            "loss_last": rounded(rows["loss"][epochs == epochs.max()].mean()),
+        }
 
     keys = [by] if isinstance(by, str) else list(by)
     if not keys:

@@ -116,11 +116,15 @@ class AlphaScaled:
             raise ValueError(f"full_every must be a positive integer (every k-th step), got {full_every!r}.")
         lrs = {float(g["lr"]) for g in optimizer.param_groups}
         if len(lrs) != 1:
-            raise ValueError(f"every param group must share one lr (got {sorted(lrs)}): the wrapper sets one "
-                             "step length for the whole direction.")
+            raise ValueError(
+                f"every param group must share one lr (got {sorted(lrs)}): the wrapper sets one "
+                "step length for the whole direction."
+            )
         if type(optimizer) not in FAMILIES:
-            raise TypeError(f"AlphaScaled needs the step direction before the step, which alphalib.direction gives "
-                            f"for {', '.join(c.__name__ for c in FAMILIES)}; got {type(optimizer).__qualname__}.")
+            raise TypeError(
+                f"AlphaScaled needs the step direction before the step, which alphalib.direction gives "
+                f"for {', '.join(c.__name__ for c in FAMILIES)}; got {type(optimizer).__qualname__}."
+            )
         self.optimizer, self.model, self.loss_fn = optimizer, model, loss_fn
         self.kappa, self.source, self.curvature, self.smoothing = float(kappa), source, curvature, smoothing
         self.bounds = (float(lo), float(hi))
@@ -171,15 +175,23 @@ class AlphaScaled:
         try:
             self.optimizer.step()
         finally:
-            for group, value in zip(self.optimizer.param_groups, nominal):
+            for group, value in zip(self.optimizer.param_groups, nominal, strict=True):
                 group["lr"] = value
         self.lr = lr
         norm = math.sqrt(sum(float(di.square().sum()) for di in d))
         grads = [p.grad for p in params if p.grad is not None]
-        rec = make_record(step=self.steps, epoch=epoch, loss=own.loss, lr=lr, step_slope=lr * own.slope,
-                          step_curvature=lr * lr * own.curvature, step_norm=lr * norm,
-                          grad_norm=math.sqrt(sum(float(g.square().sum()) for g in grads)),
-                          backend=self.curvature, fallback=why)
+        rec = make_record(
+            step=self.steps,
+            epoch=epoch,
+            loss=own.loss,
+            lr=lr,
+            step_slope=lr * own.slope,
+            step_curvature=lr * lr * own.curvature,
+            step_norm=lr * norm,
+            grad_norm=math.sqrt(sum(float(g.square().sum()) for g in grads)),
+            backend=self.curvature,
+            fallback=why,
+        )
         self.records.append(rec)
         tell(self.listeners, rec)
         self.steps += 1
@@ -200,7 +212,7 @@ class AlphaScaled:
                 self._log_mean = self.smoothing * self._log_mean + (1 - self.smoothing) * math.log(found)
             if not self._usable:
                 return None, why
-            return math.exp(self._log_mean / (1 - self.smoothing ** self._usable)), why
+            return math.exp(self._log_mean / (1 - self.smoothing**self._usable)), why
         if self.source == "heldout":
             res = alpha_star(self.model, self.loss_fn, next(self._held_out), d, **self._kw())
             return _usable(res, "the held-out batch")

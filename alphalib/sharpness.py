@@ -69,14 +69,18 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -
     See the module for the formula. ``optimizer`` is ``torch.optim.Adam`` or ``AdamW`` after at least one step.
     """
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
-        raise TypeError(f"the preconditioned sharpness needs Adam's preconditioner: give torch.optim.Adam or AdamW, "
-                        f"got {type(optimizer).__qualname__} (or leave optimizer=None for the plain Hessian).")
+        raise TypeError(
+            f"the preconditioned sharpness needs Adam's preconditioner: give torch.optim.Adam or AdamW, "
+            f"got {type(optimizer).__qualname__} (or leave optimizer=None for the plain Hessian)."
+        )
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     out = []
     for p in params:
         if id(p) not in group_of:
-            raise ValueError(f"a parameter of shape {tuple(p.shape)} is not in the optimizer: build the optimizer "
-                             "from the model's parameters.")
+            raise ValueError(
+                f"a parameter of shape {tuple(p.shape)} is not in the optimizer: build the optimizer "
+                "from the model's parameters."
+            )
         group, state = group_of[id(p)], optimizer.state.get(p, {})
         if "exp_avg_sq" not in state:
             raise ValueError("the optimizer has not stepped yet, so it has no preconditioner: take a step first.")
@@ -107,8 +111,9 @@ class _Operator:
     def _graph(self, fn: BatchLoss) -> tuple[list[Tensor], tuple[Tensor, ...]]:
         leaves = [t.clone().requires_grad_(True) for t in self.theta]
         with torch.enable_grad():
-            grads = torch.autograd.grad(fn(leaves), leaves, create_graph=True, allow_unused=True,
-                                        materialize_grads=True)
+            grads = torch.autograd.grad(
+                fn(leaves), leaves, create_graph=True, allow_unused=True, materialize_grads=True
+            )
         return leaves, grads
 
     def _hv(self, v: list[Tensor]) -> Tensor:
@@ -118,8 +123,14 @@ class _Operator:
             if not any(g.requires_grad for g in grads):  # the loss is linear in θ: H = 0
                 hv = [torch.zeros_like(t) for t in leaves]
             else:
-                hv = torch.autograd.grad(grads, leaves, grad_outputs=v, retain_graph=self._kept is not None,
-                                         allow_unused=True, materialize_grads=True)
+                hv = torch.autograd.grad(
+                    grads,
+                    leaves,
+                    grad_outputs=v,
+                    retain_graph=self._kept is not None,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
             flat = torch.cat([h.reshape(-1) for h in hv]) * weight
             total = flat if total is None else total + flat
         return total
@@ -130,14 +141,19 @@ class _Operator:
         vec = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.theta[0].device)
         if self.scale is not None:
             vec = vec * self.scale
-        out = self._hv([t.view(s) for t, s in zip(vec.split(self.sizes), self.shapes)])
+        out = self._hv([t.view(s) for t, s in zip(vec.split(self.sizes), self.shapes, strict=True)])
         if self.scale is not None:
             out = out * self.scale
         return out.detach().double().cpu().numpy()
 
 
-def _operator(model: nn.Module, loss: LossFn | Objective, data: object, optimizer: torch.optim.Optimizer | None,
-              theta: Sequence[Tensor] | None) -> _Operator:
+def _operator(
+    model: nn.Module,
+    loss: LossFn | Objective,
+    data: object,
+    optimizer: torch.optim.Optimizer | None,
+    theta: Sequence[Tensor] | None,
+) -> _Operator:
     """The operator over ``data``'s batches weighted by their sizes, or over the one function ``data`` is already (the
     probe hands over the loss it measures: the training step's micro-batches, weights and random draws)."""
     params = trainable(model)
@@ -187,8 +203,16 @@ def top_eigenvalue(
         values = np.linalg.eigvalsh((dense + dense.T) / 2)
     else:
         lin = LinearOperator((op.n, op.n), matvec=op, dtype=np.float64)
-        values = np.sort(eigsh(lin, k=2 if which == "both" else 1, which="BE" if which == "both" else "LA",
-                               tol=tol, v0=v0, return_eigenvectors=False))
+        values = np.sort(
+            eigsh(
+                lin,
+                k=2 if which == "both" else 1,
+                which="BE" if which == "both" else "LA",
+                tol=tol,
+                v0=v0,
+                return_eigenvectors=False,
+            )
+        )
     low = float(values[0]) if which == "both" else math.nan
     return Sharpness(float(values[-1]), low, optimizer is not None, op.count)
 
@@ -203,7 +227,7 @@ def hessian_trace(
     seed: int = 0,
     theta: Sequence[Tensor] | None = None,
 ) -> float:
-    r"""Return Hutchinson's estimate of :math:`\operatorname{tr} H` (or :math:`\operatorname{tr} P^{-1}H`) over ``data``.
+    r"""Return Hutchinson's estimate of :math:`\operatorname{tr} H` (or :math:`\operatorname{tr} P^{-1}H`) on ``data``.
 
     The mean of :math:`z^\top H z` over ``samples`` Rademacher vectors :math:`z` drawn from ``seed``; its standard
     error is :math:`\sqrt{2(\|H\|_F^2 - \sum_i H_{ii}^2)/m}`. Arguments as in :func:`top_eigenvalue`.
@@ -241,4 +265,3 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> float:
         beta1 = float(group["betas"][0])
         return (2 + 2 * beta1) / ((1 - beta1) * lr)
     raise TypeError(f"no stability threshold for {type(optimizer).__qualname__}: SGD, Adam and AdamW have one.")
-

@@ -50,8 +50,11 @@ def batch_size(batch: object) -> int:
 def as_batches(data: object | None) -> Iterable[object] | None:
     """Return data as batches: a list or loader of batches as it is, one batch (a tuple, a dict, or a list of
     tensors such as ``[x, y]``) as a list of one."""
-    if isinstance(data, (tuple, Mapping)) or isinstance(data, list) and not all(
-            isinstance(b, (tuple, list, Mapping)) for b in data):
+    if (
+        isinstance(data, (tuple, Mapping))
+        or isinstance(data, list)
+        and not all(isinstance(b, (tuple, list, Mapping)) for b in data)
+    ):
         return [data]
     return data
 
@@ -139,11 +142,17 @@ class LineProfile:
 
 
 @torch.no_grad()
-def _losses(model: nn.Module, loss: LossFn | Objective, batches: list[object], theta: Sequence[Tensor],
-            d: Sequence[Tensor], alphas: Sequence[float]) -> list[float]:
+def _losses(
+    model: nn.Module,
+    loss: LossFn | Objective,
+    batches: list[object],
+    theta: Sequence[Tensor],
+    d: Sequence[Tensor],
+    alphas: Sequence[float],
+) -> list[float]:
     out = []
     for a in alphas:
-        point = [p + a * di for p, di in zip(theta, d)]
+        point = [p + a * di for p, di in zip(theta, d, strict=True)]
         total = sum(batch_size(b) * BatchLoss(model, loss, b)(point).item() for b in batches)
         out.append(total / sum(batch_size(b) for b in batches))
     return out
@@ -228,9 +237,11 @@ def next_step_profiles(
         twin_opt.step()
     lr = float(twin_opt.param_groups[0]["lr"])
     with torch.no_grad():
-        d = tuple((p - b) / lr for p, b in zip(params, before))
-        for p, b in zip(params, before):
+        d = tuple((p - b) / lr for p, b in zip(params, before, strict=True))
+        for p, b in zip(params, before, strict=True):
             p.copy_(b)
     scopes = {"batch": batch} | ({"full data": list(full_data)} if full_data is not None else {})
-    return {name: line_profile(twin, loss, data, d, alphas=alphas, span=lr, curvature=curvature)
-            for name, data in scopes.items()}
+    return {
+        name: line_profile(twin, loss, data, d, alphas=alphas, span=lr, curvature=curvature)
+        for name, data in scopes.items()
+    }

@@ -62,14 +62,14 @@ def axis(values: Any) -> list[Any]:
 def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
     """Return every combination of the axes' values as a list of dicts, the last axis varying fastest.
 
-        >>> grid(lr=[1e-3, 1e-2], seed=[0, 1])
-        [{'lr': 0.001, 'seed': 0}, {'lr': 0.001, 'seed': 1}, {'lr': 0.01, 'seed': 0}, {'lr': 0.01, 'seed': 1}]
+    >>> grid(lr=[1e-3, 1e-2], seed=[0, 1])
+    [{'lr': 0.001, 'seed': 0}, {'lr': 0.001, 'seed': 1}, {'lr': 0.01, 'seed': 0}, {'lr': 0.01, 'seed': 1}]
     """
     for name, values in axes.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
             raise TypeError(f"axis {name!r} must be a list of values, got {values!r}.")
     names = list(axes)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(list(axes[n]) for n in names))]
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(list(axes[n]) for n in names))]
 
 
 def runs(points: Iterable[Mapping[str, Any]], **common: Any) -> History:
@@ -99,9 +99,10 @@ def runs(points: Iterable[Mapping[str, Any]], **common: Any) -> History:
     if not histories:
         raise ValueError("points is empty: give at least one point (alphalib.sweep.grid(...) builds them).")
     looked = [h.profiles for h in histories if h.profiles is not None]
-    return History(*(pd.concat([getattr(h, f) for h in histories], ignore_index=True)
-                     for f in ("steps", "epochs", "records")),
-                   profiles=pd.concat(looked, ignore_index=True) if looked else None)
+    return History(
+        *(pd.concat([getattr(h, f) for h in histories], ignore_index=True) for f in ("steps", "epochs", "records")),
+        profiles=pd.concat(looked, ignore_index=True) if looked else None,
+    )
 
 
 def _name(params: Mapping[str, Any]) -> str:
@@ -183,8 +184,9 @@ def _kernel(sweep: str, cwd: str, kernel_name: str) -> Any:
     return km
 
 
-def execute(notebook: str, folder: str, params: dict[str, Any], outputs: Sequence[str] = (),
-            kernel: str | None = None) -> dict[str, Any]:
+def execute(
+    notebook: str, folder: str, params: dict[str, Any], outputs: Sequence[str] = (), kernel: str | None = None
+) -> dict[str, Any]:
     """Execute ``notebook`` with ``params`` into ``folder``; gather its records; write and return ``run.json``.
 
     ``outputs``: the notebook's parameters that name folders (``records_dir``, ``figures_dir``), pointed at
@@ -206,14 +208,21 @@ def execute(notebook: str, folder: str, params: dict[str, Any], outputs: Sequenc
             if kernel is not None:
                 spec = json.loads(Path(notebook).read_text()).get("metadata", {}).get("kernelspec", {})
                 km = _kernel(kernel, cwd, spec.get("name", "python3"))
-            papermill.execute_notebook(notebook, str(out / Path(notebook).name), parameters={
-                **params, **{name: str(out.resolve()) for name in outputs}}, cwd=cwd, progress_bar=False,
-                log_output=False, **({"km": km} if km is not None else {}))
+            papermill.execute_notebook(
+                notebook,
+                str(out / Path(notebook).name),
+                parameters={**params, **{name: str(out.resolve()) for name in outputs}},
+                cwd=cwd,
+                progress_bar=False,
+                log_output=False,
+                **({"km": km} if km is not None else {}),
+            )
         found = sorted(p for p in out.iterdir() if p.name.endswith((".csv", ".csv.gz")))
         if found:
             frame = pd.concat([read(p) for p in found], ignore_index=True)
-            frame = frame.assign(run=out.name, **{k: v for k, v in params.items()
-                                                  if k not in frame and not isinstance(v, (list, dict))})
+            frame = frame.assign(
+                run=out.name, **{k: v for k, v in params.items() if k not in frame and not isinstance(v, (list, dict))}
+            )
             write(frame, out / "records.parquet")
     except Exception as exc:  # a failed run is reported, the others go on
         if km is not None:  # and its kernel is not reused
@@ -263,8 +272,10 @@ def sweep(
     fixed = dict(parameters or {})
     unknown = [k for k in [*axes, *fixed] if k not in declared]
     if unknown:
-        raise ValueError(f"{notebook.name} has no parameter {', '.join(map(repr, unknown))}; its parameters cell "
-                         f"declares {', '.join(declared) or 'none'}.")
+        raise ValueError(
+            f"{notebook.name} has no parameter {', '.join(map(repr, unknown))}; its parameters cell "
+            f"declares {', '.join(declared) or 'none'}."
+        )
     outputs = [k for k in ("records_dir", "figures_dir") if k in declared and k not in fixed]
     root = Path(out)
     plan = [(root / _name(point), {**fixed, **point}) for point in grid(**axes)]
@@ -277,14 +288,29 @@ def sweep(
         else:
             todo.append((folder, params))
     if todo:
-        cluster = None if scheduler else LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
-                                                      processes=True, dashboard_address=None)
+        cluster = (
+            None
+            if scheduler
+            else LocalCluster(
+                n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None
+            )
+        )
         try:
             with Client(scheduler or cluster) as client:
                 kernel = f"{notebook}@{time.time_ns()}" if reuse_kernels else None
-                futures = [client.submit(execute, str(notebook), str(folder.resolve()), params, outputs, kernel,
-                                         key=f"alphalib-sweep-{folder.name}-{time.time_ns()}", pure=False)
-                           for folder, params in todo]
+                futures = [
+                    client.submit(
+                        execute,
+                        str(notebook),
+                        str(folder.resolve()),
+                        params,
+                        outputs,
+                        kernel,
+                        key=f"alphalib-sweep-{folder.name}-{time.time_ns()}",
+                        pure=False,
+                    )
+                    for folder, params in todo
+                ]
                 for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
                     info = future.result()
                     rows.append({k: info.get(k) for k in ("run", "status", "seconds", "error")})
@@ -294,8 +320,10 @@ def sweep(
     table = pd.DataFrame(rows, columns=["run", "status", "seconds", "error"])
     counts = table.status.value_counts()
     if progress:
-        print(f"{len(table)} runs: {counts.get('ok', 0)} done, {counts.get('failed', 0)} failed, "
-              f"{counts.get('skipped', 0)} already done")
+        print(
+            f"{len(table)} runs: {counts.get('ok', 0)} done, {counts.get('failed', 0)} failed, "
+            f"{counts.get('skipped', 0)} already done"
+        )
         for r in table[table.status == "failed"].itertuples():
             print(f"  failed {r.run}: {r.error.splitlines()[-1] if r.error else ''}")
     return table

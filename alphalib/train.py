@@ -95,8 +95,9 @@ def train(
 
     check_counts(epochs=epochs)
     if probe is None and (live or records_to is not None or tensorboard is not None):
-        raise ValueError("live, records_to and tensorboard follow the probe's records: pass a probe, or leave them "
-                         "off.")
+        raise ValueError(
+            "live, records_to and tensorboard follow the probe's records: pass a probe, or leave them off."
+        )
     sinks: list[Stream | TensorBoard] = []
     if records_to is not None:
         sinks.append(Stream(records_to, tags=probe.frame_tags))
@@ -130,8 +131,12 @@ def train(
             seconds += time.perf_counter() - start
             for sink in sinks:
                 sink.flush()
-            row = {"epoch": epoch, "train_loss": sum(s[2] for s in steps[first:]) / max(len(steps) - first, 1),
-                   "seconds": seconds, "probe_seconds": getattr(probe, "seconds", 0.0)}
+            row = {
+                "epoch": epoch,
+                "train_loss": sum(s[2] for s in steps[first:]) / max(len(steps) - first, 1),
+                "seconds": seconds,
+                "probe_seconds": getattr(probe, "seconds", 0.0),
+            }
             if val is not None:
                 eval_mode(optimizer)
                 row |= evaluate(model, loss_fn, val)
@@ -185,8 +190,9 @@ def run(
     ``tags`` as columns, so runs concatenate into one tidy DataFrame. With ``full_every=k`` the probe also
     records, every k-th step, α* of the full training set and of ``val_set`` along the same step (``full_*``
     and ``heldout_*`` columns); with ``sharpness_every=k``, the batch Hessian's largest eigenvalue (and Adam's
-    preconditioned sharpness) every k-th step (``lambda_max``, ``precond_lambda_max``). ``looks``: after each of these epochs (counted from 1), the loss along the step
-    the optimizer would take next on a fresh random batch is profiled on that batch and on the training set
+    preconditioned sharpness) every k-th step (``lambda_max``, ``precond_lambda_max``). ``looks``: after each of
+    these epochs (counted from 1), the loss along the step the optimizer would take next on a fresh random batch is
+    profiled on that batch and on the training set
     (:func:`alphalib.next_step_profiles`, training untouched), into ``History.profiles``. ``live``: watch the
     records as they come, in JupyterLab; ``records_to``, ``tensorboard``: stream them to disk as training runs
     (see :func:`train`).
@@ -199,8 +205,9 @@ def run(
     """
     import pandas as pd
 
-    check_counts(epochs=epochs, batch_size=batch_size, every=every, full_every=full_every,
-                 sharpness_every=sharpness_every)
+    check_counts(
+        epochs=epochs, batch_size=batch_size, every=every, full_every=full_every, sharpness_every=sharpness_every
+    )
     torch.manual_seed(seed)
     net = model()
     full = loader(train_set, 1024) if full_every is not None or looks else None
@@ -208,11 +215,18 @@ def run(
     kwargs = dict(optimizer_kwargs or {})
     if isinstance(optimizer, str) and optimizer.lower() == "alpha_scaled":
         if kwargs.get("source") == "heldout" and alpha_set is None:
-            raise ValueError("the 'heldout' source measures alpha* on data the run never trains on: pass alpha_set= "
-                             "(apart from val_set, which judges the run).")
-        kwargs = dict(curvature=curvature, full_data=full if full is not None else loader(train_set, 1024),
-                      held_out=loader(alpha_set, batch_size, shuffle=True, seed=seed + 2) if alpha_set else None,
-                      ) | kwargs
+            raise ValueError(
+                "the 'heldout' source measures alpha* on data the run never trains on: pass alpha_set= "
+                "(apart from val_set, which judges the run)."
+            )
+        kwargs = (
+            dict(
+                curvature=curvature,
+                full_data=full if full is not None else loader(train_set, 1024),
+                held_out=loader(alpha_set, batch_size, shuffle=True, seed=seed + 2) if alpha_set else None,
+            )
+            | kwargs
+        )
     built = make_optimizer(optimizer, net.parameters(), lr=lr, model=net, loss_fn=loss_fn, **kwargs)
     opt = built.optimizer if isinstance(built, AlphaScaled) else built
     labels = {"optimizer": optimizer, "seed": seed, "lr0": opt.param_groups[0]["lr"], **dict(tags or {})}
@@ -220,8 +234,9 @@ def run(
         probe, built.tags = built, {**built.tags, **labels}
     else:
         scopes = dict(full_data=full, held_out=val, full_every=full_every) if full_every is not None else {}
-        probe = AlphaProbe(net, loss_fn, opt, curvature=curvature, every=every, tags=labels,
-                           sharpness_every=sharpness_every, **scopes)
+        probe = AlphaProbe(
+            net, loss_fn, opt, curvature=curvature, every=every, tags=labels, sharpness_every=sharpness_every, **scopes
+        )
     batches = loader(train_set, batch_size, shuffle=shuffle, seed=seed)
     draw = torch.Generator().manual_seed(seed + 1)  # the looks' batches, apart from training's own stream
     profiles = []
@@ -229,14 +244,32 @@ def run(
     def look(done: int) -> None:
         if done in looks:
             pick = torch.randperm(len(train_set), generator=draw)[:batch_size]
-            found = next_step_profiles(net, loss_fn, opt, tuple(train_set[pick]), full_data=full,
-                                       curvature=curvature)
+            found = next_step_profiles(net, loss_fn, opt, tuple(train_set[pick]), full_data=full, curvature=curvature)
             for scope, prof in found.items():
-                profiles.append(prof.to_frame().assign(scope=scope, epoch=done, lr=opt.param_groups[0]["lr"],
-                                                       alpha_star=prof.alpha_star, trust=prof.trust))
+                profiles.append(
+                    prof.to_frame().assign(
+                        scope=scope,
+                        epoch=done,
+                        lr=opt.param_groups[0]["lr"],
+                        alpha_star=prof.alpha_star,
+                        trust=prof.trust,
+                    )
+                )
 
-    history = train(net, loss_fn, opt, batches, epochs=epochs, probe=probe, val=val, progress=progress,
-                    after_epoch=look, live=live, records_to=records_to, tensorboard=tensorboard)
+    history = train(
+        net,
+        loss_fn,
+        opt,
+        batches,
+        epochs=epochs,
+        probe=probe,
+        val=val,
+        progress=progress,
+        after_epoch=look,
+        live=live,
+        records_to=records_to,
+        tensorboard=tensorboard,
+    )
     probe.remove()
     looked = pd.concat(profiles, ignore_index=True) if profiles else None
     for frame in (history.steps, history.epochs, *([looked] if profiles else [])):

@@ -19,12 +19,11 @@ import statistics
 import time
 
 import torch
+from overhead import EXTERNAL, make_workload
 
 import alphalib
 from alphalib import fast
 from alphalib.fast import ops as oprules
-
-from overhead import EXTERNAL, make_workload
 
 
 def main() -> None:
@@ -50,8 +49,10 @@ def main() -> None:
         by_op[str(op.func.overloadpacket).removeprefix("aten.")] += time.perf_counter() - t0
 
     alphalib.fast.measure, oprules.OpSweep.run = timed_measure, timed_run
-    print("| model | plain fwd / bwd / step | probed fwd / bwd | probe.step: sweep / rest | overhead | path | "
-          "the sweep's largest shares |")
+    print(
+        "| model | plain fwd / bwd / step | probed fwd / bwd | probe.step: sweep / rest | overhead | path | "
+        "the sweep's largest shares |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in args.workloads.split(","):
         w = make_workload(name, torch.device("cpu"))
@@ -89,13 +90,16 @@ def main() -> None:
         total = sum(by_op.values()) or 1.0
         top = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:4])
 
-        def r(v: float) -> str:
-            return f"{v / plain:.2f}"
+        def r(v: float) -> str:  # called in this iteration only
+            return f"{v / plain:.2f}"  # noqa: B023
 
-        print(f"| {name} | {r(med['plain', 'fwd'])} / {r(med['plain', 'bwd'])} / {r(med['plain', 'step'])} "
-              f"({plain * 1e3:.1f} ms) | {r(med['probed', 'fwd'])} / {r(med['probed', 'bwd'])} | "
-              f"{r(med['probed', 'sweep'])} / {r(med['probed', 'rest'])} | **{probed / plain - 1:.2f}** | "
-              f"{probe.records[-1].path} | {top or '(generic path)'} |", flush=True)
+        print(
+            f"| {name} | {r(med['plain', 'fwd'])} / {r(med['plain', 'bwd'])} / {r(med['plain', 'step'])} "
+            f"({plain * 1e3:.1f} ms) | {r(med['probed', 'fwd'])} / {r(med['probed', 'bwd'])} | "
+            f"{r(med['probed', 'sweep'])} / {r(med['probed', 'rest'])} | **{probed / plain - 1:.2f}** | "
+            f"{probe.records[-1].path} | {top or '(generic path)'} |",
+            flush=True,
+        )
         probe.remove()
         by_op.clear()
 

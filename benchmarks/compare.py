@@ -28,15 +28,21 @@ def main() -> None:
     both = old.merge(new, on=KEYS, suffixes=("_old", "_new"))
     both = both[both["backend_old"].ne("plain") & both["time_ratio_old"].notna() & both["time_ratio_new"].notna()]
     both["change"] = (1 + both["time_ratio_new"]) / (1 + both["time_ratio_old"]) - 1
-    print(f"| workload | optimizer | configuration | overhead {before} | overhead {after} | change of the probed "
-          f"step | path {before} → {after} |")
+    print(
+        f"| workload | optimizer | configuration | overhead {before} | overhead {after} | change of the probed "
+        f"step | path {before} → {after} |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in both.itertuples(index=False):
-        print(f"| {r.workload} | {r.optimizer} | {r.config} | {r.time_ratio_old:+.2f} | {r.time_ratio_new:+.2f} "
-              f"| {r.change:+.0%} | {r.path_ran_old} → {r.path_ran_new} |")
+        print(
+            f"| {r.workload} | {r.optimizer} | {r.config} | {r.time_ratio_old:+.2f} | {r.time_ratio_new:+.2f} "
+            f"| {r.change:+.0%} | {r.path_ran_old} → {r.path_ran_new} |"
+        )
     slower = both[both["change"] > 0.10]
-    print(f"\n{len(both)} rows; median change {both['change'].median():+.1%}; {len(slower)} more than 10% slower:",
-          ", ".join(f"{r.workload}/{r.optimizer}/{r.config}" for r in slower.itertuples(index=False)) or "none")
+    print(
+        f"\n{len(both)} rows; median change {both['change'].median():+.1%}; {len(slower)} more than 10% slower:",
+        ", ".join(f"{r.workload}/{r.optimizer}/{r.config}" for r in slower.itertuples(index=False)) or "none",
+    )
 
 
 if __name__ == "__main__":

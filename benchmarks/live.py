@@ -56,10 +56,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     once(2, LiveView(show=False))  # warm-up: imports, fonts, the first drawing's caches
-    lines = [f"# Live view overhead: the reference experiment (32 probed steps per epoch), {args.repeats} repeats, "
-             f"{args.threads} threads, budget {args.budget:g}", "",
-             "| epochs | plain run | watched / plain run | drawing's share of the watched run | share while training "
-             "(final drawing left out) | drawings per run | one drawing |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Live view overhead: the reference experiment (32 probed steps per epoch), {args.repeats} repeats, "
+        f"{args.threads} threads, budget {args.budget:g}",
+        "",
+        "| epochs | plain run | watched / plain run | drawing's share of the watched run | share while training "
+        "(final drawing left out) | drawings per run | one drawing |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for epochs in map(int, args.epochs.split(",")):
         rows = []
         for repeat in range(args.repeats):
@@ -67,16 +71,31 @@ def main() -> None:
             order = ("plain", "watched") if repeat % 2 == 0 else ("watched", "plain")
             runs = {name: once(epochs, view if name == "watched" else None) for name in order}
             times, final = {name: t for name, (t, _) in runs.items()}, runs["watched"][1]
-            rows.append(dict(ratio=times["watched"] / times["plain"], share=view.seconds / times["watched"],
-                             share_during=(view.seconds - final) / (times["watched"] - final), draws=view.draws,
-                             drawing=view.seconds / view.draws, plain=times["plain"]))
+            rows.append(
+                dict(
+                    ratio=times["watched"] / times["plain"],
+                    share=view.seconds / times["watched"],
+                    share_during=(view.seconds - final) / (times["watched"] - final),
+                    draws=view.draws,
+                    drawing=view.seconds / view.draws,
+                    plain=times["plain"],
+                )
+            )
         med = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
-        lines.append(f"| {epochs} | {med['plain']:.1f} s | {med['ratio']:.3f} | {med['share']:.1%} | "
-                     f"{med['share_during']:.1%} | {med['draws']:.0f} | {med['drawing'] * 1e3:.0f} ms |")
-        print(lines[-1], "  per repeat (ratio, share):",
-              ", ".join(f"({r['ratio']:.3f}, {r['share']:.1%})" for r in rows), flush=True)
-    lines += ["", "Medians over repeats; each repeat runs the plain and the watched run back to back, in alternating "
-                  "order."]
+        lines.append(
+            f"| {epochs} | {med['plain']:.1f} s | {med['ratio']:.3f} | {med['share']:.1%} | "
+            f"{med['share_during']:.1%} | {med['draws']:.0f} | {med['drawing'] * 1e3:.0f} ms |"
+        )
+        print(
+            lines[-1],
+            "  per repeat (ratio, share):",
+            ", ".join(f"({r['ratio']:.3f}, {r['share']:.1%})" for r in rows),
+            flush=True,
+        )
+    lines += [
+        "",
+        "Medians over repeats; each repeat runs the plain and the watched run back to back, in alternating order.",
+    ]
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

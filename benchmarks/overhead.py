@@ -85,6 +85,7 @@ UNPROBED = 10**9
 SAMPLED = (("hessian", "default", 4), ("hessian", "default", UNPROBED))
 LR = 1e-3
 SEED = 0
+CPU = torch.device("cpu")
 THREADS = 2
 REPEATS = 11  # R: paired, interleaved repeats per configuration (odd: the median is one of them)
 BLOCK_SECONDS = 0.1  # with --steps unset, K is chosen so that a block of plain steps takes about this long
@@ -130,8 +131,10 @@ class Config:
     def label(self) -> str:
         if self.backend in ("plain", "cockpit", *HAND_WRITTEN):
             return self.backend
-        return self.backend + ("" if self.path == "default" else f" · {self.path}") + (
-            "" if self.every == 1 else " · unprobed steps" if self.every == UNPROBED else f" · every={self.every}"
+        return (
+            self.backend
+            + ("" if self.path == "default" else f" · {self.path}")
+            + ("" if self.every == 1 else " · unprobed steps" if self.every == UNPROBED else f" · every={self.every}")
         )
 
     @property
@@ -217,8 +220,9 @@ def make_workload(name: str, device: torch.device) -> Workload:
     return Workload(name, make, loss, batches)
 
 
-def _draw(g: torch.Generator, x: tuple[int, ...], *, vocab: int = 0, classes: int = 0,
-          y: tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
+def _draw(
+    g: torch.Generator, x: tuple[int, ...], *, vocab: int = 0, classes: int = 0, y: tuple[int, ...] = ()
+) -> tuple[Tensor, Tensor]:
     """Gaussian inputs (token ids below ``vocab``) and class targets (Gaussian of shape ``y``)."""
     inputs = torch.randint(vocab, x, generator=g) if vocab else torch.randn(x, generator=g)
     return inputs, torch.randint(classes, x[:1], generator=g) if classes else torch.randn(y, generator=g)
@@ -239,8 +243,9 @@ def why(exc: Exception) -> str:
     return "n/a: " + (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
-def make_config(w: Workload, variant: str, backend: str, path: str = "-", every: int = 1,
-                device: torch.device = torch.device("cpu")) -> Config:
+def make_config(
+    w: Workload, variant: str, backend: str, path: str = "-", every: int = 1, device: torch.device = CPU
+) -> Config:
     """Build a fresh, seeded model + optimizer and the training step of one configuration."""
     torch.manual_seed(SEED)
     model = w.make_model().to(device)
@@ -277,29 +282,30 @@ def make_config(w: Workload, variant: str, backend: str, path: str = "-", every:
     return cfg
 
 
-def hand_written(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], optimizer: torch.optim.Optimizer,
-                 mode: str) -> Callable[[tuple[Tensor, ...]], float]:
+def hand_written(
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], optimizer: torch.optim.Optimizer, mode: str
+) -> Callable[[tuple[Tensor, ...]], float]:
     """The finish of a training step as a user writes it by hand: step, then α* by one Hessian-vector product."""
-    names, params = zip(*((n, p) for n, p in model.named_parameters() if p.requires_grad))
+    names, params = zip(*((n, p) for n, p in model.named_parameters() if p.requires_grad), strict=True)
 
     def loss_at(theta: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(torch.func.functional_call(model, dict(zip(names, theta)), (x,)), y)
+        return loss_fn(torch.func.functional_call(model, dict(zip(names, theta, strict=True)), (x,)), y)
 
     def finish(batch: tuple[Tensor, ...]) -> float:
         lr = optimizer.param_groups[0]["lr"]
         before = tuple(p.detach().clone() for p in params)
         optimizer.step()
-        d = tuple((p.detach() - b) / lr for p, b in zip(params, before))
+        d = tuple((p.detach() - b) / lr for p, b in zip(params, before, strict=True))
         with sdpa_kernel(SDPBackend.MATH):  # CPU's fused attention kernels have no second derivatives
             if mode == "double_backward":
                 theta = tuple(b.requires_grad_() for b in before)
                 g = torch.autograd.grad(loss_at(theta, *batch), theta, create_graph=True)
-                slope = sum((gi * di).sum() for gi, di in zip(g, d))
+                slope = sum((gi * di).sum() for gi, di in zip(g, d, strict=True))
                 hd = torch.autograd.grad(slope, theta)
             else:
                 g, hd = torch.func.jvp(torch.func.grad(lambda t: loss_at(t, *batch)), (before,), (d,))
-                slope = sum((gi * di).sum() for gi, di in zip(g, d))
-        curvature = sum((hi * di).sum() for hi, di in zip(hd, d))
+                slope = sum((gi * di).sum() for gi, di in zip(g, d, strict=True))
+        curvature = sum((hi * di).sum() for hi, di in zip(hd, d, strict=True))
         return (-slope / curvature).item()
 
     return finish
@@ -380,7 +386,8 @@ def step_rise_bytes(cfg: Config, device: torch.device) -> int:
     events = list(prof.profiler.kineto_results.events())
     mark = next(e for e in events if e.name() == "measured")
     deltas = [
-        (e.start_ns(), e.nbytes()) for e in events
+        (e.start_ns(), e.nbytes())
+        for e in events
         if e.name() == "[memory]" and mark.start_ns() <= e.start_ns() <= mark.end_ns()
     ]
     level = peak = 0
@@ -388,7 +395,7 @@ def step_rise_bytes(cfg: Config, device: torch.device) -> int:
         level += nbytes
         peak = max(peak, level)
     if level != 0:
-        warnings.warn(f"{cfg.label}: allocations and frees do not balance over the step ({level} bytes)")
+        warnings.warn(f"{cfg.label}: allocations and frees do not balance over the step ({level} bytes)", stacklevel=2)
     return peak
 
 
@@ -411,7 +418,7 @@ def time_interleaved(plain: Config, configs: list[Config], repeats: int, k: int,
     assert plain.step is not None
     for r in range(repeats):
         gc.collect()
-        order = configs[r % len(configs):] + configs[: r % len(configs)]
+        order = configs[r % len(configs) :] + configs[: r % len(configs)]
         before = run_steps(plain.step, k, device) / k
         plain.times.append(before)
         for cfg in order:
@@ -452,8 +459,15 @@ def benchmark(w: Workload, variant: str, args: argparse.Namespace, have_cockpit:
     rows = []
     for cfg in configs:
         row = dict(
-            workload=w.name, optimizer=variant, config=cfg.label, backend=cfg.backend, path=cfg.path,
-            path_ran=cfg.path_ran, every=cfg.every, steps=cfg.steps or k, repeats=args.repeats,
+            workload=w.name,
+            optimizer=variant,
+            config=cfg.label,
+            backend=cfg.backend,
+            path=cfg.path,
+            path_ran=cfg.path_ran,
+            every=cfg.every,
+            steps=cfg.steps or k,
+            repeats=args.repeats,
         )
         if cfg.step is None:
             rows.append(row | dict(note=cfg.note))
@@ -477,13 +491,18 @@ def benchmark(w: Workload, variant: str, args: argparse.Namespace, have_cockpit:
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, {datetime.date.today().isoformat()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, {datetime.date.today().isoformat()}"
+    )
 
 
 def fmt_ratio(row: pd.Series) -> str:
@@ -496,17 +515,21 @@ def fmt_ratio(row: pd.Series) -> str:
 
 def display(df: pd.DataFrame) -> pd.DataFrame:
     """The human-readable table: one formatted string column per quantity."""
-    return pd.DataFrame({
-        "workload": df["workload"],
-        "optimizer": df["optimizer"],
-        "backend": df["backend"],
-        "path (asked → ran)": [f"{a} → {b}" if b != "-" else a for a, b in zip(df["path"], df["path_ran"])],
-        "every": ["unprobed" if e == UNPROBED else e for e in df["every"]],
-        "ms/step": [f"{v:.2f}" if pd.notna(v) else "" for v in df.get("ms_per_step", np.nan)],
-        "time overhead [IQR]": df.apply(fmt_ratio, axis=1),
-        "peak memory": [f"{v:.2f}×" if pd.notna(v) else "" for v in df.get("mem_ratio", np.nan)],
-        "note": [short(v) for v in df["note"].fillna("")],
-    })
+    return pd.DataFrame(
+        {
+            "workload": df["workload"],
+            "optimizer": df["optimizer"],
+            "backend": df["backend"],
+            "path (asked → ran)": [
+                f"{a} → {b}" if b != "-" else a for a, b in zip(df["path"], df["path_ran"], strict=True)
+            ],
+            "every": ["unprobed" if e == UNPROBED else e for e in df["every"]],
+            "ms/step": [f"{v:.2f}" if pd.notna(v) else "" for v in df.get("ms_per_step", np.nan)],
+            "time overhead [IQR]": df.apply(fmt_ratio, axis=1),
+            "peak memory": [f"{v:.2f}×" if pd.notna(v) else "" for v in df.get("mem_ratio", np.nan)],
+            "note": [short(v) for v in df["note"].fillna("")],
+        }
+    )
 
 
 def short(note: str, width: int = 90) -> str:
@@ -543,8 +566,9 @@ def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
     hue_order = [lab for lab in labels if lab in set(probed["config"])]
     pairs = iter(sns.color_palette("Paired", 12))  # light = fast, dark = generic, one hue per backend
     fixed = {"cockpit": "0.15", "double_backward": "#8c564b", "jvp_grad": "#e377c2"}
-    colors = {lab: fixed.get(lab) or ("0.55" if "every" in lab or "unprobed" in lab else next(pairs))
-              for lab in labels[1:]}
+    colors = {
+        lab: fixed.get(lab) or ("0.55" if "every" in lab or "unprobed" in lab else next(pairs)) for lab in labels[1:]
+    }
     workloads = list(dict.fromkeys(df["workload"]))
     variants = list(dict.fromkeys(df["optimizer"]))
     sns.set_theme(style="whitegrid", context="notebook")
@@ -552,14 +576,25 @@ def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
     for j, variant in enumerate(variants):
         common = dict(x="workload", hue="config", order=workloads, hue_order=hue_order, palette=colors)
         ax = axes[0, j]
-        sns.barplot(data=raw[raw["optimizer"] == variant], y="_ratios", estimator="median",
-                    errorbar=("pi", 50), capsize=0.1, err_kws={"linewidth": 1}, ax=ax, **common)
+        sns.barplot(
+            data=raw[raw["optimizer"] == variant],
+            y="_ratios",
+            estimator="median",
+            errorbar=("pi", 50),
+            capsize=0.1,
+            err_kws={"linewidth": 1},
+            ax=ax,
+            **common,
+        )
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_yscale("symlog", linthresh=1.0)  # linear up to 1, then logarithmic: Cockpit's row is ~100x
         ax.yaxis.set_major_locator(ticker.FixedLocator([0, 0.25, 0.5, 0.75, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500]))
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        ax.set(title={"adam": "Adam", "adam_fused": "Adam, fused=True"}.get(variant, variant), xlabel="",
-               ylabel="time overhead, (probed − plain) / plain\n(symlog axis: linear to 1, log above)")
+        ax.set(
+            title={"adam": "Adam", "adam_fused": "Adam, fused=True"}.get(variant, variant),
+            xlabel="",
+            ylabel="time overhead, (probed − plain) / plain\n(symlog axis: linear to 1, log above)",
+        )
         ax = axes[1, j]
         sns.barplot(data=probed[probed["optimizer"] == variant], y="mem_ratio", ax=ax, **common)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
@@ -610,10 +645,14 @@ def main() -> None:
     print(f"# overhead benchmark: {header}")
     load = os.getloadavg()[0]
     if load > (os.cpu_count() or 1) - 0.5:
-        print(f"# WARNING: load average {load:.1f} on {os.cpu_count()} cores: other processes compete, timings are "
-              "unreliable (oversubscribed intra-op threads can slow small steps many-fold; try --threads 1)")
-    print(f"# R={args.repeats} repeats, K={args.steps or 'auto'} steps per block, warm-up {args.warmup}, "
-          f"device {args.device}")
+        print(
+            f"# WARNING: load average {load:.1f} on {os.cpu_count()} cores: other processes compete, timings are "
+            "unreliable (oversubscribed intra-op threads can slow small steps many-fold; try --threads 1)"
+        )
+    print(
+        f"# R={args.repeats} repeats, K={args.steps or 'auto'} steps per block, warm-up {args.warmup}, "
+        f"device {args.device}"
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # cockpit imports pkg_resources, deprecated

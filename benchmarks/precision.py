@@ -29,8 +29,11 @@ WIDENED, CANCELLED = facade.WIDENED, facade.cancelled  # the rules that measure 
 
 def _batch(x0: torch.Tensor, y0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh batch shaped like the workload's: jittered inputs (random tokens) and random class targets."""
-    x = x0 + 0.1 * torch.randn(x0.shape, generator=g) if x0.is_floating_point() else \
-        torch.randint(0, int(x0.max()) + 1, x0.shape, generator=g)
+    x = (
+        x0 + 0.1 * torch.randn(x0.shape, generator=g)
+        if x0.is_floating_point()
+        else torch.randint(0, int(x0.max()) + 1, x0.shape, generator=g)
+    )
     y = y0 if y0.is_floating_point() else torch.randint(0, int(y0.max()) + 1, y0.shape, generator=g)
     return x, y
 
@@ -51,8 +54,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| model | lr | backend | float32: median rel. error of α*/lr | largest | the package: steps kept in float32 "
-          "| their largest error | α*/lr (last) |")
+    print(
+        "| model | lr | backend | float32: median rel. error of α*/lr | largest | the package: steps kept in float32 "
+        "| their largest error | α*/lr (last) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.workloads.split(","):
         w = make_workload(name, torch.device("cpu"))
@@ -61,12 +66,14 @@ def main() -> None:
         for lr, backend in itertools.product(map(float, args.lrs.split(",")), args.backends.split(",")):
             models = [copy.deepcopy(model) for _ in RULES]
             opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in models]
-            probes = [alphalib.AlphaProbe(m, w.loss_fn, o, curvature=backend) for m, o in zip(models, opts)]
+            probes = [
+                alphalib.AlphaProbe(m, w.loss_fn, o, curvature=backend) for m, o in zip(models, opts, strict=True)
+            ]
             g, errors, kept = torch.Generator().manual_seed(1), [], []
             for _ in range(args.steps):
                 x, y = _batch(*w.batch, g)
                 recs = []
-                for m, o, p, rule in zip(models, opts, probes, RULES.values()):
+                for m, o, p, rule in zip(models, opts, probes, RULES.values(), strict=True):
                     facade.WIDENED, facade.cancelled = rule
                     o.zero_grad()
                     w.loss_fn(m(x), y).backward()
@@ -77,8 +84,11 @@ def main() -> None:
                 if backend not in WIDENED and "float64" not in recs[2].fallback:  # the package kept float32
                     kept.append(abs(ours - ref) / abs(ref))
             worst = f"{max(kept):.1e}" if kept else "-"
-            print(f"| {name} | {lr:g} | {backend} | {statistics.median(errors):.1e} | {max(errors):.1e} "
-                  f"| {len(kept)}/{args.steps} | {worst} | {recs[0].ratio:.3g} |", flush=True)
+            print(
+                f"| {name} | {lr:g} | {backend} | {statistics.median(errors):.1e} | {max(errors):.1e} "
+                f"| {len(kept)}/{args.steps} | {worst} | {recs[0].ratio:.3g} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="sweep-kernels-"))
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell('seed = 0\nrecords_dir = "."', metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(BODY)])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell('seed = 0\nrecords_dir = "."', metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell(BODY),
+        ]
+    )
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, folder / "tiny.ipynb")
     per_run: dict[bool, list[float]] = {True: [], False: []}
@@ -53,8 +56,14 @@ def main() -> None:
         for reuse in (False, True):
             out = folder / f"round{r}-reuse{reuse}"
             start = time.perf_counter()
-            table = alphalib.sweep.sweep(folder / "tiny.ipynb", {"seed": list(range(args.runs))}, out=out,
-                                         workers=args.workers, reuse_kernels=reuse, progress=False)
+            table = alphalib.sweep.sweep(
+                folder / "tiny.ipynb",
+                {"seed": list(range(args.runs))},
+                out=out,
+                workers=args.workers,
+                reuse_kernels=reuse,
+                progress=False,
+            )
             wall[reuse].append(time.perf_counter() - start)
             assert (table.status == "ok").all(), table.error.tolist()
             per_run[reuse] += [json.loads(p.read_text())["seconds"] for p in out.glob("*/run.json")]

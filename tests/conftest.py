@@ -32,9 +32,7 @@ def _mlp_ce() -> Case:
 
 
 def _cnn() -> Case:
-    model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 3)
-    )
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 3))
     return Case(model, F.cross_entropy, (torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))))
 
 
@@ -72,7 +70,11 @@ def residual_net() -> nn.Module:
 
 
 CASES = {
-    "mlp-mse": _mlp_mse, "mlp-ce": _mlp_ce, "cnn": _cnn, "batchnorm-train": _batchnorm, "transformer": _transformer,
+    "mlp-mse": _mlp_mse,
+    "mlp-ce": _mlp_ce,
+    "cnn": _cnn,
+    "batchnorm-train": _batchnorm,
+    "transformer": _transformer,
 }
 
 
@@ -99,8 +101,8 @@ def flat_loss(case: Case, params: list[Tensor] | None = None):
     buffers = {n: b.clone() for n, b in case.model.named_buffers()}
 
     def f(theta: Tensor) -> Tensor:
-        pieces = [t.view(s) for t, s in zip(theta.split(sizes), shapes)]
-        state = {**{n: b.clone() for n, b in buffers.items()}, **dict(zip([n for n, _ in named], pieces))}
+        pieces = [t.view(s) for t, s in zip(theta.split(sizes), shapes, strict=True)]
+        state = {**{n: b.clone() for n, b in buffers.items()}, **dict(zip([n for n, _ in named], pieces, strict=True))}
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
             return case.loss_fn(functional_call(case.model, state, (case.batch[0],)), case.batch[1])
 

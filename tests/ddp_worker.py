@@ -43,13 +43,18 @@ def make_model() -> nn.Module:
 def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The ``STEPS`` global batches of ``GLOBAL`` samples (rank ``r`` takes its slice of each, in rank order)."""
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL, D_IN, generator=gen, dtype=torch.float64),
-             torch.randn(GLOBAL, D_OUT, generator=gen, dtype=torch.float64)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(GLOBAL, D_IN, generator=gen, dtype=torch.float64),
+            torch.randn(GLOBAL, D_OUT, generator=gen, dtype=torch.float64),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def _shard(batch: tuple[torch.Tensor, torch.Tensor], rank: int, sizes: tuple[int, ...]) -> tuple:
     start = sum(sizes[:rank])
-    return tuple(t[start:start + sizes[rank]] for t in batch)
+    return tuple(t[start : start + sizes[rank]] for t in batch)
 
 
 def _fail(*args: object, **kwargs: object) -> None:
@@ -70,7 +75,7 @@ def train(name: str, rank: int) -> dict:
     records = []
     for batch in global_batches():
         x, y = _shard(batch, rank, sizes)
-        parts = list(zip(x.chunk(micro), y.chunk(micro)))
+        parts = list(zip(x.chunk(micro), y.chunk(micro), strict=True))
         opt.zero_grad()
         for i, (xi, yi) in enumerate(parts):
             last = i == len(parts) - 1
@@ -85,7 +90,8 @@ def train(name: str, rank: int) -> dict:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, records)
     return {
-        "records": everyone, "thetas": thetas,
+        "records": everyone,
+        "thetas": thetas,
         "params": [p.detach().clone() for p in model.module.parameters()],
         "grads": [p.grad.clone() for p in model.module.parameters()],
         "state": opt.state_dict()["state"],

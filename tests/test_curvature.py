@@ -24,8 +24,11 @@ def _dense_ggn(case: Case) -> torch.Tensor:
     buffers = {n: b.clone() for n, b in case.model.named_buffers()}
 
     def outputs(theta):
-        pieces = [t.view_as(p) for t, (_, p) in zip(theta.split(sizes), named)]
-        state = {**{n: b.clone() for n, b in buffers.items()}, **{n: t for (n, _), t in zip(named, pieces)}}
+        pieces = [t.view_as(p) for t, (_, p) in zip(theta.split(sizes), named, strict=True)]
+        state = {
+            **{n: b.clone() for n, b in buffers.items()},
+            **{n: t for (n, _), t in zip(named, pieces, strict=True)},
+        }
         return functional_call(case.model, state, (case.batch[0],))
 
     theta0 = flat([p.detach() for _, p in named])
@@ -136,7 +139,7 @@ def test_frozen_parameters_are_left_out_of_vectors():
     v = tuple(torch.randn_like(p) for p in trainable)
     full_v = (torch.zeros_like(model[0].weight), *v)
     _, hess = dense_hessian(Case(model, F.mse_loss, batch))
-    expected = (hess @ flat(full_v))[model[0].weight.numel():]
+    expected = (hess @ flat(full_v))[model[0].weight.numel() :]
     assert rel_err(flat(alphalib.hvp(model, F.mse_loss, batch, v)), expected) <= 1e-10
 
 
@@ -210,9 +213,9 @@ def _realized_alpha(case: Case, opt: torch.optim.Optimizer) -> tuple[float, list
     g, hess = dense_hessian(case)
     before = [p.detach().clone() for p in case.model.parameters()]
     opt.step()
-    d = [(p.detach() - b) / opt.param_groups[0]["lr"] for p, b in zip(case.model.parameters(), before)]
+    d = [(p.detach() - b) / opt.param_groups[0]["lr"] for p, b in zip(case.model.parameters(), before, strict=True)]
     with torch.no_grad():
-        for p, b in zip(case.model.parameters(), before):
+        for p, b in zip(case.model.parameters(), before, strict=True):
             p.copy_(b)
     dv = flat(d)
     return (-(dv @ g) / (dv @ hess @ dv)).item(), d
@@ -229,11 +232,11 @@ def test_dict_keyed_vectors_give_the_same_alpha_star():
     case, opt = _swapped_layers()
     names = {id(p): n for n, p in case.model.named_parameters()}
     d = alphalib.direction(opt)
-    by_name = {names[id(p)]: di for p, di in zip(d.params, d)}
+    by_name = {names[id(p)]: di for p, di in zip(d.params, d, strict=True)}
     res = alphalib.alpha_star(case.model, case.loss_fn, case.batch, by_name)
     expected, realized = _realized_alpha(case, opt)
     assert rel_err(res.alpha_star, expected) <= 1e-10
-    named_realized = {n: di for (n, _), di in zip(case.model.named_parameters(), realized)}
+    named_realized = {n: di for (n, _), di in zip(case.model.named_parameters(), realized, strict=True)}
     for v in (named_realized, tuple(realized)):  # the realized step keyed by name, and in model order
         assert rel_err(alphalib.alpha_star(case.model, case.loss_fn, case.batch, v).alpha_star, expected) <= 1e-10
 
@@ -245,7 +248,7 @@ def test_hvp_of_a_param_vector_in_another_order_matches_dense():
     swapped = ParamVector(v[::-1], params[::-1])
     _, hess = dense_hessian(case)
     hv = alphalib.hvp(case.model, case.loss_fn, case.batch, swapped)
-    assert isinstance(hv, ParamVector) and all(a is b for a, b in zip(hv.params, params))
+    assert isinstance(hv, ParamVector) and all(a is b for a, b in zip(hv.params, params, strict=True))
     assert rel_err(flat(hv), hess @ flat(v)) <= 1e-10
     assert rel_err(flat(alphalib.hvp(case.model, case.loss_fn, case.batch, hv)), hess @ hess @ flat(v)) <= 1e-10
 
@@ -271,9 +274,9 @@ def test_frozen_parameter_in_a_param_vector_must_not_move():
     trainable = [p for p in case.model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
     opt.step()
-    step = tuple((p.detach() - b) / 0.1 for p, b in zip(trainable, before))
+    step = tuple((p.detach() - b) / 0.1 for p, b in zip(trainable, before, strict=True))
     with torch.no_grad():
-        for p, b in zip(trainable, before):
+        for p, b in zip(trainable, before, strict=True):
             p.copy_(b)
     assert rel_err(res.alpha_star, alphalib.alpha_star(case.model, case.loss_fn, case.batch, step).alpha_star) <= 1e-12
     moved = ParamVector((torch.ones_like(d[0]), *d[1:]), d.params)
@@ -294,7 +297,7 @@ def test_vector_for_a_parameter_not_in_the_model_raises_before_anything_changes(
         with pytest.raises(ValueError, match=r"\[0\] belongs to a parameter of shape \(4, 4\) that is not in the"):
             call(case.model, case.loss_fn, case.batch, d)
     assert all(torch.equal(v, case.model.state_dict()[k]) for k, v in state.items())
-    assert all(torch.equal(p.grad, g) for p, g in zip(case.model.parameters(), grads))
+    assert all(torch.equal(p.grad, g) for p, g in zip(case.model.parameters(), grads, strict=True))
     assert opt.state == {}
 
 

@@ -18,7 +18,7 @@ def tensors(split: Split) -> list[torch.Tensor]:
 
 
 def same(a: Split, b: Split) -> bool:
-    return all(torch.equal(s, t) for s, t in zip(tensors(a), tensors(b)))
+    return all(torch.equal(s, t) for s, t in zip(tensors(a), tensors(b), strict=True))
 
 
 # --- digits -----------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_text_windows_are_stdlib_source():
 @pytest.mark.parametrize("module, function", [("sklearn.datasets", "digits"), ("mnist1d.data", "mnist1d")])
 def test_missing_optional_package_names_it(monkeypatch, module, function):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
-    with pytest.raises(ImportError, match=r'alphalib\[data\]') as info:
+    with pytest.raises(ImportError, match=r"alphalib\[data\]") as info:
         getattr(data, function)()
     assert ("scikit-learn" if function == "digits" else "mnist1d") in str(info.value)
 

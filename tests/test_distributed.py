@@ -45,8 +45,11 @@ def runs(tmp_path_factory) -> dict:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("ddp")
     root = str(WORKER.parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=root)
@@ -81,23 +84,32 @@ def _autograd(thetas: list[torch.Tensor], sizes: tuple[int, ...]) -> list[dict[s
     r"""Loss, slope, curvature (in lr units) and gradient norm of :math:`\frac1R\sum_r L_r` along each step the DDP
     run took, by plain autograd on the flat parameters (``L_r``: the mean loss of shard ``r``)."""
     model = make_model()
-    names, shapes = zip(*((n, p.shape) for n, p in model.named_parameters()))
+    names, shapes = zip(*((n, p.shape) for n, p in model.named_parameters()), strict=True)
 
     def loss(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        state = {n: t.view(s) for n, t, s in zip(names, theta.split([math.prod(s) for s in shapes]), shapes)}
+        state = {
+            n: t.view(s) for n, t, s in zip(names, theta.split([math.prod(s) for s in shapes]), shapes, strict=True)
+        }
         out = functional_call(model, state, (x,))
-        shards = zip(out.split(list(sizes)), y.split(list(sizes)))
+        shards = zip(out.split(list(sizes)), y.split(list(sizes)), strict=True)
         return sum(((o - t) ** 2).mean() for o, t in shards) / len(sizes)
 
     rows = []
     for t, (x, y) in enumerate(global_batches()):
         theta, delta = thetas[t], thetas[t + 1] - thetas[t]
-        value, hd = torch.autograd.functional.hvp(lambda th: loss(th, x, y), theta, delta)
+        value, hd = torch.autograd.functional.hvp(lambda th, x=x, y=y: loss(th, x, y), theta, delta)
         leaf = theta.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(loss(leaf, x, y), leaf)
         slope, curvature = (g @ delta).item() / LR, (delta @ hd).item() / LR**2
-        rows.append(dict(loss=value.item(), slope=slope, curvature=curvature, alpha_star=-slope / curvature,
-                         grad_norm=g.norm().item()))
+        rows.append(
+            dict(
+                loss=value.item(),
+                slope=slope,
+                curvature=curvature,
+                alpha_star=-slope / curvature,
+                grad_norm=g.norm().item(),
+            )
+        )
     return rows
 
 
@@ -116,7 +128,7 @@ def test_every_rank_records_the_same(runs, name):
     """The reduction hands every rank the same numbers, flags and path."""
     rank0, rank1 = runs[name]["records"]
     assert len(rank0) == len(rank1) == 4
-    for a, b in zip(rank0, rank1):
+    for a, b in zip(rank0, rank1, strict=True):
         assert all(_same(a[k], b[k]) for k in a if k != "fallback"), (a, b)
 
 
@@ -141,7 +153,7 @@ def test_unequal_shards_average_the_ranks_mean_losses(runs):
     assert all("shards of unequal sizes (10, 6 samples on the ranks)" in r["fallback"] for r in records)
     _close(records, _autograd(thetas, (10, 6)), "unequal shards against autograd")
     concatenated = _autograd(thetas, (16,))
-    assert all(_rel(r["slope"], c["slope"]) > 1e-3 for r, c in zip(records, concatenated))
+    assert all(_rel(r["slope"], c["slope"]) > 1e-3 for r, c in zip(records, concatenated, strict=True))
 
 
 @pytest.mark.parametrize("name", ["fast", "generic"])
@@ -150,8 +162,9 @@ def test_probe_is_a_pure_observer_under_ddp(runs, name):
     probed, plain = runs[name], runs["plain"]
     assert all(torch.equal(a, b) for a, b in zip(probed["params"], plain["params"], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(probed["grads"], plain["grads"], strict=True))
-    assert all(torch.equal(probed["state"][i][k], plain["state"][i][k]) for i in plain["state"]
-               for k in plain["state"][i])
+    assert all(
+        torch.equal(probed["state"][i][k], plain["state"][i][k]) for i in plain["state"] for k in plain["state"][i]
+    )
     assert all(torch.equal(a, b) for a, b in zip(probed["thetas"], plain["thetas"], strict=True))
 
 
@@ -215,8 +228,11 @@ def _ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel:
 
 def test_ddp_refuses_what_it_does_not_distribute(one_rank):
     data = [(torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
-    for kwargs, what in ((dict(full_data=data), "full_data/held_out"), (dict(held_out=data[0]), "full_data/held_out"),
-                         (dict(sharpness_every=2), "sharpness_every")):
+    for kwargs, what in (
+        (dict(full_data=data), "full_data/held_out"),
+        (dict(held_out=data[0]), "full_data/held_out"),
+        (dict(sharpness_every=2), "sharpness_every"),
+    ):
         model = _ddp(make_model())
         with pytest.raises(ValueError, match=f"{what} would measure only each rank's own data"):
             alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=LR), **kwargs)
@@ -226,22 +242,25 @@ def test_ddp_refuses_what_it_does_not_distribute(one_rank):
         alphalib.AlphaProbe(synced, F.mse_loss, torch.optim.SGD(synced.parameters(), lr=LR))
 
 
-@pytest.mark.parametrize("options", [{}, dict(find_unused_parameters=True), dict(static_graph=True),
-                                     dict(gradient_as_bucket_view=True)], ids=lambda o: next(iter(o), "default"))
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(find_unused_parameters=True), dict(static_graph=True), dict(gradient_as_bucket_view=True)],
+    ids=lambda o: next(iter(o), "default"),
+)
 def test_one_rank_records_what_a_plain_probe_records(one_rank, options):
     """In a world of one the reduction changes nothing: the DDP probe (on the wrapped module; the fast path's proof
     holds whatever DDP hooks into the backward pass) and a plain probe on an identical model record the same."""
     models = [nn.parallel.DistributedDataParallel(make_model(), **options), make_model()]
     opts = [torch.optim.Adam(m.parameters(), lr=LR) for m in models]
-    probes = [alphalib.AlphaProbe(m, F.mse_loss, o) for m, o in zip(models, opts)]
+    probes = [alphalib.AlphaProbe(m, F.mse_loss, o) for m, o in zip(models, opts, strict=True)]
     assert probes[0].model is models[0].module
     records: list[list[alphalib.Record]] = [[], []]
     for x, y in global_batches():
-        for model, opt, probe, out in zip(models, opts, probes, records):
+        for model, opt, probe, out in zip(models, opts, probes, records, strict=True):
             opt.zero_grad()
             F.mse_loss(model(x), y).backward()
             out.append(probe.step((x, y)))
-    for ddp, plain in zip(*records):
+    for ddp, plain in zip(*records, strict=True):
         assert ddp.path == plain.path == "fast" and ddp.flag == plain.flag == "ok" and ddp.fallback == ""
         for k in FIELDS:
             assert _rel(getattr(ddp, k), getattr(plain, k)) <= 1e-13, k

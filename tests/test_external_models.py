@@ -21,13 +21,12 @@ import copy
 import pytest
 import torch
 from conftest import Case, flat, flat_loss, rel_err
+from test_fast_ops import _Replay, _steps
 from torch import nn
 from torch.nn import functional as F
 
 import alphalib
 from alphalib import external
-
-from test_fast_ops import _Replay, _steps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,6 +40,7 @@ def _one_thread():
 
 
 # ---- the models ---------------------------------------------------------------------------------------------
+
 
 def tv_resnet() -> nn.Module:
     """torchvision's ``resnet18`` structure (7×7 stem, max pooling, four stages of two ``BasicBlock`` s, one in-place
@@ -59,9 +59,20 @@ def hf_gpt2(attn: str = "sdpa", dropout: float = 0.0) -> nn.Module:
     transformers = pytest.importorskip("transformers")  # the models extra
     GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, n_inner=8,
-                        bos_token_id=0, eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                        attn_implementation=attn)
+    config = GPT2Config(
+        vocab_size=11,
+        n_positions=8,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        n_inner=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        attn_implementation=attn,
+    )
     model = GPT2LMHeadModel(config).train()
     assert model.config._attn_implementation == attn
     return model
@@ -117,8 +128,9 @@ class EncoderNet(nn.Module):
     def __init__(self, norm_first: bool, dropout: float = 0.0, vocab: int = 7, d: int = 8, classes: int = 3):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=8, dropout=dropout, batch_first=True,
-                                           norm_first=norm_first)
+        layer = nn.TransformerEncoderLayer(
+            d, 2, dim_feedforward=8, dropout=dropout, batch_first=True, norm_first=norm_first
+        )
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(d, classes)
 
@@ -147,6 +159,7 @@ def sequence_ce(logits, targets):
 
 # ---- the problems -------------------------------------------------------------------------------------------
 
+
 def _tokens(vocab: int, batch: int = 4, length: int = 6) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length))
 
@@ -168,10 +181,16 @@ MODELS = {
     "gpt2-eager": (lambda: Logits(hf_gpt2("eager")), lambda: _next_token(11), sequence_ce),
     "nanogpt": (lambda: NanoLogits(nanogpt()), lambda: _next_token(11), sequence_ce),
     "nanogpt-targets": (lambda: NanoWithTargets(nanogpt()), lambda: _next_token(11), sequence_ce),
-    "encoder-postnorm": (lambda: EncoderNet(False), lambda: (_tokens(7, 6, 5), torch.randint(0, 3, (6,))),
-                         F.cross_entropy),
-    "encoder-prenorm": (lambda: EncoderNet(True), lambda: (_tokens(7, 6, 5), torch.randint(0, 3, (6,))),
-                        F.cross_entropy),
+    "encoder-postnorm": (
+        lambda: EncoderNet(False),
+        lambda: (_tokens(7, 6, 5), torch.randint(0, 3, (6,))),
+        F.cross_entropy,
+    ),
+    "encoder-prenorm": (
+        lambda: EncoderNet(True),
+        lambda: (_tokens(7, 6, 5), torch.randint(0, 3, (6,))),
+        F.cross_entropy,
+    ),
     "lstm": (lambda: CharRNN(nn.LSTM), lambda: _next_token(7), sequence_ce),
     "gru": (lambda: CharRNN(nn.GRU), lambda: _next_token(7), sequence_ce),
 }
@@ -185,10 +204,16 @@ def _problem(name: str, seed: int = 0):
 
 #: name -> (model, objective fn(model, batch), batch): models that compute their own loss
 OBJECTIVES = {
-    "gpt2-sdpa": (lambda: hf_gpt2("sdpa"), lambda m, b: m(**b).loss,
-                  lambda: (lambda t: {"input_ids": t, "labels": t})(_tokens(11))),
-    "gpt2-eager": (lambda: hf_gpt2("eager"), lambda m, b: m(**b).loss,
-                   lambda: (lambda t: {"input_ids": t, "labels": t})(_tokens(11))),
+    "gpt2-sdpa": (
+        lambda: hf_gpt2("sdpa"),
+        lambda m, b: m(**b).loss,
+        lambda: (lambda t: {"input_ids": t, "labels": t})(_tokens(11)),
+    ),
+    "gpt2-eager": (
+        lambda: hf_gpt2("eager"),
+        lambda m, b: m(**b).loss,
+        lambda: (lambda t: {"input_ids": t, "labels": t})(_tokens(11)),
+    ),
     "nanogpt": (nanogpt, lambda m, b: m(*b)[1], lambda: _next_token(11)),
 }
 
@@ -232,12 +257,13 @@ def _objective_steps(model, fn, batch, *, path, steps=3, lr=1e-2):
     probe = alphalib.AlphaProbe(model, alphalib.objective(fn), opt, curvature="hessian", path=path)
     for _ in range(steps):
         before = [p.detach().clone() for p in model.parameters()]
-        along = _reference(Case(_Replay(_Objective(model, fn), torch.get_rng_state()), lambda loss, _: loss,
-                                (batch, None)))
+        along = _reference(
+            Case(_Replay(_Objective(model, fn), torch.get_rng_state()), lambda loss, _: loss, (batch, None))
+        )
         opt.zero_grad()
         fn(model, batch).backward()
         rec = probe.step(batch)
-        yield rec, *along(flat([p.detach() - b for p, b in zip(model.parameters(), before)]))
+        yield rec, *along(flat([p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]))
 
 
 def _exact(rec, slope, curvature) -> None:
@@ -246,6 +272,7 @@ def _exact(rec, slope, curvature) -> None:
 
 
 # ---- exact against the float64 reference -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fast_path_is_exact(name):
@@ -293,21 +320,25 @@ def test_fast_path_in_float32_within_stated_tolerance(name):
         loss_fn(model(x), y).backward()
         rec = probe.step((x, y))
         assert rec.path == "fast", rec.fallback
-        slope, curvature = along(flat([p.detach().double() - b for p, b in zip(model.parameters(), before)]))
+        slope, curvature = along(
+            flat([p.detach().double() - b for p, b in zip(model.parameters(), before, strict=True)])
+        )
         assert rel_err(rec.curvature, curvature / rec.lr**2) <= 1e-3
         assert rel_err(rec.slope, slope / rec.lr) <= 1e-3
 
 
 # ---- the fast path against the generic path on the same step ------------------------------------------------
 
+
 def _fast_and_generic(model, loss_fn, batch, curvature, steps=2):
     twin = copy.deepcopy(model)
     state = torch.get_rng_state()
     fast = [r for r, *_ in _steps(model, loss_fn, batch, curvature=curvature, steps=steps, dense=False)]
     torch.set_rng_state(state)
-    generic = [r for r, *_ in _steps(twin, loss_fn, batch, curvature=curvature, path="generic", steps=steps,
-                                     dense=False)]
-    for a, b in zip(fast, generic):
+    generic = [
+        r for r, *_ in _steps(twin, loss_fn, batch, curvature=curvature, path="generic", steps=steps, dense=False)
+    ]
+    for a, b in zip(fast, generic, strict=True):
         assert b.path == "generic"
         assert a.path == "fast" and a.fallback == "", a.fallback
         assert rel_err(a.curvature, b.curvature) <= 1e-10 and rel_err(a.slope, b.slope) <= 1e-10
@@ -396,6 +427,6 @@ def test_probing_an_objective_changes_no_bit_of_training():
 def _same_training(plain, probed) -> None:
     assert plain[0].keys() == probed[0].keys()
     assert all(torch.equal(plain[0][k], probed[0][k]) for k in plain[0])
-    for a, b in zip(plain[1]["state"].values(), probed[1]["state"].values()):
+    for a, b in zip(plain[1]["state"].values(), probed[1]["state"].values(), strict=True):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     assert torch.equal(plain[2], probed[2])

@@ -14,9 +14,16 @@ import alphalib
 from alphalib.fast import covers
 
 ACTIVATIONS = {
-    "relu": nn.ReLU(), "relu-inplace": nn.ReLU(inplace=True), "leaky_relu": nn.LeakyReLU(0.1),
-    "gelu": nn.GELU(), "gelu-tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU(), "tanh": nn.Tanh(),
-    "sigmoid": nn.Sigmoid(), "softplus": nn.Softplus(), "elu": nn.ELU(),
+    "relu": nn.ReLU(),
+    "relu-inplace": nn.ReLU(inplace=True),
+    "leaky_relu": nn.LeakyReLU(0.1),
+    "gelu": nn.GELU(),
+    "gelu-tanh": nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU(),
+    "tanh": nn.Tanh(),
+    "sigmoid": nn.Sigmoid(),
+    "softplus": nn.Softplus(),
+    "elu": nn.ELU(),
 }
 
 
@@ -32,7 +39,7 @@ def _probe_steps(model, loss_fn, batch, *, curvature="hessian", path="fast", ste
         loss_fn(model(batch[0]), batch[1]).backward()
         rec = probe.step(batch)
         assert rec.path == path
-        yield rec, flat([p.detach() - b for p, b in zip(model.parameters(), before)]), g, hess
+        yield rec, flat([p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]), g, hess
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
@@ -48,15 +55,29 @@ def test_fast_path_exact_for_every_activation(name):
 
 def _conv_net() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
-        nn.SiLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(16, 3),
+        nn.SiLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(16, 3),
     )
 
 
 def _conv1d_net() -> nn.Sequential:
-    return nn.Sequential(nn.Conv1d(2, 3, 3), nn.GELU(), nn.MaxPool1d(2), nn.AvgPool1d(2), nn.Flatten(),
-                         nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5), nn.Tanh()), nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3),
+        nn.GELU(),
+        nn.MaxPool1d(2),
+        nn.AvgPool1d(2),
+        nn.Flatten(),
+        nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5), nn.Tanh()),
+        nn.Linear(4, 3),
+    )
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
@@ -86,10 +107,10 @@ def test_fast_ggn_matches_dense_ggn_on_least_squares_and_differs_from_hessian_el
     torch.manual_seed(0)
     x, y = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 1, dtype=torch.float64)
     linear = nn.Sequential(nn.Linear(3, 1)).double()
-    for rec, delta, g, hess in _probe_steps(linear, F.mse_loss, (x, y), curvature="ggn"):
+    for rec, delta, _g, hess in _probe_steps(linear, F.mse_loss, (x, y), curvature="ggn"):
         assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-12  # GGN = H for linear models
     deep = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
-    for rec, delta, g, hess in _probe_steps(deep, F.mse_loss, (x, y), curvature="ggn"):
+    for rec, delta, _g, hess in _probe_steps(deep, F.mse_loss, (x, y), curvature="ggn"):
         assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) > 1e-6
 
 
@@ -128,7 +149,9 @@ def test_fast_path_in_float32_within_stated_tolerance(make, curvature):
         loss_fn(model(batch[0]), batch[1]).backward()
         rec = probe.step(batch)
         assert rec.path == "fast"
-        delta = flat([p.detach().double() - r.detach() for p, r in zip(model.parameters(), ref.parameters())])
+        delta = flat(
+            [p.detach().double() - r.detach() for p, r in zip(model.parameters(), ref.parameters(), strict=True)]
+        )
         inputs = batch[0].double() if batch[0].is_floating_point() else batch[0]
         g, hess = dense_hessian(Case(ref, loss_fn, (inputs, batch[1])))
         if curvature == "hessian":
@@ -257,7 +280,6 @@ def test_reused_module_falls_back_to_generic_for_the_step():
     assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
 
 
-
 def test_registered_rule_with_a_residual_around_a_layer_is_exact():
     """A layer whose input feeds other consumers too still gets the error through itself alone."""
     torch.manual_seed(0)
@@ -290,12 +312,19 @@ def test_fast_path_exact_through_group_norm(case):
     torch.manual_seed(0)
     groups, affine = {"one-group": (1, True), "per-channel": (4, True), "plain-1d": (2, False)}.get(case, (2, True))
     if case == "plain-1d":
-        model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.GroupNorm(groups, 4, affine=affine), nn.SiLU(), nn.Flatten(),
-                              nn.Linear(12, 2))
+        model = nn.Sequential(
+            nn.Conv1d(2, 4, 3), nn.GroupNorm(groups, 4, affine=affine), nn.SiLU(), nn.Flatten(), nn.Linear(12, 2)
+        )
         x = torch.randn(5, 2, 5, dtype=torch.float64)
     else:
-        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.GroupNorm(groups, 4, affine=affine),
-                              nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        model = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1, groups=2),
+            nn.GroupNorm(groups, 4, affine=affine),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 2),
+        )
         x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
     model = model.double()
     batch = (x, torch.randn(5, 2, dtype=torch.float64))

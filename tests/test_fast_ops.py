@@ -87,14 +87,23 @@ class Products(nn.Module):
         return torch.stack([torch.mv(h, self.v) * scale, torch.mv(h, self.w)], -1)
 
 
-MODELS = {"residual-tanh": lambda: Residual("tanh"), "residual-gelu": lambda: Residual("gelu"), "gated": Gated,
-          "resnet": tiny_resnet, "resnet-eval": _resnet_eval, "encoder": tiny_encoder, "groupnorm": GroupNormNet,
-          "products": Products}
+MODELS = {
+    "residual-tanh": lambda: Residual("tanh"),
+    "residual-gelu": lambda: Residual("gelu"),
+    "gated": Gated,
+    "resnet": tiny_resnet,
+    "resnet-eval": _resnet_eval,
+    "encoder": tiny_encoder,
+    "groupnorm": GroupNormNet,
+    "products": Products,
+}
 OUTPUTS = {"gated": 2, "products": 2}
-INPUTS = {"resnet": lambda: torch.randn(6, 2, 8, 8, dtype=torch.float64),
-          "resnet-eval": lambda: torch.randn(6, 2, 8, 8, dtype=torch.float64),
-          "groupnorm": lambda: torch.randn(5, 2, 4, 4, dtype=torch.float64),
-          "encoder": lambda: torch.randint(0, 7, (6, 5))}
+INPUTS = {
+    "resnet": lambda: torch.randn(6, 2, 8, 8, dtype=torch.float64),
+    "resnet-eval": lambda: torch.randn(6, 2, 8, 8, dtype=torch.float64),
+    "groupnorm": lambda: torch.randn(5, 2, 4, 4, dtype=torch.float64),
+    "encoder": lambda: torch.randint(0, 7, (6, 5)),
+}
 
 
 def _batch(name: str, loss: str = "mse"):
@@ -117,7 +126,7 @@ def _steps(model, loss_fn, batch, *, curvature="hessian", path="fast", steps=3, 
         opt.zero_grad()
         loss_fn(model(batch[0]), batch[1]).backward()
         rec = probe.step(batch)
-        yield rec, flat([p.detach() - b for p, b in zip(model.parameters(), before)]), g, hess
+        yield rec, flat([p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]), g, hess
 
 
 class _Replay(nn.Module):
@@ -156,9 +165,10 @@ def test_recorded_ops_equal_the_generic_path_on_the_same_step(name, curvature):
     state = torch.get_rng_state()
     fast = [r for r, *_ in _steps(model, F.mse_loss, batch, curvature=curvature, steps=2, dense=False)]
     torch.set_rng_state(state)
-    generic = [r for r, *_ in _steps(twin, F.mse_loss, batch, curvature=curvature, path="generic", steps=2,
-                                     dense=False)]
-    for a, b in zip(fast, generic):
+    generic = [
+        r for r, *_ in _steps(twin, F.mse_loss, batch, curvature=curvature, path="generic", steps=2, dense=False)
+    ]
+    for a, b in zip(fast, generic, strict=True):
         assert a.path == "fast" and b.path == "generic"
         assert rel_err(a.curvature, b.curvature) <= 1e-10 and rel_err(a.slope, b.slope) <= 1e-10
 
@@ -174,7 +184,7 @@ def test_an_op_without_a_rule_goes_generic_and_names_it():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.RMSNorm(4), nn.Linear(4, 1)).double()
     batch = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
-    for rec, delta, g, hess in _steps(model, F.mse_loss, batch, steps=1):
+    for rec, delta, _g, hess in _steps(model, F.mse_loss, batch, steps=1):
         assert rec.path == "generic" and "no tangent rule" in rec.fallback and "aten." in rec.fallback
         assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10
 
@@ -182,6 +192,7 @@ def test_an_op_without_a_rule_goes_generic_and_names_it():
 @pytest.mark.parametrize("name", ["gated", "resnet", "encoder"])
 def test_recording_changes_no_bit_of_training(name):
     """Parameters, buffers (BatchNorm's statistics), optimizer state and the RNG stream (dropout) end as without."""
+
     def run(probed):
         torch.manual_seed(3)
         model = MODELS[name]().double()
@@ -197,8 +208,10 @@ def test_recording_changes_no_bit_of_training(name):
 
     plain, probed = run(False), run(True)
     assert plain[0].keys() == probed[0].keys() and all(torch.equal(plain[0][k], probed[0][k]) for k in plain[0])
-    assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) for a, b in zip(plain[1]["state"].values(),
-                                                                           probed[1]["state"].values()))
+    assert all(
+        torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        for a, b in zip(plain[1]["state"].values(), probed[1]["state"].values(), strict=True)
+    )
     assert torch.equal(plain[2], probed[2]) and all(r.path == "fast" for r in probed[3].records)
 
 
@@ -282,7 +295,7 @@ def test_auto_times_both_paths_in_the_users_loop_and_keeps_the_faster(fast_s, ge
     assert set(paths[5:]) == {kept} and probe.path == kept
     if kept == "generic":
         assert probe._capture is None and "measured the generic path faster" in probe.records[-1].fallback
-    for a, b in zip(probe.records, reference.records):  # the same numbers whichever path measured them
+    for a, b in zip(probe.records, reference.records, strict=True):  # the same numbers whichever path measured them
         assert rel_err(a.curvature, b.curvature) <= 1e-10 and rel_err(a.slope, b.slope) <= 1e-10
 
 
@@ -302,6 +315,6 @@ def test_a_model_that_returns_no_tensor_is_measured_on_the_generic_path_and_says
     model = _DictOut().double()
     loss_fn = lambda out, y: F.mse_loss(out["logits"], y)  # noqa: E731
     x, y = _batch("residual-tanh")
-    for rec, delta, g, hess in _steps(model, loss_fn, (x, y), steps=2):
+    for rec, delta, _g, hess in _steps(model, loss_fn, (x, y), steps=2):
         assert rec.path == "generic" and "output" in rec.fallback  # (the proof of capture needs a tensor output)
         assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-10

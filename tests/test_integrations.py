@@ -24,7 +24,7 @@ def assert_same_records(got, want):
     """The same probed steps, with slope, curvature and alpha* equal to 1e-10 relative."""
     assert len(want) > 0
     assert [(r.step, r.epoch) for r in got] == [(r.step, r.epoch) for r in want]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         for name in MEASURED:
             a, b = getattr(g, name), getattr(w, name)
             assert math.isfinite(b), (w.step, name, b)
@@ -44,6 +44,7 @@ def assert_same_state(a: dict, b: dict):
 
 
 # ---- Lightning ------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def lightning():
@@ -69,8 +70,11 @@ def regressor(L, *, dropout=0.0, optimizer="adam", scheduler=False, manual=False
             return F.mse_loss(self(x), y)
 
         def configure_optimizers(self):
-            opt = (torch.optim.Adam(self.parameters(), lr=1e-2) if optimizer == "adam"
-                   else torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4))
+            opt = (
+                torch.optim.Adam(self.parameters(), lr=1e-2)
+                if optimizer == "adam"
+                else torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+            )
             if scheduler:
                 return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)]
             return opt
@@ -86,9 +90,18 @@ def regression_loader(shuffle=False):
 
 
 def fit(L, module, loader, callbacks=(), *, epochs=2, acc=1, clip=None):
-    trainer = L.Trainer(max_epochs=epochs, accumulate_grad_batches=acc, gradient_clip_val=clip,
-                        callbacks=list(callbacks), accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accumulate_grad_batches=acc,
+        gradient_clip_val=clip,
+        callbacks=list(callbacks),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader)
     return trainer
 
@@ -109,7 +122,7 @@ def test_lightning_records_match_a_hand_written_loop(lightning, acc, every, modu
     for epoch in range(2):
         batches = [tuple(b) for b in regression_loader()]
         for start in range(0, len(batches), acc):  # Lightning steps after the epoch's last batch too (5 = 2 + 2 + 1)
-            group = batches[start:start + acc]
+            group = batches[start : start + acc]
             opt.zero_grad()
             for x, y in group:
                 (F.mse_loss(by_hand(x), y) / acc).backward()
@@ -135,6 +148,7 @@ def test_lightning_hands_lbfgs_its_closure(lightning):
     opt = by_hand.configure_optimizers()
     probe = AlphaProbe(by_hand, F.mse_loss, opt)
     for x, y in regression_loader():
+
         def closure(x=x, y=y):
             opt.zero_grad()
             loss = F.mse_loss(by_hand(x), y)
@@ -171,8 +185,9 @@ def test_lightning_training_is_unchanged(lightning):
     assert not probed._forward_pre_hooks and not probed._forward_hooks
 
 
-@pytest.mark.parametrize("case, message", [("manual", "manual optimization"),
-                                           ("lbfgs_accumulating", "accumulate_grad_batches")])
+@pytest.mark.parametrize(
+    "case, message", [("manual", "manual optimization"), ("lbfgs_accumulating", "accumulate_grad_batches")]
+)
 def test_lightning_refuses_what_it_cannot_probe(lightning, case, message):
     from alphalib.integrations.lightning import AlphaCallback
 
@@ -189,18 +204,26 @@ def test_lightning_logs_each_record_and_resumes_from_a_checkpoint(lightning, tmp
     from alphalib.integrations.lightning import AlphaCallback
 
     def trainer(epochs, **kwargs):
-        return lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
-                                 enable_model_summary=False, log_every_n_steps=1, **kwargs)
+        return lightning.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=1,
+            **kwargs,
+        )
 
     torch.manual_seed(0)
     unbroken = AlphaCallback(F.mse_loss, every=3)
     logger = lightning.pytorch.loggers.CSVLogger(tmp_path, name="run")
-    trainer(2, callbacks=[unbroken], logger=logger, enable_checkpointing=False).fit(regressor(lightning),
-                                                                                  regression_loader())
+    trainer(2, callbacks=[unbroken], logger=logger, enable_checkpointing=False).fit(
+        regressor(lightning), regression_loader()
+    )
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["alpha/alpha_star"]]
     assert [int(r["step"]) for r in rows] == [rec.step for rec in unbroken.records] == [0, 3, 6, 9]
-    for row, rec in zip(rows, unbroken.records):
+    for row, rec in zip(rows, unbroken.records, strict=True):
         assert float(row["alpha/alpha_star"]) == pytest.approx(rec.alpha_star, rel=1e-12)
         assert float(row["alpha/alpha_star_over_lr"]) == pytest.approx(rec.ratio, rel=1e-12)
         assert float(row["alpha/curvature"]) == pytest.approx(rec.curvature, rel=1e-12)
@@ -212,12 +235,14 @@ def test_lightning_logs_each_record_and_resumes_from_a_checkpoint(lightning, tmp
     trainer(1, callbacks=[first, checkpoint], logger=False).fit(module, regression_loader())
     resumed = AlphaCallback(F.mse_loss, every=3)
     trainer(2, callbacks=[resumed], logger=False, enable_checkpointing=False).fit(
-        regressor(lightning), regression_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        regressor(lightning), regression_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     assert resumed.probe.steps == unbroken.probe.steps == 10
     assert_same_records(resumed.records, unbroken.records)
 
 
 # ---- Hugging Face --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def hf():
@@ -230,21 +255,39 @@ def hf():
 def bert(transformers, dropout=0.0):
     """A tiny float64 BERT classifier: its loss stays in float64 (the LM losses cast logits to float32)."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=16, max_position_embeddings=8, num_labels=3,
-                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = transformers.BertConfig(
+        vocab_size=16,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=8,
+        num_labels=3,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     return transformers.BertForSequenceClassification(config).double()
 
 
 def token_data():
     g = torch.Generator().manual_seed(2)
     ids, labels = torch.randint(0, 16, (20, 8), generator=g), torch.randint(0, 3, (20,), generator=g)
-    return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+    return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels, strict=True)]
 
 
 def training_args(transformers, path, **kwargs):
-    options = dict(output_dir=str(path), report_to=[], use_cpu=True, per_device_train_batch_size=4, num_train_epochs=2,
-                   save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    options = dict(
+        output_dir=str(path),
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     return transformers.TrainingArguments(**{**options, **kwargs})
 
 
@@ -265,19 +308,32 @@ def test_hf_records_match_a_hand_written_loop(hf, tmp_path, acc, every, custom):
     loss = alphalib.objective(lambda model, batch: model(**batch).loss)
     data = token_data()
     trained, by_hand = bert(hf), bert(hf)
-    args = training_args(hf, tmp_path, gradient_accumulation_steps=acc, train_sampling_strategy="sequential",
-                         lr_scheduler_type="constant", max_grad_norm=0.0)
-    trainer = AlphaTrainer(model=trained, args=args, train_dataset=data, every=every, tags={"run": "hf"},
-                           optimizers=(torch.optim.Adam(trained.parameters(), lr=1e-2), None),
-                           compute_loss_func=summed if acc > 1 else None, objective=loss if custom else None)
+    args = training_args(
+        hf,
+        tmp_path,
+        gradient_accumulation_steps=acc,
+        train_sampling_strategy="sequential",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+    )
+    trainer = AlphaTrainer(
+        model=trained,
+        args=args,
+        train_dataset=data,
+        every=every,
+        tags={"run": "hf"},
+        optimizers=(torch.optim.Adam(trained.parameters(), lr=1e-2), None),
+        compute_loss_func=summed if acc > 1 else None,
+        objective=loss if custom else None,
+    )
     quiet(trainer, hf).train()
 
     opt = torch.optim.Adam(by_hand.parameters(), lr=1e-2)
     probe = AlphaProbe(by_hand, loss, opt, every=every)
-    batches = [hf.default_data_collator(data[i:i + 4]) for i in range(0, len(data), 4)]
+    batches = [hf.default_data_collator(data[i : i + 4]) for i in range(0, len(data), 4)]
     for epoch in range(2):
         for start in range(0, len(batches), acc):  # the Trainer's last step of an epoch takes what is left
-            group = batches[start:start + acc]
+            group = batches[start : start + acc]
             opt.zero_grad()
             for batch in group:
                 (by_hand(**batch).loss / len(group)).backward()
@@ -287,8 +343,10 @@ def test_hf_records_match_a_hand_written_loop(hf, tmp_path, acc, every, custom):
     assert_same_records(trainer.records, probe.records)
     assert trainer.probe.steps == probe.steps == 2 * math.ceil(5 / acc)
     assert set(trainer.to_frame()["run"]) == {"hf"}
-    for a, b in zip(trained.parameters(), by_hand.parameters()):  # the same trajectory (the Trainer divides a sum
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)      # by the count where the hand takes a mean)
+    for a, b in zip(
+        trained.parameters(), by_hand.parameters(), strict=True
+    ):  # the same trajectory (the Trainer divides a sum
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)  # by the count where the hand takes a mean)
 
 
 def test_hf_measures_the_loss_the_trainer_backpropagates(hf, tmp_path):
@@ -304,8 +362,11 @@ def test_hf_measures_the_loss_the_trainer_backpropagates(hf, tmp_path):
             self.norms = []
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            self.norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
-                                                                    if p.grad is not None])).item())
+            self.norms.append(
+                torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+                ).item()
+            )
 
     grads = Grads()
     args = training_args(hf, tmp_path, gradient_accumulation_steps=2, max_grad_norm=0.0, num_train_epochs=1)
@@ -313,7 +374,7 @@ def test_hf_measures_the_loss_the_trainer_backpropagates(hf, tmp_path):
     quiet(trainer, hf).train()
 
     assert len(trainer.records) == len(grads.norms) == 3
-    for rec, norm in zip(trainer.records, grads.norms):
+    for rec, norm in zip(trainer.records, grads.norms, strict=True):
         assert rec.grad_norm == pytest.approx(norm, rel=1e-10)
 
 
@@ -343,8 +404,11 @@ def test_hf_training_is_unchanged(hf, tmp_path):
 
 # ---- without the frameworks --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("module, hidden, extra", [("lightning", ("lightning", "lightning.pytorch"), "lightning"),
-                                                   ("hf", ("transformers",), "hf")])
+
+@pytest.mark.parametrize(
+    "module, hidden, extra",
+    [("lightning", ("lightning", "lightning.pytorch"), "lightning"), ("hf", ("transformers",), "hf")],
+)
 def test_a_missing_framework_names_the_extra(monkeypatch, module, hidden, extra):
     for name in hidden:
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
@@ -355,8 +419,10 @@ def test_a_missing_framework_names_the_extra(monkeypatch, module, hidden, extra)
 
 
 @pytest.mark.parametrize("framework", ["lightning", "hf"])
-@pytest.mark.parametrize("options, error", [({"every": 0}, ValueError), ({"curvature": "exact"}, ValueError),
-                                            ({"probe_options": {"evry": 2}}, TypeError)])
+@pytest.mark.parametrize(
+    "options, error",
+    [({"every": 0}, ValueError), ({"curvature": "exact"}, ValueError), ({"probe_options": {"evry": 2}}, TypeError)],
+)
 def test_mistakes_raise_before_training(framework, options, error):
     if framework == "lightning":
         pytest.importorskip("lightning")
@@ -384,7 +450,7 @@ def test_hf_log_history_carries_alpha_star(hf, tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     records = trainer.records
     assert [h["step"] for h in logs] == [2, 4] and len(records) == 5
-    for h, since in zip(logs, (records[0:2], records[2:4])):
+    for h, since in zip(logs, (records[0:2], records[2:4]), strict=True):
         ratios = sorted(r.ratio for r in since)
         assert h["alpha/alpha_star_over_lr"] == pytest.approx(sum(ratios) / 2, rel=1e-12)  # the median of two
         assert h["alpha/alpha_star"] == pytest.approx(sum(r.alpha_star for r in since) / 2, rel=1e-12)

@@ -26,7 +26,7 @@ def _train(epochs: int = 3, listener=None, seed: int = 0):
         probe.listeners.append(listener)
     x, y = torch.randn(4, 8, 3, dtype=torch.float64), torch.randn(4, 8, 1, dtype=torch.float64)
     for epoch in range(epochs):
-        for xb, yb in zip(x, y):
+        for xb, yb in zip(x, y, strict=True):
             opt.zero_grad()
             F.mse_loss(model(xb), yb).backward()
             probe.step((xb, yb), epoch=epoch)
@@ -41,13 +41,16 @@ class ZMQInteractiveShell:  # the class name is what frontend() looks at
         self.user_ns = user_ns
 
 
-@pytest.mark.parametrize(("shell", "env", "shown"), [
-    (None, {}, False),  # a plain script
-    (ZMQInteractiveShell(), {}, False),  # papermill, nbval: a kernel without a server
-    (ZMQInteractiveShell(), {"JPY_SESSION_NAME": "/nb/00_explore.ipynb"}, True),  # JupyterLab, Notebook
-    (ZMQInteractiveShell(__vsc_ipynb_file__="/nb/x.ipynb"), {}, True),  # VS Code
-    (type("TerminalInteractiveShell", (), {"user_ns": {}})(), {"JPY_SESSION_NAME": "x"}, False),  # terminal
-])
+@pytest.mark.parametrize(
+    ("shell", "env", "shown"),
+    [
+        (None, {}, False),  # a plain script
+        (ZMQInteractiveShell(), {}, False),  # papermill, nbval: a kernel without a server
+        (ZMQInteractiveShell(), {"JPY_SESSION_NAME": "/nb/00_explore.ipynb"}, True),  # JupyterLab, Notebook
+        (ZMQInteractiveShell(__vsc_ipynb_file__="/nb/x.ipynb"), {}, True),  # VS Code
+        (type("TerminalInteractiveShell", (), {"user_ns": {}})(), {"JPY_SESSION_NAME": "x"}, False),  # terminal
+    ],
+)
 def test_frontend_is_seen_only_where_a_notebook_shows_output(monkeypatch, shell, env, shown):
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
     for key, value in env.items():
@@ -227,11 +230,12 @@ def sweep():
                 torch.manual_seed(seed)
                 model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
                 opt = getattr(torch.optim, optimizer)(model.parameters(), lr=lr)
-                probe = alphalib.AlphaProbe(model, F.mse_loss, opt, tags={"optimizer": optimizer, "lr0": lr,
-                                                                         "seed": seed, "problem": "toy"})
+                probe = alphalib.AlphaProbe(
+                    model, F.mse_loss, opt, tags={"optimizer": optimizer, "lr0": lr, "seed": seed, "problem": "toy"}
+                )
                 x, y = torch.randn(6, 8, 3, dtype=torch.float64), torch.randn(6, 8, 1, dtype=torch.float64)
                 for epoch in range(3):
-                    for xb, yb in zip(x, y):
+                    for xb, yb in zip(x, y, strict=True):
                         opt.zero_grad()
                         F.mse_loss(model(xb), yb).backward()
                         probe.step((xb, yb), epoch=epoch)
@@ -260,8 +264,9 @@ def test_explorer_draws_the_chosen_run_and_its_sweep(sweep):
 
     # left: one dot per (lr, epoch) at the median α* of its ok steps, on log-log axes
     assert (left.get_xscale(), left.get_yscale()) == ("log", "log") and left.get_xlabel() == "learning rate"
-    expected = sorted((lr, float(np.median(g.alpha_star[g.flag == "ok"])))
-                      for (lr, _), g in every_lr.groupby(["lr", "epoch"]))
+    expected = sorted(
+        (lr, float(np.median(g.alpha_star[g.flag == "ok"]))) for (lr, _), g in every_lr.groupby(["lr", "epoch"])
+    )
     dots = sorted(map(tuple, left.collections[0].get_offsets()))
     np.testing.assert_allclose(dots, expected)
     chosen = left.collections[-1].get_offsets()[0]  # the ring: the chosen run's last epoch
@@ -277,8 +282,9 @@ def test_explorer_draws_the_chosen_run_and_its_sweep(sweep):
     assert ex.summary.index.tolist() == [1, 2, 3]
     np.testing.assert_allclose(ex.summary["median α*/lr"], medians)
     np.testing.assert_allclose(ex.summary["ok steps"], [(run.flag[run.epoch == e] == "ok").sum() for e in range(3)])
-    np.testing.assert_allclose(ex.summary["H<0 share"],
-                               [run.flag[run.epoch == e].str.contains("negative").mean() for e in range(3)])
+    np.testing.assert_allclose(
+        ex.summary["H<0 share"], [run.flag[run.epoch == e].str.contains("negative").mean() for e in range(3)]
+    )
     np.testing.assert_allclose(ex.summary["mean loss"], [run.loss[run.epoch == e].mean() for e in range(3)])
     assert "median α*/lr" in ex.table.value and bytes(ex.image.value).startswith(b"\x89PNG")
 
@@ -304,9 +310,12 @@ def test_explorer_and_live_view_are_readable_at_100_percent_zoom(sweep, tmp_path
 
 def test_explorer_table_leaves_odd_steps_out_of_the_medians():
     """Steps with H < 0 along d have a negative α*: the table's medians, like the figure's, leave them out."""
-    rows = [dict(step=s, epoch=0, lr=1e-3, alpha_star=a, ratio=a / 1e-3, flag=f, loss=1.0, optimizer="Adam")
-            for s, (a, f) in enumerate([(-0.5, "negative_curvature"), (-0.4, "negative_curvature"), (0.02, "ok"),
-                                        (0.04, "ok"), (0.03, "ok")])]
+    rows = [
+        dict(step=s, epoch=0, lr=1e-3, alpha_star=a, ratio=a / 1e-3, flag=f, loss=1.0, optimizer="Adam")
+        for s, (a, f) in enumerate(
+            [(-0.5, "negative_curvature"), (-0.4, "negative_curvature"), (0.02, "ok"), (0.04, "ok"), (0.03, "ok")]
+        )
+    ]
     ex = live.explore(pd.DataFrame(rows))
     row = ex.summary.loc[1]
     assert (row["steps"], row["ok steps"], row["median α*"], row["H<0 share"]) == (5, 3, 0.03, 0.4)
@@ -319,8 +328,9 @@ def test_explorer_reads_a_folder_of_records_files(sweep, tmp_path):
     ex = live.explore(tmp_path)
     assert [v for _, v in ex.controls["sweep"].options] == ["adam", "more/sgd"]
     ex.controls["sweep"].value = "more/sgd"
-    assert ex.selection["optimizer"] == "SGD" and len(ex.rows()) == len(sweep[(sweep.optimizer == "SGD")
-                                                                            & (sweep.seed == 0)])
+    assert ex.selection["optimizer"] == "SGD" and len(ex.rows()) == len(
+        sweep[(sweep.optimizer == "SGD") & (sweep.seed == 0)]
+    )
 
 
 def test_explorer_says_what_is_wrong(tmp_path, sweep):
@@ -367,14 +377,18 @@ def test_in_a_real_kernel_the_view_is_silent_headless_and_shown_under_a_server(t
     if server:
         monkeypatch.setenv("JPY_SESSION_NAME", str(tmp_path / "live.ipynb"))
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(
-        "import torch, alphalib\n"
-        "h = alphalib.run(alphalib.SimpleNet, torch.nn.MSELoss(), alphalib.gaussian_regression(n=64), epochs=3,\n"
-        "                 live=True, progress=False)\n"
-        "print(alphalib.live.frontend(), len(h.records))")]
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "import torch, alphalib\n"
+            "h = alphalib.run(alphalib.SimpleNet, torch.nn.MSELoss(), alphalib.gaussian_regression(n=64), epochs=3,\n"
+            "                 live=True, progress=False)\n"
+            "print(alphalib.live.frontend(), len(h.records))"
+        )
+    ]
     nbformat.write(nb, tmp_path / "live.ipynb")
-    papermill.execute_notebook(tmp_path / "live.ipynb", tmp_path / "out.ipynb", kernel_name="python3",
-                               progress_bar=False, cwd=tmp_path)
+    papermill.execute_notebook(
+        tmp_path / "live.ipynb", tmp_path / "out.ipynb", kernel_name="python3", progress_bar=False, cwd=tmp_path
+    )
     outputs = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].outputs
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     shown = [o for o in outputs if o.output_type == "display_data"]

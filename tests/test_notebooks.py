@@ -94,8 +94,14 @@ def test_papermill_refuses_a_misspelt_parameter_before_training(tmp_path):
     papermill = pytest.importorskip("papermill")
     path = next(p for p in NOTEBOOKS if p.stem.startswith("05"))
     with pytest.raises(papermill.PapermillExecutionError, match="unknown parameter 'epochz'.*did you mean 'epochs'"):
-        papermill.execute_notebook(str(path), str(tmp_path / "out.ipynb"), parameters={"epochz": 1},
-                                   cwd=str(path.parent), progress_bar=False, kernel_name="python3")
+        papermill.execute_notebook(
+            str(path),
+            str(tmp_path / "out.ipynb"),
+            parameters={"epochz": 1},
+            cwd=str(path.parent),
+            progress_bar=False,
+            kernel_name="python3",
+        )
 
 
 MISMATCH = """\
@@ -116,8 +122,12 @@ def test_nbval_compares_the_summary_cell_with_its_stored_output(tmp_path, stored
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), cell])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "summary.ipynb")
-    ran = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "summary.ipynb"],
-                         cwd=tmp_path, capture_output=True, text=True)
+    ran = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "summary.ipynb"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     if stored == "3.1\n":
         assert ran.returncode == 0, ran.stdout
     else:

@@ -16,8 +16,15 @@ import alphalib
 from alphalib import _ops, _trained, fast
 from alphalib.models import CausalSelfAttention
 
-OPS = ["gelu_backward", "silu_backward", "layer_norm", "layer_norm_backward", "softmax_backward", "pool_indices",
-       "conv"]
+OPS = [
+    "gelu_backward",
+    "silu_backward",
+    "layer_norm",
+    "layer_norm_backward",
+    "softmax_backward",
+    "pool_indices",
+    "conv",
+]
 INTERNALS = ["version", "hooks", "parameter_slot"]  # torch internals the probe reads; each fails safe
 RAISING = [name for name in OPS if name != "pool_indices"]  # pool_indices returns None instead
 
@@ -51,6 +58,7 @@ def test_each_op_is_checked_once(fresh, monkeypatch):
 
 
 # ---- each wrapper against an independent autograd computation -----------------------------------------------
+
 
 @pytest.mark.parametrize("fn", [F.gelu, F.silu])
 def test_activation_backward_is_the_vjp(fn):
@@ -170,16 +178,19 @@ def test_pool_indices_are_none_when_unverified(fresh, monkeypatch, impl):
 
 # ---- every call site goes through the shim ----------------------------------------------------------------------
 
+
 def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     if name in ("gelu_backward", "silu_backward"):
-        return nn.Sequential(nn.Linear(3, 4), nn.GELU() if name == "gelu_backward" else nn.SiLU(), nn.Linear(4, 2)), \
-            torch.randn(5, 3)
+        return nn.Sequential(
+            nn.Linear(3, 4), nn.GELU() if name == "gelu_backward" else nn.SiLU(), nn.Linear(4, 2)
+        ), torch.randn(5, 3)
     if name in ("layer_norm", "layer_norm_backward"):
         return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), torch.randn(5, 3)
     if name == "softmax_backward":
         return nn.Sequential(nn.Linear(3, 4), CausalSelfAttention(4, 2), nn.Linear(4, 2)), torch.randn(5, 3, 3)
-    return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(15, 2)), \
-        torch.randn(5, 2, 5)
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(15, 2)
+    ), torch.randn(5, 2, 5)
 
 
 @pytest.mark.parametrize("name", RAISING)
@@ -215,11 +226,12 @@ def test_second_order_differentiates_weight_norm_as_its_composite_form():
     want = torch.autograd.functional.vhp(loss(composite), (g, v), d)[1]
     with _ops.second_order():
         got = torch.autograd.functional.vhp(loss(torch._weight_norm), (g, v), d)[1]
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 # ---- torch internals the probe reads: where one is gone, the probe loses a proof, never a value ----------------
+
 
 def _probed_record(model: nn.Module, **kw) -> object:
     """One probed Adam step of ``model`` on a fixed batch; return the record and the dense-Hessian reference."""
@@ -237,11 +249,11 @@ def _probed_record(model: nn.Module, **kw) -> object:
 
     def loss(flat: torch.Tensor) -> torch.Tensor:
         chunks = flat.split([p.numel() for p in params])
-        values = {n: c.view_as(p) for n, c, p in zip(names, chunks, params)}
+        values = {n: c.view_as(p) for n, c, p in zip(names, chunks, params, strict=True)}
         return F.mse_loss(functional_call(model, values, (x,)), y)
 
     hess = torch.autograd.functional.hessian(loss, theta)
-    return rec, (delta @ hess @ delta).item() / rec.step_size ** 2
+    return rec, (delta @ hess @ delta).item() / rec.step_size**2
 
 
 def _net() -> nn.Module:
@@ -264,7 +276,7 @@ def test_missing_hook_tables_refuse_before_stepping(fresh, monkeypatch):
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"cannot measure on torch .* hook tables .* Nothing was stepped"):
         _probed_record(model)  # backward hooks it can neither see nor switch off could change the gradient
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
 
 
 def test_the_hook_tables_are_those_register_fills(fresh):
@@ -295,10 +307,10 @@ def test_foreach_helpers_match_plain_loops_with_and_without_torchs_kernels(monke
             monkeypatch.setattr(_ops, "_foreach", lambda name: None)
         assert torch.allclose(_ops.norms(a), torch.tensor([x.norm().item() for x in a]))
         assert math.isclose(_ops.norm(a), torch.cat([x.reshape(-1) for x in a]).norm().item(), rel_tol=1e-6)
-        assert all(torch.equal(x, y - z) for x, y, z in zip(_ops.sub(a, b), a, b))
-        assert all(torch.equal(x, y / 4) for x, y in zip(_ops.div(a, 4.0), a))
+        assert all(torch.equal(x, y - z) for x, y, z in zip(_ops.sub(a, b), a, b, strict=True))
+        assert all(torch.equal(x, y / 4) for x, y in zip(_ops.div(a, 4.0), a, strict=True))
         copies = [x.clone() for x in a]
-        assert all(torch.equal(x, z - y) for x, y, z in zip(_ops.rsub_(copies, b), a, b))
+        assert all(torch.equal(x, z - y) for x, y, z in zip(_ops.rsub_(copies, b), a, b, strict=True))
 
 
 class _Functional(nn.Module):

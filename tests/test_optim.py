@@ -49,7 +49,7 @@ def test_records_match_dense_hessian_for_learning_rate_free_optimizers(name, pro
         case.loss_fn(case.model(x), y).backward()
         rec = probe.step(case.batch)
         assert rec.path == path and rec.flag in ("ok", "negative_curvature", "ascent")
-        delta = flat([p.detach() - b for p, b in zip(case.model.parameters(), before)])
+        delta = flat([p.detach() - b for p, b in zip(case.model.parameters(), before, strict=True)])
         s = rec.step_size
         assert s > 0 and s != rec.lr or name == "schedulefree_adamw"
         assert rel_err(rec.slope * s, delta @ g) <= 1e-10
@@ -100,8 +100,12 @@ def test_prodigy_step_size_is_d_lr_with_the_estimate_the_step_starts_from():
     rec, before, _, after = steps[-1]  # the last step's state is what it used
     group = opt.param_groups[0]
     params = list(opt.state)
-    step = torch.cat([(opt.state[p]["exp_avg"] / (opt.state[p]["exp_avg_sq"].sqrt() + group["d"] * group["eps"]))
-                      .reshape(-1) for p in params])
+    step = torch.cat(
+        [
+            (opt.state[p]["exp_avg"] / (opt.state[p]["exp_avg_sq"].sqrt() + group["d"] * group["eps"])).reshape(-1)
+            for p in params
+        ]
+    )
     assert rel_err(flat(after) - flat(before), -rec.step_size * step) <= 1e-12  # coupled decay went into .grad
     assert len({r.step_size for r, *_ in steps}) > 1  # d moved
 
@@ -140,7 +144,7 @@ def _same(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b or a != a and b != b
 
 
@@ -179,7 +183,7 @@ def test_schedulefree_in_eval_mode_is_refused_before_anything_changes():
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"eval mode.*optimizer.train\(\)"):
         probe.step((x, y))
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and probe.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)) and probe.steps == 0
 
 
 def test_schedulefree_is_measured_at_the_gradient_point_not_the_average():
@@ -207,7 +211,8 @@ def test_names_kwargs_and_errors():
     assert type(alphalib.make_optimizer("Adam", model.parameters())).__name__ == "Adam"
     assert alphalib.make_optimizer("prodigy", model.parameters()).param_groups[0]["lr"] == 1.0  # its own default
     assert {"adam", "sgd", "prodigy", "dadapt_adam", "dog", "schedulefree_adamw", "alpha_scaled"} <= set(
-        alphalib.OPTIMIZERS)
+        alphalib.OPTIMIZERS
+    )
     with pytest.raises(ValueError, match="unknown optimizer 'prodigi'.*prodigy"):
         alphalib.make_optimizer("prodigi", model.parameters())
     with pytest.raises(ValueError, match="model= and loss_fn="):
@@ -228,8 +233,9 @@ def test_a_missing_package_names_the_extra(monkeypatch):
 def test_run_builds_every_optimizer_by_name():
     data = alphalib.gaussian_regression(n=64, seed=0)
     for name in ("prodigy", "dadapt_adam", "dog", "schedulefree_adamw"):
-        history = alphalib.run(alphalib.SimpleNet, F.mse_loss, data, optimizer=name, epochs=2, progress=False,
-                               val_set=data)
+        history = alphalib.run(
+            alphalib.SimpleNet, F.mse_loss, data, optimizer=name, epochs=2, progress=False, val_set=data
+        )
         recs = history.records
         assert len(recs) == 4 and (recs.optimizer == name).all() and (recs.flag != "error").all()
         assert (history.epochs.lr0 == recs.lr.iloc[0]).all() and recs.step_size.notna().all()
@@ -247,4 +253,6 @@ def test_step_size_looks_through_a_wrapper_that_holds_the_optimizer():
 
     steps, opt = _mlp_steps("prodigy", steps=2)
     read = alphalib.step_size(Wrapper(opt))
-    assert read() == opt.param_groups[0]["d"] * 1.0 * math.sqrt(1 - 0.999**3) / (1 - 0.9**3) != opt.param_groups[0]["lr"]
+    assert (
+        read() == opt.param_groups[0]["d"] * 1.0 * math.sqrt(1 - 0.999**3) / (1 - 0.9**3) != opt.param_groups[0]["lr"]
+    )

@@ -18,10 +18,17 @@ def records() -> pd.DataFrame:
     flags = ["ok"] * 6 + ["negative_curvature", "ascent", "zero_step", "negative_curvature|ascent"]
     ratio = [2.0, 4.0, 8.0, 3.0, 5.0, 7.0, -1.0, -2.0, np.nan, 3.0]
     lr = 0.01
-    return pd.DataFrame({
-        "step": range(10), "epoch": [0] * 5 + [1] * 5, "flag": flags, "lr": lr,
-        "ratio": ratio, "alpha_star": [r * lr for r in ratio], "optimizer": ["A", "B"] * 5,
-    })
+    return pd.DataFrame(
+        {
+            "step": range(10),
+            "epoch": [0] * 5 + [1] * 5,
+            "flag": flags,
+            "lr": lr,
+            "ratio": ratio,
+            "alpha_star": [r * lr for r in ratio],
+            "optimizer": ["A", "B"] * 5,
+        }
+    )
 
 
 def test_alpha_per_step_accounts_for_every_step(records):
@@ -49,8 +56,15 @@ def test_alpha_per_step_draws_the_step_size_a_learning_rate_free_optimizer_chose
 
 
 def test_ratio_bands_and_losses_draw_each_scope_and_the_references():
-    summary = pd.DataFrame({"epoch": [0, 1] * 2, "median": [3.0, 4.0, 30.0, 40.0], "lo": [2.0, 3.0, 20.0, 30.0],
-                            "hi": [4.0, 5.0, 40.0, 50.0], "scope": ["full data"] * 2 + ["batch"] * 2})
+    summary = pd.DataFrame(
+        {
+            "epoch": [0, 1] * 2,
+            "median": [3.0, 4.0, 30.0, 40.0],
+            "lo": [2.0, 3.0, 20.0, 30.0],
+            "hi": [4.0, 5.0, 40.0, 50.0],
+            "scope": ["full data"] * 2 + ["batch"] * 2,
+        }
+    )
     ax = plot.ratio_bands(summary)
     assert ax.get_yscale() == "log" and {"full data", "batch"} <= {line.get_label() for line in ax.lines}
     assert len(ax.collections) == 2 and any(np.all(np.asarray(line.get_ydata()) == 1.0) for line in ax.lines)
@@ -99,7 +113,7 @@ def test_odd_share_counts_each_group_and_names_its_lr(records):
     ax = plot.odd_share(records.assign(lr0=records.optimizer.map({"A": 1e-3, "B": 3e-2})), "optimizer")
     assert [t.get_text() for t in ax.get_xticklabels()] == ["A\nlr 1e-3\n5 steps", "B\nlr 3e-2\n5 steps"]
     kinds = [t.get_text() for t in ax.get_legend().get_texts()]
-    heights = {kind: [bar.get_height() for bar in bars] for kind, bars in zip(kinds, ax.containers)}
+    heights = {kind: [bar.get_height() for bar in bars] for kind, bars in zip(kinds, ax.containers, strict=True)}
     assert heights == {"negative curvature": [0.2, 0.2], "ascent (dᵀg > 0)": [0.0, 0.4]}
 
 

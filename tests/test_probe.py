@@ -28,14 +28,24 @@ def _run(model, opt, batches, probe=None):
 
 def _batches(n=6, d_in=4, d_out=1, size=8, dtype=torch.float64):
     gen = torch.Generator().manual_seed(3)
-    return [(torch.randn(size, d_in, generator=gen, dtype=dtype), torch.randn(size, d_out, generator=gen, dtype=dtype))
-            for _ in range(n)]
+    return [
+        (torch.randn(size, d_in, generator=gen, dtype=dtype), torch.randn(size, d_out, generator=gen, dtype=dtype))
+        for _ in range(n)
+    ]
 
 
 def _noisy_net() -> nn.Module:
     """Dropout everywhere, and BatchNorm (its running statistics must end as without the probe)."""
-    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 8), nn.ReLU(),
-                         nn.Dropout(0.2), nn.Linear(8, 1))
+    return nn.Sequential(
+        nn.Linear(4, 8),
+        nn.BatchNorm1d(8),
+        nn.Tanh(),
+        nn.Dropout(0.3),
+        nn.Linear(8, 8),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(8, 1),
+    )
 
 
 @pytest.mark.parametrize("net", ["noisy", "residual"])
@@ -52,12 +62,13 @@ def test_probe_is_a_pure_observer(backend, path, net):
         shape = dict(d_in=4, d_out=1) if net == "noisy" else dict(d_in=3, d_out=2)
         records = _run(model, opt, _batches(**shape, dtype=torch.float32), probe)
         # (a float32 secant near rounding is measured again in float64, generic: after its fast attempt)
-        assert not probed or all((r.path == path or "secant's difference" in r.fallback) and r.flag != "error"
-                                 for r in records)
+        assert not probed or all(
+            (r.path == path or "secant's difference" in r.fallback) and r.flag != "error" for r in records
+        )
         runs.append((model, opt, torch.get_rng_state()))
     (m0, o0, rng0), (m1, o1, rng1) = runs
-    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values()))
-    assert all(torch.equal(a.grad, b.grad) for a, b in zip(m0.parameters(), m1.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values(), strict=True))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(m0.parameters(), m1.parameters(), strict=True))
     s0, s1 = o0.state_dict()["state"], o1.state_dict()["state"]
     assert all(torch.equal(s0[i][k], s1[i][k]) for i in s0 for k in s0[i])
     assert torch.equal(rng0, rng1)
@@ -80,7 +91,7 @@ def test_records_match_dense_hessian_along_realized_step(case, opt_name, path):
         case.loss_fn(case.model(x), y).backward()
         rec = probe.step(case.batch)
         assert rec.path == path
-        delta = flat([p.detach() - b for p, b in zip(case.model.parameters(), before)])
+        delta = flat([p.detach() - b for p, b in zip(case.model.parameters(), before, strict=True)])
         lr = opt.param_groups[0]["lr"]
         assert rel_err(rec.slope, delta @ g / lr) <= 1e-10
         assert rel_err(rec.curvature, delta @ hess @ delta / lr**2) <= 1e-10
@@ -127,16 +138,18 @@ def test_float32_secant_is_kept_only_where_rounding_cannot_reach_1e_3(lr, kept):
         F.mse_loss(model(x), y).backward()
         rec = probe.step((x, y))
         theta = [p.detach().double().requires_grad_(True) for p in wide.parameters()]
-        delta = [p.detach().double() - t.detach() for p, t in zip(model.parameters(), theta)]
+        delta = [p.detach().double() - t.detach() for p, t in zip(model.parameters(), theta, strict=True)]
         names = [n for n, _ in wide.named_parameters()]
 
-        def loss(params):
-            return F.mse_loss(torch.func.functional_call(wide, dict(zip(names, params)), (x.double(),)), y.double())
+        def loss(params, wide=wide, names=names, x=x, y=y):
+            return F.mse_loss(
+                torch.func.functional_call(wide, dict(zip(names, params, strict=True)), (x.double(),)), y.double()
+            )
 
         value = loss(theta)
-        slope = sum((g * d).sum() for g, d in zip(torch.autograd.grad(value, theta), delta))
+        slope = sum((g * d).sum() for g, d in zip(torch.autograd.grad(value, theta), delta, strict=True))
         with torch.no_grad():
-            curvature = 2 * (loss([t + d for t, d in zip(theta, delta)]) - value - slope)
+            curvature = 2 * (loss([t + d for t, d in zip(theta, delta, strict=True)]) - value - slope)
         assert rel_err(rec.ratio, float(-slope / curvature)) < 1e-3
         assert (rec.path == "fast") == kept, rec.fallback
         assert kept or "secant's difference of losses" in rec.fallback
@@ -145,6 +158,7 @@ def test_float32_secant_is_kept_only_where_rounding_cannot_reach_1e_3(lr, kept):
 def test_a_probe_resumes_from_its_state_dict_as_if_unbroken(tmp_path):
     """torch.save the probe's state with the model's and optimizer's; a new probe goes on: the same steps probed,
     the same records."""
+
     def setup():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
@@ -174,14 +188,16 @@ def test_a_probe_resumes_from_its_state_dict_as_if_unbroken(tmp_path):
 def test_param_groups_with_different_lrs_keep_ratio_defined():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
-    opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[2].parameters(), "lr": 1e-3}])
+    opt = torch.optim.Adam(
+        [{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[2].parameters(), "lr": 1e-3}]
+    )
     probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
     case = Case(model, F.mse_loss, _batches()[0])
     for _ in range(3):
         before = [p.detach().clone() for p in model.parameters()]
         g, hess = dense_hessian(case)
         rec = _run(model, opt, [case.batch], probe)[0]
-        delta = flat([p.detach() - b for p, b in zip(model.parameters(), before)])
+        delta = flat([p.detach() - b for p, b in zip(model.parameters(), before, strict=True)])
         assert rel_err(rec.ratio, -(delta @ g) / (delta @ hess @ delta)) <= 1e-10
         assert rec.lr == 1e-2 and rel_err(rec.alpha_star, rec.ratio * 1e-2) <= 1e-15
 
@@ -278,13 +294,28 @@ def test_to_frame_has_the_documented_columns_and_tags():
     probe = alphalib.AlphaProbe(model, F.mse_loss, opt, tags={"optimizer": "Adam", "seed": 0})
     _run(model, opt, _batches(n=3), probe)
     frame = probe.to_frame()
-    expected = {"step", "epoch", "loss", "lr", "slope", "curvature", "alpha_star", "ratio", "grad_norm",
-                "step_norm", "flag", "backend", "optimizer", "seed"}
+    expected = {
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "slope",
+        "curvature",
+        "alpha_star",
+        "ratio",
+        "grad_norm",
+        "step_norm",
+        "flag",
+        "backend",
+        "optimizer",
+        "seed",
+    }
     assert expected <= set(frame.columns) and len(frame) == 3
     assert (frame["optimizer"] == "Adam").all()
 
 
 # ---- a good citizen: errors before stepping, hooks that do not get in the way --------------------------------
+
 
 def _params(model):
     return [p.detach().clone() for p in model.parameters()]
@@ -299,8 +330,12 @@ def test_bad_construction_is_refused_at_once():
     with pytest.raises(ValueError, match="not parameters of the model"):
         alphalib.AlphaProbe(model, F.mse_loss, torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1))
     with pytest.raises(ValueError, match="ggn"):
-        alphalib.AlphaProbe(model, alphalib.objective(lambda m, b: m(b).sum()), torch.optim.SGD(model.parameters(),
-                            lr=0.1), curvature="ggn")
+        alphalib.AlphaProbe(
+            model,
+            alphalib.objective(lambda m, b: m(b).sum()),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            curvature="ggn",
+        )
 
 
 class _TupleNet(nn.Module):
@@ -326,7 +361,7 @@ def test_unmeasurable_loss_raises_before_the_step(what):
     before = _params(model)
     with pytest.raises(ValueError, match="objective" if what == "tuple-output" else "scalar"):
         probe.step((x, y))
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was stepped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # nothing was stepped
     assert probe.steps == 0 and not probe.records
 
 
@@ -368,8 +403,9 @@ def test_hooks_survive_deepcopy_and_torch_save_and_are_removed():
             model.train()
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    assert all(not p._backward_hooks and not getattr(p, "_post_accumulate_grad_hooks", None)
-               for p in model.parameters())
+    assert all(
+        not p._backward_hooks and not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters()
+    )
     assert len(probe.records) == 2
 
 

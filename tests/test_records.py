@@ -33,8 +33,17 @@ def test_classify(slope, curvature, step_norm, flag):
 
 def test_make_record_converts_the_realized_step_to_lr_units():
     lr = 0.01
-    rec = make_record(step=3, epoch=1, loss=0.5, lr=lr, step_slope=-2e-3, step_curvature=4e-5,
-                      grad_norm=1.0, step_norm=0.1, backend="hessian")
+    rec = make_record(
+        step=3,
+        epoch=1,
+        loss=0.5,
+        lr=lr,
+        step_slope=-2e-3,
+        step_curvature=4e-5,
+        grad_norm=1.0,
+        step_norm=0.1,
+        backend="hessian",
+    )
     assert rec.ratio == pytest.approx(50.0)  # -(-2e-3) / 4e-5
     assert rec.alpha_star == pytest.approx(0.5)
     assert rec.slope == pytest.approx(-0.2) and rec.curvature == pytest.approx(0.4)
@@ -42,14 +51,16 @@ def test_make_record_converts_the_realized_step_to_lr_units():
 
 
 def test_epoch_summary_counts_by_hand():
-    frame = pd.DataFrame({
-        "epoch": [0, 0, 0, 1, 1],
-        "step": [0, 1, 2, 3, 4],
-        "alpha_star": [1.0, 3.0, -2.0, 5.0, 7.0],
-        "ratio": [10.0, 30.0, -20.0, 50.0, 70.0],
-        "loss": [1.0, 2.0, 3.0, 4.0, 6.0],
-        "flag": ["ok", "ascent", "negative_curvature", "ok", "ok"],
-    })
+    frame = pd.DataFrame(
+        {
+            "epoch": [0, 0, 0, 1, 1],
+            "step": [0, 1, 2, 3, 4],
+            "alpha_star": [1.0, 3.0, -2.0, 5.0, 7.0],
+            "ratio": [10.0, 30.0, -20.0, 50.0, 70.0],
+            "loss": [1.0, 2.0, 3.0, 4.0, 6.0],
+            "flag": ["ok", "ascent", "negative_curvature", "ok", "ok"],
+        }
+    )
     summary = alphalib.epoch_summary(frame)
     assert list(summary["steps"]) == [3, 2]
     assert list(summary["median_alpha_star"]) == [1.0, 6.0]
@@ -115,7 +126,9 @@ def test_written_records_read_back_exactly_and_the_bytes_repeat(tmp_path, name):
     alphalib.write_records(frame, tmp_path / "a" / name)
     back = alphalib.read_records(tmp_path / "a" / name)
     for column in frame:  # every float to the last bit; empty fallbacks stay empty strings
-        assert back[column].tolist() == frame[column].tolist() or frame[column].isna().all() and back[column].isna().all()
+        assert (
+            back[column].tolist() == frame[column].tolist() or frame[column].isna().all() and back[column].isna().all()
+        )
     alphalib.write_records(frame, tmp_path / "b" / name)
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     with pytest.raises(ValueError, match="written as .csv"):
@@ -193,8 +206,15 @@ def test_tensorboard_scalars_are_the_records(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    history = alphalib.run(alphalib.SimpleNet, F.mse_loss, alphalib.gaussian_regression(n=48, seed=0), epochs=2,
-                           batch_size=16, progress=False, tensorboard=tmp_path / "tb")
+    history = alphalib.run(
+        alphalib.SimpleNet,
+        F.mse_loss,
+        alphalib.gaussian_regression(n=48, seed=0),
+        epochs=2,
+        batch_size=16,
+        progress=False,
+        tensorboard=tmp_path / "tb",
+    )
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     for name in ("alpha_star", "ratio", "curvature", "loss"):

@@ -66,8 +66,11 @@ def test_kappa_scales_the_step_and_bounds_clip_it():
     a, b, loss_fn, theta0 = _quadratic()
     g = a @ theta0 - b
     exact = float((g @ g) / (g @ a @ g))
-    for kappa, bounds, expected in ((0.25, (0.0, math.inf), 0.25 * exact), (1.0, (0.0, exact / 3), exact / 3),
-                                    (1.0, (2 * exact, math.inf), 2 * exact)):
+    for kappa, bounds, expected in (
+        (0.25, (0.0, math.inf), 0.25 * exact),
+        (1.0, (0.0, exact / 3), exact / 3),
+        (1.0, (2 * exact, math.inf), 2 * exact),
+    ):
         model = Theta(theta0)
         opt = AlphaScaled(torch.optim.SGD(model.parameters(), lr=0.1), model, loss_fn, kappa=kappa, bounds=bounds)
         rec = _step(opt, model, loss_fn)
@@ -104,7 +107,7 @@ def _dense_alpha(model: nn.Module, batches, d) -> float:
 
     def loss(theta):
         chunks = torch.split(theta, [math.prod(s) for s in shapes])
-        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
         return sum(F.mse_loss(functional_call(model, params, (x,)), y) for x, y in batches) / len(batches)
 
     g = torch.autograd.functional.jacobian(loss, flat)
@@ -127,9 +130,11 @@ def test_the_optimizer_state_advances_as_it_would_and_the_step_is_lr_times_d():
         rec = opt.step(batch)
         plain.step()
         assert rec.lr == pytest.approx(expected, rel=1e-10)
-        for p, p0, di in zip(model.parameters(), before, d):
+        for p, p0, di in zip(model.parameters(), before, d, strict=True):
             torch.testing.assert_close(p.detach() - p0, rec.lr * di, rtol=1e-10, atol=1e-15)
-        for p, q in zip(model.parameters(), twin.parameters()):  # Adam's moments and step count, bit for bit
+        for p, q in zip(
+            model.parameters(), twin.parameters(), strict=True
+        ):  # Adam's moments and step count, bit for bit
             s, t = opt.optimizer.state[p], plain.state[q]
             assert torch.equal(s["exp_avg"], t["exp_avg"]) and torch.equal(s["exp_avg_sq"], t["exp_avg_sq"])
             assert float(s["step"]) == float(t["step"])
@@ -156,15 +161,16 @@ def test_no_step_size_falls_back_to_the_last_lr_and_says_why():
 
 def test_smoothed_source_is_a_forgetting_geometric_mean_of_the_batch_alphas():
     model, batches = _least_squares()
-    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, source="smoothed",
-                      smoothing=0.8, kappa=0.5)
+    opt = AlphaScaled(
+        torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, source="smoothed", smoothing=0.8, kappa=0.5
+    )
     recs = [_step(opt, model, F.mse_loss, batch) for batch in batches * 2]
     logs = []
     for rec in recs:
         if rec.flag == "ok":  # the batch's own α*, recorded beside the step; odd steps leave the mean as it was
             logs.append(math.log(rec.alpha_star))
         weights = [(1 - 0.8) * 0.8 ** (len(logs) - 1 - i) for i in range(len(logs))]
-        mean = sum(w * x for w, x in zip(weights, logs)) / (1 - 0.8 ** len(logs))
+        mean = sum(w * x for w, x in zip(weights, logs, strict=True)) / (1 - 0.8 ** len(logs))
         assert rec.lr == pytest.approx(0.5 * math.exp(mean), rel=1e-12)
     assert recs[0].lr == pytest.approx(0.5 * recs[0].alpha_star, rel=1e-12)
     assert 0 < len(logs) < len(recs)  # both kinds of step were met
@@ -173,8 +179,7 @@ def test_smoothed_source_is_a_forgetting_geometric_mean_of_the_batch_alphas():
 def test_heldout_and_full_sources_measure_along_the_same_direction():
     model, batches = _least_squares()
     held = [(torch.randn(8, 4, dtype=DT), torch.randn(8, 2, dtype=DT))]
-    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, source="heldout",
-                      held_out=held)
+    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, source="heldout", held_out=held)
     for batch in batches:
         opt.zero_grad()
         F.mse_loss(model(batch[0]), batch[1]).backward()
@@ -182,8 +187,14 @@ def test_heldout_and_full_sources_measure_along_the_same_direction():
         assert opt.step(batch).lr == pytest.approx(expected, rel=1e-10)
 
     model, batches = _least_squares(seed=1)
-    opt = AlphaScaled(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), model, F.mse_loss, source="full",
-                      full_data=batches, full_every=3)
+    opt = AlphaScaled(
+        torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9),
+        model,
+        F.mse_loss,
+        source="full",
+        full_data=batches,
+        full_every=3,
+    )
     lrs = []
     for i, batch in enumerate(batches * 2):
         opt.zero_grad()
@@ -193,15 +204,18 @@ def test_heldout_and_full_sources_measure_along_the_same_direction():
         assert lrs[-1] == pytest.approx(expected, rel=1e-10)  # measured at steps 0 and 3, held in between
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"kappa": 0}, ValueError, "kappa"),
-    ({"source": "line"}, ValueError, "source must be one of"),
-    ({"curvature": "fd"}, ValueError, "'hessian', 'ggn' or 'secant'"),
-    ({"bounds": (1.0, 0.5)}, ValueError, "bounds"),
-    ({"source": "heldout"}, ValueError, "needs held_out"),
-    ({"source": "full"}, ValueError, "needs full_data"),
-    ({"full_every": 0}, ValueError, "full_every"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"kappa": 0}, ValueError, "kappa"),
+        ({"source": "line"}, ValueError, "source must be one of"),
+        ({"curvature": "fd"}, ValueError, "'hessian', 'ggn' or 'secant'"),
+        ({"bounds": (1.0, 0.5)}, ValueError, "bounds"),
+        ({"source": "heldout"}, ValueError, "needs held_out"),
+        ({"source": "full"}, ValueError, "needs full_data"),
+        ({"full_every": 0}, ValueError, "full_every"),
+    ],
+)
 def test_bad_arguments_are_refused_before_anything_changes(kwargs, error, match):
     model, _ = _least_squares()
     adam = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -221,12 +235,13 @@ def test_optimizers_it_cannot_follow_are_refused():
 
 def test_records_are_the_probes_kind():
     model, batches = _least_squares()
-    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, kappa=0.5,
-                      tags={"seed": 0})
+    opt = AlphaScaled(torch.optim.Adam(model.parameters(), lr=1e-2), model, F.mse_loss, kappa=0.5, tags={"seed": 0})
     for batch in batches:
         _step(opt, model, F.mse_loss, batch)
     frame = opt.to_frame()
-    assert list(frame.columns[:len(alphalib.Record.__dataclass_fields__)]) == list(alphalib.Record.__dataclass_fields__)
+    assert list(frame.columns[: len(alphalib.Record.__dataclass_fields__)]) == list(
+        alphalib.Record.__dataclass_fields__
+    )
     assert (frame["source"] == "batch").all() and (frame["kappa"] == 0.5).all() and (frame["seed"] == 0).all()
     ok = frame[frame["flag"] == "ok"]
     np.testing.assert_allclose(ok["ratio"], 2.0, rtol=1e-12)  # α*_batch / (κ α*_batch)
@@ -235,9 +250,17 @@ def test_records_are_the_probes_kind():
 def test_run_steps_by_kappa_alpha_with_each_source():
     data, other = alphalib.gaussian_regression(n=96, seed=0), alphalib.gaussian_regression(n=64, seed=1)
     for source in ("batch", "smoothed", "heldout", "full"):
-        history = alphalib.run(alphalib.SimpleNet, F.mse_loss, data, epochs=2, progress=False, alpha_set=other,
-                               optimizer="alpha_scaled", tags={"problem": "seed"},
-                               optimizer_kwargs={"kappa": 0.5, "source": source, "full_every": 2})
+        history = alphalib.run(
+            alphalib.SimpleNet,
+            F.mse_loss,
+            data,
+            epochs=2,
+            progress=False,
+            alpha_set=other,
+            optimizer="alpha_scaled",
+            tags={"problem": "seed"},
+            optimizer_kwargs={"kappa": 0.5, "source": source, "full_every": 2},
+        )
         recs = history.records
         assert len(recs) == 6 and (recs["source"] == source).all() and (recs["kappa"] == 0.5).all()
         assert (recs["problem"] == "seed").all() and len(history.epochs) == 2
@@ -248,8 +271,15 @@ def test_run_steps_by_kappa_alpha_with_each_source():
             assert not np.allclose(recs["ratio"], 2.0)
         assert (recs["optimizer"] == "alpha_scaled").all() and (history.epochs["probe_seconds"] == 0).all()
     with pytest.raises(ValueError, match="alpha_set"):
-        alphalib.run(alphalib.SimpleNet, F.mse_loss, data, epochs=1, progress=False, optimizer="alpha_scaled",
-                     optimizer_kwargs={"source": "heldout"})
+        alphalib.run(
+            alphalib.SimpleNet,
+            F.mse_loss,
+            data,
+            epochs=1,
+            progress=False,
+            optimizer="alpha_scaled",
+            optimizer_kwargs={"source": "heldout"},
+        )
 
 
 def test_a_step_size_the_optimizer_could_not_take_falls_back_instead_of_crashing():
@@ -280,7 +310,7 @@ def test_dropout_is_measured_with_the_training_steps_own_mask():
         with torch.no_grad():
             model(x)  # a metric forward: another mask, no gradient
         d = alphalib.direction(opt.optimizer)
-        slope = sum(float((di * p.grad).sum()) for di, p in zip(d, model.parameters()))
+        slope = sum(float((di * p.grad).sum()) for di, p in zip(d, model.parameters(), strict=True))
         rec = opt.step((x, y))
         assert rec.slope == pytest.approx(slope, rel=1e-12)
     opt.remove()

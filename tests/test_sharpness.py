@@ -46,7 +46,7 @@ def test_extreme_eigenvalues_match_a_dense_eigendecomposition(problem):
     assert res.lambda_max == pytest.approx(exact[-1].item(), rel=1e-8)
     assert res.lambda_min == pytest.approx(exact[0].item(), rel=1e-8, abs=1e-10)
     assert not res.preconditioned and res.matvecs > 0
-    assert all(torch.equal(a, b) for a, b in zip(before, case.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, case.model.parameters(), strict=True))
     assert all(p.grad is None for p in case.model.parameters())
 
 
@@ -77,11 +77,13 @@ def test_full_data_is_the_size_weighted_mean_over_batches():
     assert res.lambda_max == pytest.approx(exact[-1].item(), rel=1e-8)
     assert res.lambda_min == pytest.approx(exact[0].item(), rel=1e-8)
     as_list = alphalib.top_eigenvalue(case.model, case.loss_fn, [x, y], which="max", tol=1e-10)  # one batch as [x, y]
-    assert as_list.lambda_max == pytest.approx(alphalib.top_eigenvalue(
-        case.model, case.loss_fn, (x, y), which="max", tol=1e-10).lambda_max, rel=1e-12)
+    assert as_list.lambda_max == pytest.approx(
+        alphalib.top_eigenvalue(case.model, case.loss_fn, (x, y), which="max", tol=1e-10).lambda_max, rel=1e-12
+    )
     loader = alphalib.loader(torch.utils.data.TensorDataset(x, y), 10)
-    assert alphalib.top_eigenvalue(case.model, case.loss_fn, loader, which="max", tol=1e-10).lambda_max == \
-        pytest.approx(exact[-1].item(), rel=1e-8)
+    assert alphalib.top_eigenvalue(
+        case.model, case.loss_fn, loader, which="max", tol=1e-10
+    ).lambda_max == pytest.approx(exact[-1].item(), rel=1e-8)
 
 
 def test_least_squares_closed_form_and_exact_trace():
@@ -128,11 +130,11 @@ def test_stability_thresholds():
     params = nn.Linear(2, 1).parameters
     assert alphalib.stability_threshold(torch.optim.SGD(params(), lr=0.1)) == pytest.approx(20.0)
     assert alphalib.stability_threshold(torch.optim.SGD(params(), lr=0.1, momentum=0.9)) == pytest.approx(38.0)
-    assert alphalib.stability_threshold(torch.optim.SGD(params(), lr=0.1, momentum=0.9, nesterov=True)) == \
-        pytest.approx(3.8 / 2.8 / 0.1)
+    assert alphalib.stability_threshold(
+        torch.optim.SGD(params(), lr=0.1, momentum=0.9, nesterov=True)
+    ) == pytest.approx(3.8 / 2.8 / 0.1)
     assert alphalib.stability_threshold(torch.optim.Adam(params(), lr=0.01)) == pytest.approx(3800.0)
-    assert alphalib.stability_threshold(torch.optim.AdamW(params(), lr=0.01, betas=(0.5, 0.99))) == \
-        pytest.approx(600.0)
+    assert alphalib.stability_threshold(torch.optim.AdamW(params(), lr=0.01, betas=(0.5, 0.99))) == pytest.approx(600.0)
     with pytest.raises(TypeError, match="RMSprop"):
         alphalib.stability_threshold(torch.optim.RMSprop(params()))
 
@@ -143,8 +145,9 @@ def test_bad_input_is_refused_with_what_to_do():
     with pytest.raises(ValueError, match="take a step first"):
         alphalib.top_eigenvalue(case.model, case.loss_fn, case.batch, optimizer=fresh)
     with pytest.raises(TypeError, match="Adam or AdamW"):
-        alphalib.top_eigenvalue(case.model, case.loss_fn, case.batch, optimizer=torch.optim.SGD(
-            case.model.parameters(), lr=0.1))
+        alphalib.top_eigenvalue(
+            case.model, case.loss_fn, case.batch, optimizer=torch.optim.SGD(case.model.parameters(), lr=0.1)
+        )
     with pytest.raises(ValueError, match="data is empty"):
         alphalib.top_eigenvalue(case.model, case.loss_fn, [])
     with pytest.raises(ValueError, match="not in the optimizer"):
@@ -178,7 +181,7 @@ def test_the_probe_records_sharpness_at_theta_t_every_k_steps_and_changes_nothin
             assert rec.precond_lambda_max == pytest.approx(pre[-1].item(), rel=1e-5)
             assert not torch.equal(before[0], case.model[0].weight)  # it stepped: θ_t is not θ_{t+1}
         runs.append([p.detach().clone() for p in case.model.parameters()] + [opt.state_dict()["state"][0]["exp_avg"]])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
     with pytest.raises(ValueError, match="sharpness_every"):
         alphalib.AlphaProbe(case.model, case.loss_fn, opt, sharpness_every=0)
 
@@ -199,10 +202,10 @@ def test_the_probe_takes_the_sharpness_of_the_loss_that_stepped_dropout_mask_inc
         state = torch.get_rng_state()  # the training forward's draws
 
         def loss(flat_theta, state=state):
-            pieces = [t.view(s) for t, s in zip(flat_theta.split([s.numel() for s in shapes]), shapes)]
+            pieces = [t.view(s) for t, s in zip(flat_theta.split([s.numel() for s in shapes]), shapes, strict=True)]
             with torch.random.fork_rng():
                 torch.set_rng_state(state)
-                return F.mse_loss(functional_call(model, dict(zip(names, pieces)), (x,)), y)
+                return F.mse_loss(functional_call(model, dict(zip(names, pieces, strict=True)), (x,)), y)
 
         exact = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, theta))[-1].item()
         opt.zero_grad()

@@ -16,8 +16,13 @@ from alphalib.spectrum import alpha_over, line_profile
 
 def _data(sizes=(8, 8, 5), d_in=4, d_out=2, seed=3):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, d_in, generator=gen, dtype=torch.float64),
-             torch.randn(n, d_out, generator=gen, dtype=torch.float64)) for n in sizes]
+    return [
+        (
+            torch.randn(n, d_in, generator=gen, dtype=torch.float64),
+            torch.randn(n, d_out, generator=gen, dtype=torch.float64),
+        )
+        for n in sizes
+    ]
 
 
 def _mlp():
@@ -51,7 +56,7 @@ def test_line_profile_is_exact_on_a_quadratic_and_trust_is_one():
     data = _data()
     d = tuple(torch.randn_like(p) for p in model.parameters())
     prof = line_profile(model, F.mse_loss, data, d)
-    assert all(abs(a - b) <= 1e-10 * max(1.0, abs(b)) for a, b in zip(prof.loss, prof.quadratic))
+    assert all(abs(a - b) <= 1e-10 * max(1.0, abs(b)) for a, b in zip(prof.loss, prof.quadratic, strict=True))
     assert rel_err(prof.trust, 1.0) <= 1e-8
     x, y = _union(data)  # closed form: α* = -dᵀg / dᵀHd with H = (2/n) X̃ᵀX̃ per output (mean over n·2 entries)
     xt = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
@@ -71,7 +76,7 @@ def test_line_profile_follows_the_true_loss_of_a_network():
     d = tuple(-gi for gi in torch.autograd.grad(F.mse_loss(model(batch[0]), batch[1]), list(model.parameters())))
     dv = flat(d)
     prof = line_profile(model, F.mse_loss, batch, d, alphas=[0.0, 0.1, 0.5, 1.0])
-    for a, value, quad in zip(prof.alphas, prof.loss, prof.quadratic):
+    for a, value, quad in zip(prof.alphas, prof.loss, prof.quadratic, strict=True):
         assert rel_err(value, f(theta0 + a * dv).detach()) <= 1e-12
         assert rel_err(quad, f(theta0).detach() + a * (dv @ g) + 0.5 * a * a * (dv @ hess @ dv)) <= 1e-10
     star = -(dv @ g) / (dv @ hess @ dv)
@@ -85,16 +90,16 @@ def test_probe_records_full_data_and_held_out_alpha_along_the_realized_step(back
     model, data = _mlp(), _data()
     held = _data(sizes=(7,), seed=9)[0]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    probe = alphalib.AlphaProbe(model, F.mse_loss, opt, curvature=backend, full_data=data, held_out=held,
-                                full_every=2)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt, curvature=backend, full_data=data, held_out=held, full_every=2)
     twin = _mlp()
     twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
     for step in range(3):
         batch = data[step % len(data)]
         before = flat([p.detach().clone() for p in model.parameters()])
         refs = {name: flat_loss(Case(model, F.mse_loss, b)) for name, b in (("full", _union(data)), ("heldout", held))}
-        dense = {name: dense_hessian(Case(model, F.mse_loss, b)) for name, b in (("full", _union(data)),
-                                                                                 ("heldout", held))}
+        dense = {
+            name: dense_hessian(Case(model, F.mse_loss, b)) for name, b in (("full", _union(data)), ("heldout", held))
+        }
         for m, o in ((model, opt), (twin, twin_opt)):
             o.zero_grad()
             F.mse_loss(m(batch[0]), batch[1]).backward()
@@ -113,15 +118,18 @@ def test_probe_records_full_data_and_held_out_alpha_along_the_realized_step(back
             assert rel_err(got["slope"], delta @ g / lr) <= 1e-10
             assert rel_err(got["curvature"], curv.detach() / lr**2) <= 1e-8
             assert rel_err(got["ratio"], -(delta @ g) / curv.detach()) <= 1e-8
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))  # a pure observer
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))  # a pure observer
 
 
 def test_lr_over_alpha_stays_defined_on_odd_steps():
     torch.manual_seed(0)
     model = nn.Linear(4, 1).double()
     x, y = _data(sizes=(8,), d_out=1)[0]
-    cases = {"concave": lambda out, t: -(out - t).square().mean(), "linear": lambda out, t: (out * t).mean(),
-             "convex": F.mse_loss}
+    cases = {
+        "concave": lambda out, t: -(out - t).square().mean(),
+        "linear": lambda out, t: (out * t).mean(),
+        "convex": F.mse_loss,
+    }
     for name, loss_fn in cases.items():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         probe = alphalib.AlphaProbe(model, loss_fn, opt)
@@ -155,7 +163,7 @@ def test_next_step_profiles_follow_adams_first_step_and_leave_training_untouched
     before = [p.detach().clone() for p in model.parameters()]
     rng = torch.get_rng_state()
     profs = alphalib.next_step_profiles(model, F.mse_loss, opt, batch, full_data=data)
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert all(p.grad is None for p in model.parameters()) and not opt.state
     assert torch.equal(rng, torch.get_rng_state())
     for scope, batches in (("batch", [batch]), ("full data", data)):

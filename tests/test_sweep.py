@@ -32,8 +32,12 @@ alphalib.write_records(history.records, f"{records_dir}/tiny.csv.gz")
 @pytest.fixture
 def tiny(tmp_path):
     """A parameterized notebook that trains one small probed run, and fails for scale == 3."""
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}),
-                                         nbformat.v4.new_code_cell(BODY)])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell(BODY),
+        ]
+    )
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     path = tmp_path / "tiny.ipynb"
     nbformat.write(nb, path)
@@ -41,8 +45,16 @@ def tiny(tmp_path):
 
 
 def _direct(scale: int, seed: int) -> pd.DataFrame:
-    return alphalib.run(alphalib.SimpleNet, F.mse_loss, alphalib.gaussian_regression(n=64, seed=seed),
-                        lr=scale * 1e-3, epochs=1, batch_size=16, seed=seed, progress=False).records
+    return alphalib.run(
+        alphalib.SimpleNet,
+        F.mse_loss,
+        alphalib.gaussian_regression(n=64, seed=seed),
+        lr=scale * 1e-3,
+        epochs=1,
+        batch_size=16,
+        seed=seed,
+        progress=False,
+    ).records
 
 
 def test_grid_is_the_product_of_the_axes():
@@ -56,16 +68,37 @@ def test_grid_is_the_product_of_the_axes():
 def test_runs_equal_the_runs_made_one_by_one_and_tag_what_run_does_not_take():
     data = alphalib.gaussian_regression(n=64, seed=0)
     points = alphalib.grid(lr=[1e-3, 1e-2], seed=[0, 1])
-    history = alphalib.runs([p | {"note": "x"} for p in points], model=alphalib.SimpleNet, loss_fn=F.mse_loss,
-                            train_set=data, epochs=1, batch_size=16, progress=False)
-    one_by_one = pd.concat([alphalib.run(alphalib.SimpleNet, F.mse_loss, data, epochs=1, batch_size=16,
-                                         progress=False, **p).records for p in points], ignore_index=True)
+    history = alphalib.runs(
+        [p | {"note": "x"} for p in points],
+        model=alphalib.SimpleNet,
+        loss_fn=F.mse_loss,
+        train_set=data,
+        epochs=1,
+        batch_size=16,
+        progress=False,
+    )
+    one_by_one = pd.concat(
+        [
+            alphalib.run(alphalib.SimpleNet, F.mse_loss, data, epochs=1, batch_size=16, progress=False, **p).records
+            for p in points
+        ],
+        ignore_index=True,
+    )
     pd.testing.assert_frame_equal(history.records.drop(columns="note"), one_by_one)
     assert (history.records.note == "x").all() and len(history.epochs) == 4
     by_name = alphalib.runs([{"problem": "seed problem", "seed": 1}], epochs=1, progress=False)
     p = alphalib.problem("seed problem", seed=1)
-    direct = alphalib.run(p.model, p.loss_fn, p.train, val_set=p.val, alpha_set=p.alpha, seed=1, epochs=1,
-                          progress=False, tags={"problem": "seed problem"})
+    direct = alphalib.run(
+        p.model,
+        p.loss_fn,
+        p.train,
+        val_set=p.val,
+        alpha_set=p.alpha,
+        seed=1,
+        epochs=1,
+        progress=False,
+        tags={"problem": "seed problem"},
+    )
     pd.testing.assert_frame_equal(by_name.records, direct.records)
     with pytest.raises(ValueError, match="points is empty"):
         alphalib.runs([])
@@ -74,7 +107,7 @@ def test_runs_equal_the_runs_made_one_by_one_and_tag_what_run_does_not_take():
 def test_sweep_on_a_local_cluster_reports_a_failure_finishes_the_rest_and_resumes(tiny, tmp_path):
     out = tmp_path / "sweep"
     table = alphalib.sweep.sweep(tiny, {"scale": [1, 2, 3]}, out=out, seeds=2, workers=2, progress=False)
-    status = dict(zip(table.run, table.status))
+    status = dict(zip(table.run, table.status, strict=True))
     assert len(status) == 6 and sum(s == "ok" for s in status.values()) == 4
     failed = table[table.status == "failed"]
     assert set(failed.run) == {"scale=3,seed=0", "scale=3,seed=1"} and failed.error.str.contains("injected").all()
@@ -89,18 +122,20 @@ def test_sweep_on_a_local_cluster_reports_a_failure_finishes_the_rest_and_resume
     # again: the runs done are skipped, the failed ones retried; a run whose record is lost runs again
     (out / "scale=1,seed=0" / "run.json").unlink()
     again = alphalib.sweep.sweep(tiny, {"scale": [1, 2, 3]}, out=out, seeds=2, workers=2, progress=False)
-    status = dict(zip(again.run, again.status))
+    status = dict(zip(again.run, again.status, strict=True))
     assert status["scale=1,seed=0"] == "ok" and status["scale=3,seed=1"] == "failed"
     assert sum(s == "skipped" for s in status.values()) == 3
-    other = alphalib.sweep.sweep(tiny, {"scale": [2]}, out=out, seeds=1, parameters={"records_dir": str(out / "x")},
-                                 workers=1, progress=False)
+    other = alphalib.sweep.sweep(
+        tiny, {"scale": [2]}, out=out, seeds=1, parameters={"records_dir": str(out / "x")}, workers=1, progress=False
+    )
     assert list(other.status) == ["ok"]  # other parameters in the same folder: run again, not skipped
 
 
 def test_command_line_runs_the_same_sweep_and_says_what_is_wrong(tiny, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["sweep", str(tiny), "--grid", "scale=1,3", "-p", "seed", "1", "--out", str(out),
-                 "--workers", "1"]) == 1  # one run failed
+    assert (
+        main(["sweep", str(tiny), "--grid", "scale=1,3", "-p", "seed", "1", "--out", str(out), "--workers", "1"]) == 1
+    )  # one run failed
     said = capsys.readouterr().out
     assert "2 runs: 1 done, 1 failed" in said and "injected failure" in said
     assert json.loads((out / "scale=1" / "run.json").read_text())["params"] == {"seed": 1, "scale": 1}
@@ -115,8 +150,21 @@ def test_an_existing_cluster_is_used_unchanged_through_its_address(tiny, tmp_pat
     from dask.distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        assert main(["sweep", str(tiny), "--grid", "scale=1,2", "--out", str(tmp_path / "remote"),
-                     "--scheduler", cluster.scheduler_address]) == 0
+        assert (
+            main(
+                [
+                    "sweep",
+                    str(tiny),
+                    "--grid",
+                    "scale=1,2",
+                    "--out",
+                    str(tmp_path / "remote"),
+                    "--scheduler",
+                    cluster.scheduler_address,
+                ]
+            )
+            == 0
+        )
         with Client(cluster.scheduler_address) as client:  # still there, its worker too
             assert len(client.scheduler_info()["workers"]) == 1
     records = alphalib.sweep.load(tmp_path / "remote")
@@ -142,16 +190,20 @@ matplotlib.rcParams["lines.linewidth"] = 9.0; plt.figure()
 
 def test_a_kept_kernel_shows_each_run_what_a_fresh_one_shows(tmp_path):
     """One worker runs three notebooks in one kernel (one process); each sees what a fresh kernel shows it."""
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("scale = 1\nrecords_dir = '.'",
-                                                                   metadata={"tags": ["parameters"]}),
-                                         nbformat.v4.new_code_cell(STATE)])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("scale = 1\nrecords_dir = '.'", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell(STATE),
+        ]
+    )
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "state.ipynb")
 
     def states(reuse: bool) -> list[dict]:
         out = tmp_path / f"reuse={reuse}"
-        table = alphalib.sweep.sweep(tmp_path / "state.ipynb", {"scale": [1, 2, 3]}, out=out, workers=1,
-                                     reuse_kernels=reuse, progress=False)
+        table = alphalib.sweep.sweep(
+            tmp_path / "state.ipynb", {"scale": [1, 2, 3]}, out=out, workers=1, reuse_kernels=reuse, progress=False
+        )
         assert (table.status == "ok").all(), table.error.tolist()
         return [json.loads((out / f"scale={s}" / "state.json").read_text()) for s in (1, 2, 3)]
 

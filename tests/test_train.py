@@ -30,8 +30,16 @@ def test_evaluate_matches_a_full_batch_computation():
 
 
 def test_run_is_reproducible_and_tags_every_frame():
-    kw = dict(optimizer="SGD", lr=0.1, optimizer_kwargs={"momentum": 0.9}, epochs=2, batch_size=8,
-              val_set=_classification(seed=1), tags={"setup": "toy"}, progress=False)
+    kw = dict(
+        optimizer="SGD",
+        lr=0.1,
+        optimizer_kwargs={"momentum": 0.9},
+        epochs=2,
+        batch_size=8,
+        val_set=_classification(seed=1),
+        tags={"setup": "toy"},
+        progress=False,
+    )
     a = alphalib.run(lambda: nn.Linear(4, 3), F.cross_entropy, _classification(), **kw)
     b = alphalib.run(lambda: nn.Linear(4, 3), F.cross_entropy, _classification(), **kw)
     assert a.records["ratio"].tolist() == b.records["ratio"].tolist()
@@ -47,14 +55,24 @@ def test_unknown_optimizer_name_is_a_clear_error():
         alphalib.make_optimizer("Adamm", nn.Linear(2, 1).parameters(), lr=1e-3)
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(epochs=-1), dict(batch_size=0), dict(every=2.0),
-                                 dict(full_every=0), dict(sharpness_every=True)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(epochs=0),
+        dict(epochs=-1),
+        dict(batch_size=0),
+        dict(every=2.0),
+        dict(full_every=0),
+        dict(sharpness_every=True),
+    ],
+)
 def test_nonpositive_counts_are_refused_before_anything_runs(bad):
     built = []
     name = next(iter(bad))
     with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
-        alphalib.run(lambda: built.append(1) or nn.Linear(4, 3), F.cross_entropy, _classification(), progress=False,
-                     **bad)
+        alphalib.run(
+            lambda: built.append(1) or nn.Linear(4, 3), F.cross_entropy, _classification(), progress=False, **bad
+        )
     assert not built  # refused before the model was built
     model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

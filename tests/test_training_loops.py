@@ -121,8 +121,12 @@ class Loop:
 
 def _copy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also where a module holds a tensor its last forward computed (pruning's weight)."""
-    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
-            if isinstance(v, Tensor) and v.grad_fn is not None}
+    memo = {
+        id(v): v.detach().clone()
+        for m in model.modules()
+        for v in vars(m).values()
+        if isinstance(v, Tensor) and v.grad_fn is not None
+    }
     return copy.deepcopy(model, memo)
 
 
@@ -163,12 +167,12 @@ def sam(run: Loop, t: int, pairs: list, rho: float = 0.05) -> None:
     with torch.no_grad():
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         eps = [rho * p.grad / norm for p in params]
-        for p, e in zip(params, eps):
+        for p, e in zip(params, eps, strict=True):
             p.add_(e)
     run.opt.zero_grad()
     run.forward_backward(pairs[0])  # the gradient at the perturbed point is the one the step uses
     with torch.no_grad():
-        for p, e in zip(params, eps):
+        for p, e in zip(params, eps, strict=True):
             p.sub_(e)
     run.step(pairs[0])
 
@@ -597,10 +601,12 @@ PATTERNS: dict[str, Pattern] = {
     "forward-hook": Pattern(hooked(1, "register_forward_hook", _affine), plain, state_reference=True),
     "forward-pre-hook": Pattern(hooked(2, "register_forward_pre_hook", _square_input), plain, state_reference=True),
     # (on the last Linear: it scales the error passed back to the layers below)
-    "backward-hook-linear": Pattern(hooked(2, "register_full_backward_hook", _triple_grad_input), plain,
-                                    state_reference=True),
-    "backward-hook-activation": Pattern(hooked(1, "register_full_backward_hook", _triple_grad_input), plain,
-                                        state_reference=True),
+    "backward-hook-linear": Pattern(
+        hooked(2, "register_full_backward_hook", _triple_grad_input), plain, state_reference=True
+    ),
+    "backward-hook-activation": Pattern(
+        hooked(1, "register_full_backward_hook", _triple_grad_input), plain, state_reference=True
+    ),
     "embedding-scale-grad-by-freq": Pattern(_Bag, plain, x_shape=(8, 3), ids=5, state_reference=True),
     "eval-between-batchnorm": Pattern(batch_norm_mlp, eval_between, per_step=2, state_reference=True),
     "eval-between-dropout": Pattern(dropout_mlp, eval_between, per_step=2, state_reference=True),
@@ -612,15 +618,27 @@ PATTERNS: dict[str, Pattern] = {
     "checkpoint-reentrant": Pattern(checkpointed_reentrant, plain, state_reference=True, expect="flag"),
     "random-loss_fn": Pattern(mlp, plain, loss_fn=noisy_mse, state_reference=True),
     "random-loss_fn-dropout": Pattern(dropout_mlp, plain, loss_fn=noisy_mse, state_reference=True),
-    "float32-lr-1e-7": Pattern(mlp, plain, optimizer=adam_at(1e-7), dtype=torch.float32, state_reference=True,
-                               expect="value_or_flag", tol=1e-3),
-    "float32-lr-1e-2": Pattern(mlp, plain, optimizer=adam_at(1e-2), dtype=torch.float32, state_reference=True,
-                               expect="value_or_flag", tol=1e-3),
-    "float32-lr-1e-5": Pattern(mlp, plain, optimizer=adam_at(1e-5), dtype=torch.float32, state_reference=True,
-                               expect="value_or_flag", tol=1e-3),
-    "float32-fitted-batch": Pattern(classifier, fitted, loss_fn=F.cross_entropy, optimizer=adam_at(0.1),
-                                    dtype=torch.float32, y_shape=(8,), classes=3, state_reference=True,
-                                    expect="value_or_flag", tol=1e-3),
+    "float32-lr-1e-7": Pattern(
+        mlp, plain, optimizer=adam_at(1e-7), dtype=torch.float32, state_reference=True, expect="value_or_flag", tol=1e-3
+    ),
+    "float32-lr-1e-2": Pattern(
+        mlp, plain, optimizer=adam_at(1e-2), dtype=torch.float32, state_reference=True, expect="value_or_flag", tol=1e-3
+    ),
+    "float32-lr-1e-5": Pattern(
+        mlp, plain, optimizer=adam_at(1e-5), dtype=torch.float32, state_reference=True, expect="value_or_flag", tol=1e-3
+    ),
+    "float32-fitted-batch": Pattern(
+        classifier,
+        fitted,
+        loss_fn=F.cross_entropy,
+        optimizer=adam_at(0.1),
+        dtype=torch.float32,
+        y_shape=(8,),
+        classes=3,
+        state_reference=True,
+        expect="value_or_flag",
+        tol=1e-3,
+    ),
     "lr-1e160": Pattern(mlp, plain, optimizer=sgd(1e160), state_reference=True, expect="value_or_flag"),
     "lr-1e300": Pattern(mlp, plain, optimizer=sgd(1e300), state_reference=True, expect="value_or_flag"),
 }
@@ -701,12 +719,16 @@ def _unprobed(name: str) -> dict:
 def _same(a, b) -> bool:
     """Bit-identical, recursively through dicts, lists and tuples (optimizer state_dicts)."""
     if isinstance(a, Tensor):
-        return isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape and (
-            torch.equal(a, b) or a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+        return (
+            isinstance(b, Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and (torch.equal(a, b) or a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+        )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, float) and math.isnan(a):
         return isinstance(b, float) and math.isnan(b)
     return type(a) is type(b) and a == b
@@ -737,7 +759,8 @@ class _Objective(nn.Module):
 
 
 def _flat(model64: nn.Module, step: Step) -> tuple[list, list, list, Tensor, Tensor, list]:
-    """The parameters' names, shapes and sizes, θ_t and θ_{t+1} as flat float64 vectors, the trained pairs in float64."""
+    """The parameters' names, shapes and sizes, θ_t and θ_{t+1} as flat float64 vectors; the trained pairs in
+    float64."""
     named = list(model64.named_parameters())
     names, shapes, sizes = [n for n, _ in named], [p.shape for _, p in named], [p.numel() for _, p in named]
     theta0 = torch.cat([p.reshape(-1) for p in step.before]).double()
@@ -754,7 +777,7 @@ def reference(pattern: Pattern, step: Step, backend: str) -> Reference:
     delta = theta1 - theta0
 
     def state(theta: Tensor, prefix: str = "") -> dict[str, Tensor]:
-        return {prefix + n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        return {prefix + n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes, strict=True)}
 
     @contextlib.contextmanager
     def replay():
@@ -788,15 +811,17 @@ def reference(pattern: Pattern, step: Step, backend: str) -> Reference:
             curvature = 0
             for x, y in pairs:
                 out = output(theta0, x).detach()
-                jd = torch.autograd.functional.jvp(lambda th: output(th, x), theta0, delta)[1].reshape(-1)
-                h_out = torch.autograd.functional.hessian(lambda o: pattern.loss_fn(o.view_as(out), y), out.reshape(-1))
+                jd = torch.autograd.functional.jvp(lambda th, x=x: output(th, x), theta0, delta)[1].reshape(-1)
+                h_out = torch.autograd.functional.hessian(
+                    lambda o, out=out, y=y: pattern.loss_fn(o.view_as(out), y), out.reshape(-1)
+                )
                 curvature = curvature + jd @ h_out @ jd / len(pairs)
         elif backend == "secant":
             end = loss(theta1.clone().requires_grad_(True))
             curvature = 2 * (end - value - slope)
         else:
             raise AssertionError(backend)
-    trained = torch.cat([torch.full((n,), t) for n, t in zip(sizes, step.trainable)])
+    trained = torch.cat([torch.full((n,), t) for n, t in zip(sizes, step.trainable, strict=True)])
     numbers = (value, slope, curvature, g[trained].norm(), delta.norm())
     return Reference(*(float(torch.as_tensor(v).detach()) for v in numbers))
 
@@ -825,7 +850,7 @@ def reference_by_state(pattern: Pattern, step: Step, backend: str) -> Reference:
 
     def output(theta: Tensor, x: Tensor) -> Tensor:
         """The output on a fresh copy (buffers as before the forward); the caller replays the draws."""
-        state = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        state = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes, strict=True)}
         return functional_call(_copy(base), state, (x,))
 
     def loss(theta: Tensor) -> Tensor:
@@ -861,10 +886,11 @@ def reference_by_state(pattern: Pattern, step: Step, backend: str) -> Reference:
     elif backend == "ggn":
         curvature = 0
         for x, y in pairs:
+
             def out_at(theta: Tensor) -> Tensor:
                 with torch.random.fork_rng(devices=[]), torch.no_grad():
                     torch.set_rng_state(step.rng)
-                    return output(theta, x)
+                    return output(theta, x)  # noqa: B023 (called in this iteration only)
 
             out, jd = out_at(theta0), richardson(out_at, norm)
             with torch.enable_grad():  # jd' (d^2 loss_fn / d out^2) jd: a loss_fn's noise shifts the targets only
@@ -875,7 +901,7 @@ def reference_by_state(pattern: Pattern, step: Step, backend: str) -> Reference:
             curvature = curvature + (h_jd * jd).sum() / len(pairs)
     else:
         curvature = richardson(lambda theta: delta @ gradient(theta)[1], norm)
-    trained = torch.cat([torch.full((n,), t) for n, t in zip(sizes, step.trainable)])
+    trained = torch.cat([torch.full((n,), t) for n, t in zip(sizes, step.trainable, strict=True)])
     numbers = (value, slope0, curvature, g[trained].norm(), norm)
     return Reference(*(float(torch.as_tensor(v).detach()) for v in numbers))
 
@@ -883,8 +909,12 @@ def reference_by_state(pattern: Pattern, step: Step, backend: str) -> Reference:
 def _hold_power_iterations(base: nn.Module, rng: Tensor, x: Tensor) -> None:
     """spectral_norm updates u and v in place without gradient, then reads them: autograd held them at the values
     the training forward left. Replay that forward on a copy, give ``base`` its u and v, and stop the iteration."""
-    units = [m for m in base.modules() if type(m).__name__ == "_SpectralNorm"
-             or any(type(h).__name__ == "SpectralNorm" for h in m._forward_pre_hooks.values())]
+    units = [
+        m
+        for m in base.modules()
+        if type(m).__name__ == "_SpectralNorm"
+        or any(type(h).__name__ == "SpectralNorm" for h in m._forward_pre_hooks.values())
+    ]
     if not units:
         return
     replay = _copy(base)
@@ -909,14 +939,22 @@ def _rel(got: float, want: float) -> float:
 def _check_values(rec, ref: Reference, lr: float, backend: str, tol: float | None, floor: float = 0.0) -> list[str]:
     """Return what in ``rec`` does not match ``ref``, one line per quantity."""
     want = {
-        "loss": ref.loss, "slope": ref.slope / lr, "curvature": ref.curvature / lr**2,
-        "ratio": -ref.slope / ref.curvature, "alpha_star": -ref.slope / ref.curvature * lr,
-        "grad_norm": ref.grad_norm, "step_norm": ref.step_norm, "lr": lr,
+        "loss": ref.loss,
+        "slope": ref.slope / lr,
+        "curvature": ref.curvature / lr**2,
+        "ratio": -ref.slope / ref.curvature,
+        "alpha_star": -ref.slope / ref.curvature * lr,
+        "grad_norm": ref.grad_norm,
+        "step_norm": ref.step_norm,
+        "lr": lr,
     }
     wrong = []
     for key, value in want.items():
-        bound = tol if tol is not None else max(floor, TOL[backend] if key in ("curvature", "ratio", "alpha_star")
-                                                else EXACT)
+        bound = (
+            tol
+            if tol is not None
+            else max(floor, TOL[backend] if key in ("curvature", "ratio", "alpha_star") else EXACT)
+        )
         err = _rel(getattr(rec, key), value)
         if not err <= bound:
             wrong.append(f"{key}={getattr(rec, key)!r} vs reference {value!r} (rel err {err:.1e} > {bound:g})")

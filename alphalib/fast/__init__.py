@@ -30,8 +30,7 @@ from .. import _ops, _trained
 from .._function import LossFn
 from .calculus import inner, plus
 from .capture import Capture, OpCapture
-from .layers import LAYERS, register, uncovered
-from .layers import Sweep
+from .layers import LAYERS, Sweep, register, uncovered
 from .ops import NoRule
 from .sweep import module_pass, op_pass
 
@@ -79,8 +78,15 @@ def capture_for(model: nn.Module, *, exact: bool, follow: Follow | None = None) 
 
 
 def measure(
-    model: nn.Module, cap: Capture | OpCapture, loss_fn: LossFn, targets: Tensor, params: Sequence[Tensor],
-    delta: Sequence[Tensor], *, exact: bool, scale: float = 1.0,
+    model: nn.Module,
+    cap: Capture | OpCapture,
+    loss_fn: LossFn,
+    targets: Tensor,
+    params: Sequence[Tensor],
+    delta: Sequence[Tensor],
+    *,
+    exact: bool,
+    scale: float = 1.0,
 ) -> tuple[float, float, float]:
     r"""Return loss, :math:`\Delta^\top g` and :math:`\Delta^\top H\Delta` (GGN unless ``exact``) at θ_t.
 
@@ -88,7 +94,7 @@ def measure(
     the training step backpropagated. Raises :class:`NoRule` (or ``KeyError``, for a module that left not what its
     rule needs) when the captured step cannot be followed.
     """
-    deltas = {id(p): d for p, d in zip(params, delta)}
+    deltas = {id(p): d for p, d in zip(params, delta, strict=True)}
     if isinstance(cap, OpCapture):
         return op_pass(cap, loss_fn, targets, deltas, params, exact=exact, scale=scale)
     return module_pass(model, cap, loss_fn, targets, deltas, exact=exact, scale=scale)

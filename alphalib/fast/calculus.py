@@ -28,8 +28,14 @@ def inner(a: Tensor, b: Tensor) -> Tensor:
 
 # ---- elementwise activations ---------------------------------------------------------------------------
 
+
 def activation(
-    kind: str, t: Tensor, err: Tensor | None, *, x: Tensor | None = None, y: Tensor | None = None,
+    kind: str,
+    t: Tensor,
+    err: Tensor | None,
+    *,
+    x: Tensor | None = None,
+    y: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     r"""Return :math:`\sigma'(x)\,t` and, given the error, :math:`\langle \delta_y, \sigma''(x)\,t^2\rangle`.
 
@@ -60,7 +66,10 @@ def activation(
 
 
 def by_autograd(
-    fn: Callable[[Tensor], Tensor], x: Tensor, t: Tensor, err: Tensor | None,
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    t: Tensor,
+    err: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`activation` for any elementwise ``fn``: its derivatives from autograd on ``x``."""
     with torch.enable_grad():  # elementwise: the gradient of the sum is the derivative at each entry
@@ -72,9 +81,15 @@ def by_autograd(
 
 # ---- normalization -----------------------------------------------------------------------------------------
 
+
 def standardize(
-    x: Tensor, t: Tensor | None, dims: tuple[int, ...], eps: float, stats: tuple[Tensor, Tensor] | None = None,
-    *, fixed: bool = False,
+    x: Tensor,
+    t: Tensor | None,
+    dims: tuple[int, ...],
+    eps: float,
+    stats: tuple[Tensor, Tensor] | None = None,
+    *,
+    fixed: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     r"""Return :math:`\hat x = (x - \mu) r` over ``dims``, :math:`r`, and along ``t``: :math:`\dot{\hat x}`, :math:`u`.
 
@@ -83,8 +98,11 @@ def standardize(
     ``fixed`` statistics (running statistics, independent of :math:`x`) :math:`\dot{\hat x} = r t` and ``u`` is
     ``None``.
     """
-    mean, r = stats if stats is not None else (x.mean(dims, keepdim=True),
-                                                torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps))
+    mean, r = (
+        stats
+        if stats is not None
+        else (x.mean(dims, keepdim=True), torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps))
+    )
     x_hat = (x - mean) * r
     if t is None:
         return x_hat, r, None, None
@@ -95,8 +113,14 @@ def standardize(
 
 
 def normalization_terms(
-    err: Tensor, gamma: Tensor | None, dgamma: Tensor | None, x_hat: Tensor, r: Tensor, t_hat: Tensor,
-    u: Tensor | None, dims: tuple[int, ...],
+    err: Tensor,
+    gamma: Tensor | None,
+    dgamma: Tensor | None,
+    x_hat: Tensor,
+    r: Tensor,
+    t_hat: Tensor,
+    u: Tensor | None,
+    dims: tuple[int, ...],
 ) -> list[Tensor]:
     r"""Return the second-order terms of :math:`y = \gamma \hat x + \beta` along the step, with error ``err``.
 
@@ -126,9 +150,19 @@ def normalization_term(err: Tensor, x_hat: Tensor, r: Tensor, u: Tensor, dims: t
 
 # ---- attention ---------------------------------------------------------------------------------------------
 
+
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, err: Tensor | None,
-    *, scale: float | None = None, causal: bool = False, mask: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+    err: Tensor | None,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     r"""Return the tangent of :math:`O = PV`, :math:`P = \mathrm{softmax}(S)`, :math:`S = c\,QK^\top` (+ mask), and,
     given the error :math:`\delta_O`, its second-order term.

@@ -59,8 +59,10 @@ class Capture:
         if not errors:
             needs = {m: {k for k in n if not k.startswith("error")} for m, n in needs.items()}
         self.needs = needs
-        self._handles = [model.register_forward_pre_hook(Hook(self, "_start")),
-                         model.register_forward_hook(Hook(self, "_keep_output"))]
+        self._handles = [
+            model.register_forward_pre_hook(Hook(self, "_start")),
+            model.register_forward_hook(Hook(self, "_keep_output")),
+        ]
         for m, need in needs.items():
             if need - {"rng", "error_in"}:
                 self._handles.append(m.register_forward_hook(Hook(self, "_keep")))
@@ -133,6 +135,7 @@ class Capture:
 
 # ---- recorded operations -----------------------------------------------------------------------------------
 
+
 def _tensors(value: Any) -> list[Tensor]:
     if isinstance(value, Tensor):
         return [value]
@@ -162,8 +165,14 @@ def _spec(func: Any) -> _Spec:
         schema = _ops.schema_arguments(func)
         written = tuple(i for i, a in enumerate(schema) if a.alias_info is not None and a.alias_info.is_write)
         nested = any(isinstance(a.type, torch.ListType) for a in schema)
-        spec = _SPECS[func] = _Spec(rule, rule is not None or func in _oprules.FREE,
-                                    func.overloadpacket in _oprules.VIEWS, rule in _oprules.CURVED, written, nested)
+        spec = _SPECS[func] = _Spec(
+            rule,
+            rule is not None or func in _oprules.FREE,
+            func.overloadpacket in _oprules.VIEWS,
+            rule in _oprules.CURVED,
+            written,
+            nested,
+        )
     return spec
 
 
@@ -213,8 +222,10 @@ class OpCapture:
         self.uncovered: str | None = None
         self.refused: str | None = None  #: why an earlier forward could not be followed: recording stops for good
         self._mode: _Recorder | None = None
-        self._handles = [model.register_forward_pre_hook(Hook(self, "_start")),
-                         model.register_forward_hook(Hook(self, "_stop"), always_call=True)]
+        self._handles = [
+            model.register_forward_pre_hook(Hook(self, "_start")),
+            model.register_forward_hook(Hook(self, "_stop"), always_call=True),
+        ]
 
     def _start(self, module: nn.Module, args: tuple) -> None:
         if self._mode is not None or not (self.active and torch.is_grad_enabled()):
@@ -235,8 +246,10 @@ class OpCapture:
         mode, self._mode = self._mode, None
         mode.__exit__(None, None, None)
         if not isinstance(output, Tensor) and self.uncovered is None:  # (a structural fact: recording stops too)
-            self.uncovered = self.refused = (f"the model returns a {type(output).__name__}, not a tensor; give the "
-                                             "probe a model that returns the tensor loss_fn takes")
+            self.uncovered = self.refused = (
+                f"the model returns a {type(output).__name__}, not a tensor; give the "
+                "probe a model that returns the tensor loss_fn takes"
+            )
         self.output = output if isinstance(output, Tensor) else None
         self.watch([y for _, y, _ in self._pending.values()])
         self._pending.clear()
@@ -283,8 +296,7 @@ class OpCapture:
         if grad_outputs[0] is None:  # the op's first output does not reach the loss: its error is zero
             return
         i = op.other
-        self.kept[op] = (grad_outputs[0],) if i is None or grad_inputs[i] is None else (grad_outputs[0],
-                                                                                       grad_inputs[i])
+        self.kept[op] = (grad_outputs[0],) if i is None or grad_inputs[i] is None else (grad_outputs[0], grad_inputs[i])
 
     def clear(self) -> None:
         """Drop the references to the last step's tensors."""

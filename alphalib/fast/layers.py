@@ -40,8 +40,16 @@ from torch.nn import functional as F
 from .. import _ops
 from .._function import replay_rng
 from ..models import Block, CausalSelfAttention, CharTransformer
-from .calculus import activation, attention, by_autograd, inner, normalization_term, normalization_terms, plus, \
-    standardize
+from .calculus import (
+    activation,
+    attention,
+    by_autograd,
+    inner,
+    normalization_term,
+    normalization_terms,
+    plus,
+    standardize,
+)
 
 Keep = frozenset[str]  # what the training step leaves: "input", "output", "error_out", "error_in", "rng", ...
 TangentFn = Callable[["Sweep", nn.Module, "Tensor | None"], "Tensor | None"]
@@ -189,8 +197,15 @@ for _cls in AFFINE:
     register(_cls, keep={"input", "error_out", "error_in"})(_affine_tangent)
 
 
-@register(nn.Embedding, keep={"input"}, check=lambda m: "Embedding with max_norm renormalizes its weights in "
-          "place, which the fast path does not follow" if m.max_norm is not None else None)
+@register(
+    nn.Embedding,
+    keep={"input"},
+    check=lambda m: (
+        "Embedding with max_norm renormalizes its weights in place, which the fast path does not follow"
+        if m.max_norm is not None
+        else None
+    ),
+)
 def _embedding(sw: Sweep, m: nn.Embedding, t: Tensor | None) -> Tensor | None:
     dw, ids = sw.delta(m.weight), sw.cap.inputs.pop(m)
     return None if dw is None else F.embedding(ids, dw)
@@ -223,13 +238,21 @@ def _activation_tangent(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | N
 
 
 def _no_inplace(m: nn.Module) -> str | None:
-    return f"in-place {type(m).__name__} overwrites the input its derivatives need" if getattr(m, "inplace", False) \
+    return (
+        f"in-place {type(m).__name__} overwrites the input its derivatives need"
+        if getattr(m, "inplace", False)
         else None
+    )
 
 
 register(nn.ReLU, keep={"sign"})(_activation_tangent)
-register(nn.LeakyReLU, keep={"sign"}, check=lambda m: "LeakyReLU with a negative slope is not supported by the "
-         "fast path" if m.negative_slope < 0 else None)(_activation_tangent)
+register(
+    nn.LeakyReLU,
+    keep={"sign"},
+    check=lambda m: (
+        "LeakyReLU with a negative slope is not supported by the fast path" if m.negative_slope < 0 else None
+    ),
+)(_activation_tangent)
 for _cls in (nn.Tanh, nn.Sigmoid):
     register(_cls, keep={"output", "error_out"})(_activation_tangent)
 register(nn.GELU, keep={"input", "error_out"})(_activation_tangent)
@@ -292,9 +315,16 @@ def _layer_norm(sw: Sweep, m: nn.LayerNorm, t: Tensor | None) -> Tensor | None:
     rows = tuple(range(-len(shape), 0))
     return _scaled(sw, m, x_hat, r, t_hat, t - t.mean(rows, keepdim=True) if sw.exact else None, rows, shape)
 
+
 def _scaled(
-    sw: Sweep, m: nn.Module, x_hat: Tensor, r: Tensor, t_hat: Tensor | None, u: Tensor | None,
-    dims: tuple[int, ...], shape: Sequence[int],
+    sw: Sweep,
+    m: nn.Module,
+    x_hat: Tensor,
+    r: Tensor,
+    t_hat: Tensor | None,
+    u: Tensor | None,
+    dims: tuple[int, ...],
+    shape: Sequence[int],
 ) -> Tensor | None:
     r"""Finish a normalization layer :math:`y = \gamma \odot \hat x + \beta` (``shape``: how γ and β broadcast).
 
@@ -312,6 +342,7 @@ def _scaled(
         t_hat = t_hat.mul_(gamma)  # the rules' own tensor
     return plus(plus(t_hat, None if dgamma is None else dgamma * x_hat), dbeta)
 
+
 def _batch_stats(m: nn.Module) -> bool:
     return m.training or m.running_mean is None
 
@@ -327,8 +358,9 @@ def _batch_norm(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
     x = sw.cap.inputs.pop(m).detach()
     dims = (0, *range(2, x.dim()))  # every axis but the channels
     channel = (1, -1) + (1,) * (x.dim() - 2)
-    stats = None if _batch_stats(m) else (m.running_mean.view(channel),
-                                          torch.rsqrt(m.running_var.view(channel) + m.eps))
+    stats = (
+        None if _batch_stats(m) else (m.running_mean.view(channel), torch.rsqrt(m.running_var.view(channel) + m.eps))
+    )
     x_hat, r, t_hat, u = standardize(x, t, dims, m.eps, stats, fixed=stats is not None)
     return _scaled(sw, m, x_hat, r, t_hat, u, dims, channel)
 
@@ -366,9 +398,16 @@ LAYERS = tuple(RULES)  #: the torch.nn modules the fast path covers
 
 # ---- the package's own transformer (alphalib.models) --------------------------------------------------------
 
-@register(CausalSelfAttention, children={"qkv": {"output"}}, check=lambda m: (
-    "attention dropout draws its mask inside the fused kernel, where the fast path cannot replay it"
-    if m.dropout > 0 else None))
+
+@register(
+    CausalSelfAttention,
+    children={"qkv": {"output"}},
+    check=lambda m: (
+        "attention dropout draws its mask inside the fused kernel, where the fast path cannot replay it"
+        if m.dropout > 0
+        else None
+    ),
+)
 def _attention(sw: Sweep, m: CausalSelfAttention, t: Tensor | None) -> Tensor | None:
     """Causal attention on the heads of the kept ``qkv`` output (:func:`alphalib.fast.calculus.attention`)."""
     qkv, t_qkv = sw.cap.outputs.pop(m.qkv).detach(), sw(m.qkv, t)

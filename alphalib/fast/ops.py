@@ -116,12 +116,14 @@ class OpSweep:
         if moved and op.view:  # a view of a parameter: recompute it at θ_t and θ_{t+1}
             for values in (self.values, self.new):
                 value = op.func(*[values.get(id(a), a) for a in op.args], **op.kwargs)
-                for x, v in zip(op.outs, value if isinstance(value, (tuple, list)) else [value]):
+                for x, v in zip(op.outs, value if isinstance(value, (tuple, list)) else [value], strict=False):
                     values[id(x)] = v
         if op.rule is None:  # no tangent
             return
         out = op.rule(self, op, _Values(self, op), [self.tangent(a) for a in op.args])
-        for y, t in zip(op.outs, out if isinstance(out, (tuple, list)) else [out]):
+        for y, t in zip(
+            op.outs, out if isinstance(out, (tuple, list)) else [out], strict=False
+        ):  # a rule may give only the first outputs
             if t is not None:
                 self.tangents[id(y)] = t
 
@@ -139,6 +141,7 @@ class _Values:
         if isinstance(i, slice):
             return [self.sw.value(a, self.op) for a in self.op.args[i]]
         return self.sw.value(self.op.args[i], self.op)
+
 
 # ---- rules -------------------------------------------------------------------------------------------------
 # A rule gets the sweep, the op, its arguments' values as the op read them and their tangents (None: zero), and
@@ -167,15 +170,46 @@ def rule(*funcs: Any, curved: bool = False) -> Callable[[Rule], Rule]:
 
 
 #: operations linear in their first tensor argument, the others being fixed (views, reductions, copies)
-VIEWS = {aten.t, aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.unsqueeze,
-         aten.squeeze, aten.expand, aten.slice, aten.select, aten.alias, aten.clone, aten.split,
-         aten.split_with_sizes, aten.unbind, aten.flatten}
-LINEAR = VIEWS | {aten.sum, aten.mean, aten.neg, aten.embedding, aten.avg_pool1d, aten.avg_pool2d,
-                  aten._adaptive_avg_pool2d, aten.adaptive_avg_pool1d, aten.unsafe_split, aten.unsafe_chunk,
-                  aten._to_copy, aten.nll_loss_forward}
+VIEWS = {
+    aten.t,
+    aten.view,
+    aten._unsafe_view,
+    aten.reshape,
+    aten.transpose,
+    aten.permute,
+    aten.unsqueeze,
+    aten.squeeze,
+    aten.expand,
+    aten.slice,
+    aten.select,
+    aten.alias,
+    aten.clone,
+    aten.split,
+    aten.split_with_sizes,
+    aten.unbind,
+    aten.flatten,
+}
+LINEAR = VIEWS | {
+    aten.sum,
+    aten.mean,
+    aten.neg,
+    aten.embedding,
+    aten.avg_pool1d,
+    aten.avg_pool2d,
+    aten._adaptive_avg_pool2d,
+    aten.adaptive_avg_pool1d,
+    aten.unsafe_split,
+    aten.unsafe_chunk,
+    aten._to_copy,
+    aten.nll_loss_forward,
+}
 #: views that change their input in place, and the out-of-place view their tangent takes
-IN_PLACE_VIEWS = {aten.transpose_: aten.transpose.int, aten.t_: aten.t.default, aten.squeeze_: aten.squeeze.dim,
-                  aten.unsqueeze_: aten.unsqueeze.default}
+IN_PLACE_VIEWS = {
+    aten.transpose_: aten.transpose.int,
+    aten.t_: aten.t.default,
+    aten.squeeze_: aten.squeeze.dim,
+    aten.unsqueeze_: aten.unsqueeze.default,
+}
 
 
 @rule(*LINEAR, *IN_PLACE_VIEWS)
@@ -210,8 +244,13 @@ def _add(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
 def _scalar(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
     if tans[0] is None:
         return None
-    return tans[0] * vals[1] if op.func is aten.mul.Scalar else tans[0] / vals[1] \
-        if op.func is aten.div.Scalar else tans[0]
+    return (
+        tans[0] * vals[1]
+        if op.func is aten.mul.Scalar
+        else tans[0] / vals[1]
+        if op.func is aten.div.Scalar
+        else tans[0]
+    )
 
 
 @rule(aten.mul.Tensor, curved=True)
@@ -239,8 +278,17 @@ def _div(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
 
 
 #: bilinear operations and the positions of their two factors: their term needs both to move with the step
-FACTORS = {aten.mul: (0, 1), aten.mul_: (0, 1), aten.mm: (0, 1), aten.bmm: (0, 1), aten.mv: (0, 1), aten.dot: (0, 1),
-           aten.vdot: (0, 1), aten.addmm: (1, 2), aten.convolution: (0, 1)}
+FACTORS = {
+    aten.mul: (0, 1),
+    aten.mul_: (0, 1),
+    aten.mm: (0, 1),
+    aten.bmm: (0, 1),
+    aten.mv: (0, 1),
+    aten.dot: (0, 1),
+    aten.vdot: (0, 1),
+    aten.addmm: (1, 2),
+    aten.convolution: (0, 1),
+}
 
 
 def needs_error(func: Any, args: tuple) -> bool:
@@ -263,8 +311,9 @@ def other_operand(func: Any, args: tuple, params: set[int]) -> int | None:
     return None
 
 
-def _product(sw: OpSweep, op: Op, vals: Sequence, tans: list, first: int,
-             mm: Callable[[Tensor, Tensor], Tensor]) -> Tensor | None:
+def _product(
+    sw: OpSweep, op: Op, vals: Sequence, tans: list, first: int, mm: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor | None:
     r"""The tangent of a bilinear :math:`y = \mathrm{mm}(a, b)` (arguments ``first`` and ``first + 1``), adding
     :math:`2\langle\delta_y, \mathrm{mm}(\dot a, \dot b)\rangle`: in two products when one factor is a parameter
     whose new value is known and the error at the other was kept, else in three."""
@@ -325,16 +374,32 @@ def _closed(packet: Any, x: Tensor, y: Tensor, args: Sequence) -> tuple[Tensor, 
 
 
 #: activations with closed-form derivatives (:func:`alphalib.fast.calculus.activation`)
-ACTIVATIONS = {aten.tanh: "tanh", aten.tanh_: "tanh", aten.sigmoid: "sigmoid", aten.sigmoid_: "sigmoid",
-               aten.gelu: "gelu", aten.silu: "silu"}
+ACTIVATIONS = {
+    aten.tanh: "tanh",
+    aten.tanh_: "tanh",
+    aten.sigmoid: "sigmoid",
+    aten.sigmoid_: "sigmoid",
+    aten.gelu: "gelu",
+    aten.silu: "silu",
+}
 #: elementwise functions of one tensor whose derivatives come from autograd on the input
 ELEMENTWISE = {aten.softplus: torch.nn.functional.softplus}
 #: ... and those that overwrite their input: their derivatives come from the output
 IN_PLACE = {aten.tanh_, aten.sigmoid_}
 
 
-@rule(aten.tanh, aten.sigmoid, aten.exp, aten.log, aten.silu, aten.pow.Tensor_Scalar, *ELEMENTWISE, *IN_PLACE,
-      aten.gelu, curved=True)
+@rule(
+    aten.tanh,
+    aten.sigmoid,
+    aten.exp,
+    aten.log,
+    aten.silu,
+    aten.pow.Tensor_Scalar,
+    *ELEMENTWISE,
+    *IN_PLACE,
+    aten.gelu,
+    curved=True,
+)
 def _elementwise(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
     r""":math:`\dot y = \sigma'(x)\dot x`, :math:`\ddot y = \sigma''(x)\dot x^2`."""
     t = tans[0]
@@ -354,8 +419,11 @@ def _elementwise(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | No
     elif kind is not None:
         t1, term = activation(kind, t, err, x=vals[0])
     else:  # gelu(approximate="tanh"), softplus: autograd on the input
-        fn = (lambda z: torch.nn.functional.gelu(z, approximate=op.kwargs["approximate"])) \
-            if packet is aten.gelu else (lambda z: ELEMENTWISE[packet](z, *vals[1:]))
+        fn = (
+            (lambda z: torch.nn.functional.gelu(z, approximate=op.kwargs["approximate"]))
+            if packet is aten.gelu
+            else (lambda z: ELEMENTWISE[packet](z, *vals[1:]))
+        )
         t1, term = by_autograd(fn, vals[0], t, err)
     if term is not None:
         sw.terms.append(term)
@@ -366,7 +434,7 @@ def _elementwise(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | No
 def _cat(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor:
     parts = [sw.tangent(x) for x in op.args[0]]
     dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", 0)
-    return op.func([torch.zeros_like(x) if t is None else t for x, t in zip(op.args[0], parts)], dim)
+    return op.func([torch.zeros_like(x) if t is None else t for x, t in zip(op.args[0], parts, strict=True)], dim)
 
 
 @rule(aten.relu_)
@@ -401,8 +469,19 @@ def _max_pool(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
     return [t.flatten(-dims).gather(-1, idx.flatten(-dims)).view(idx.shape), None]
 
 
-def _normalize(sw: OpSweep, op: Op, x_hat: Tensor, r: Tensor, t_hat: Tensor | None, u: Tensor | None, weight: Any,
-               tw: Tensor | None, tb: Tensor | None, dims: tuple[int, ...], shape: tuple[int, ...]) -> Tensor | None:
+def _normalize(
+    sw: OpSweep,
+    op: Op,
+    x_hat: Tensor,
+    r: Tensor,
+    t_hat: Tensor | None,
+    u: Tensor | None,
+    weight: Any,
+    tw: Tensor | None,
+    tb: Tensor | None,
+    dims: tuple[int, ...],
+    shape: tuple[int, ...],
+) -> Tensor | None:
     r"""Finish :math:`y = \gamma \hat x + \beta` (see :func:`alphalib.fast.calculus.standardize`), γ and β broadcast
     as ``shape``, and add its second-order terms (:func:`alphalib.fast.calculus.normalization_terms`)."""
     gamma = None if weight is None else weight.view(shape)
@@ -411,8 +490,9 @@ def _normalize(sw: OpSweep, op: Op, x_hat: Tensor, r: Tensor, t_hat: Tensor | No
     if err is not None:
         sw.terms.extend(normalization_terms(err.reshape(x_hat.shape), gamma, dgamma, x_hat, r, t_hat, u, dims))
     out = None if t_hat is None else t_hat if gamma is None else t_hat.mul_(gamma)  # (t_hat is this rule's own)
-    return plus(plus(out, None if dgamma is None else dgamma * x_hat),
-                None if dbeta is None else dbeta.expand_as(x_hat))
+    return plus(
+        plus(out, None if dgamma is None else dgamma * x_hat), None if dbeta is None else dbeta.expand_as(x_hat)
+    )
 
 
 @rule(aten.native_batch_norm, curved=True)
@@ -497,8 +577,18 @@ def _attention(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
     if mask is not None and sw.tangent(mask) is not None:
         raise NoRule("an attention mask that changes along the step")
     err = sw.error(op) if sw.exact else None
-    out, term = attention(vals[0], vals[1], vals[2], tans[0], tans[1], tans[2], err, scale=scale, causal=causal,
-                          mask=None if mask is None else sw.value(mask, op))
+    out, term = attention(
+        vals[0],
+        vals[1],
+        vals[2],
+        tans[0],
+        tans[1],
+        tans[2],
+        err,
+        scale=scale,
+        causal=causal,
+        mask=None if mask is None else sw.value(mask, op),
+    )
     if term is not None:
         sw.terms.append(term)
     return [out, None]

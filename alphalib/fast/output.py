@@ -29,10 +29,19 @@ def closed_form(loss_fn: LossFn, out: Tensor, targets: Tensor) -> Literal["mse",
     """Name the mean-reduced loss whose output derivatives are known in closed form, if ``loss_fn`` is one."""
     if loss_fn is F.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean"):
         return "mse" if out.shape == targets.shape else None
-    plain_ce = type(loss_fn) is nn.CrossEntropyLoss and loss_fn.reduction == "mean" and loss_fn.weight is None \
-        and loss_fn.label_smoothing == 0.0 and loss_fn.ignore_index == -100
-    if (loss_fn is F.cross_entropy or plain_ce) and out.dim() == 2 and targets.dim() == 1 \
-            and not targets.is_floating_point():
+    plain_ce = (
+        type(loss_fn) is nn.CrossEntropyLoss
+        and loss_fn.reduction == "mean"
+        and loss_fn.weight is None
+        and loss_fn.label_smoothing == 0.0
+        and loss_fn.ignore_index == -100
+    )
+    if (
+        (loss_fn is F.cross_entropy or plain_ce)
+        and out.dim() == 2
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+    ):
         return "cross_entropy"
     return None
 

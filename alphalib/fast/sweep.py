@@ -7,18 +7,21 @@ input tangents to its output tangent at :math:`\theta_t` and adds the layer's se
 
 .. math::
 
-    \Delta^\top H \Delta = \dot f^\top \nabla^2_f \ell\, \dot f + \sum_{\text{layers}\ y} \langle \delta_y, \ddot y\rangle,
+    \Delta^\top H \Delta = \dot f^\top \nabla^2_f \ell\, \dot f
+        + \sum_{\text{layers}\ y} \langle \delta_y, \ddot y\rangle,
     \qquad \Delta^\top g = \nabla_f \ell^\top \dot f,
 
 and the generalised Gauss-Newton keeps only the first term. The errors are those of :math:`c\,\ell` when the
 training step backpropagated a multiple of the loss (the proof of capture finds :math:`c`), so the layers' sum is
-divided by :math:`c`. :func:`module_pass` runs the module rules (:mod:`alphalib.fast.layers`), :func:`op_pass` the rules of the recorded
-operations (:mod:`alphalib.fast.ops`); both end in :func:`alphalib.fast.output.output_terms`.
+divided by :math:`c`. :func:`module_pass` runs the module rules (:mod:`alphalib.fast.layers`), :func:`op_pass`
+the rules of the recorded operations (:mod:`alphalib.fast.ops`); both end in
+:func:`alphalib.fast.output.output_terms`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -30,7 +33,12 @@ from .output import output_terms
 
 
 def _finish(
-    sweep: Sweep | OpSweep, loss_fn: LossFn, out: Tensor, targets: Tensor, t: Tensor | None, scale: float,
+    sweep: Sweep | OpSweep,
+    loss_fn: LossFn,
+    out: Tensor,
+    targets: Tensor,
+    t: Tensor | None,
+    scale: float,
 ) -> tuple[float, float, float]:
     loss, slope, curvature = output_terms(loss_fn, out, targets, t)
     if sweep.exact and sweep.terms:
@@ -41,7 +49,13 @@ def _finish(
 
 @torch.no_grad()
 def module_pass(
-    model: nn.Module, cap: Capture, loss_fn: LossFn, targets: Tensor, deltas: dict[int, Tensor], *, exact: bool,
+    model: nn.Module,
+    cap: Capture,
+    loss_fn: LossFn,
+    targets: Tensor,
+    deltas: dict[int, Tensor],
+    *,
+    exact: bool,
     scale: float = 1.0,
 ) -> tuple[float, float, float]:
     """Return loss, :math:`\\Delta^\\top g` and :math:`\\Delta^\\top H\\Delta` (GGN unless ``exact``) at θ_t.
@@ -57,8 +71,14 @@ def module_pass(
 
 @torch.no_grad()
 def op_pass(
-    cap: OpCapture, loss_fn: LossFn, targets: Tensor, deltas: dict[int, Tensor], params: Sequence[Tensor], *,
-    exact: bool, scale: float = 1.0,
+    cap: OpCapture,
+    loss_fn: LossFn,
+    targets: Tensor,
+    deltas: dict[int, Tensor],
+    params: Sequence[Tensor],
+    *,
+    exact: bool,
+    scale: float = 1.0,
 ) -> tuple[float, float, float]:
     """Like :func:`module_pass`, over the recorded operations; ``params`` hold θ_{t+1}."""
     if cap.uncovered is not None:

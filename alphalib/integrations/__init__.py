@@ -20,13 +20,17 @@ from ..probe import AlphaProbe
 from ..records import Record
 
 
-def probe_keywords(every: int, curvature: str, tags: Mapping[str, Any] | None,
-                   options: Mapping[str, Any] | None) -> dict[str, Any]:
+def probe_keywords(
+    every: int, curvature: str, tags: Mapping[str, Any] | None, options: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """Return the keywords for :class:`~alphalib.AlphaProbe`, checked now rather than at the first training step."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive integer (every k-th step), got {every!r}.")
-    others = [name for name, p in inspect.signature(AlphaProbe).parameters.items()
-              if p.kind is p.KEYWORD_ONLY and name not in ("every", "curvature", "tags")]
+    others = [
+        name
+        for name, p in inspect.signature(AlphaProbe).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in ("every", "curvature", "tags")
+    ]
     options = dict(options or {})
     unknown = sorted(set(options) - set(others))
     if unknown:
@@ -53,8 +57,10 @@ class StepRoute:
             if self._inside:  # the probe taking the step
                 return self._step(**kwargs) if closure is None else self._step(closure, **kwargs)
             if kwargs:
-                raise TypeError(f"optimizer.step got keyword arguments {sorted(kwargs)}, which the probe cannot pass "
-                                "on; step without them, or train without the alphalib probe.")
+                raise TypeError(
+                    f"optimizer.step got keyword arguments {sorted(kwargs)}, which the probe cannot pass "
+                    "on; step without them, or train without the alphalib probe."
+                )
             self._inside = True
             try:
                 return self._take(closure)
@@ -87,20 +93,27 @@ def logged(records: Sequence[Record], prefix: str = "") -> dict[str, float]:
         values = [v for r in records if math.isfinite(v := getattr(r, name))]
         return statistics.median(values) if values else math.nan
 
-    return {prefix + "alpha_star": median("alpha_star"), prefix + "alpha_star_over_lr": median("ratio"),
-            prefix + "curvature": median("curvature"),
-            prefix + "flagged": float(sum(r.flag != "ok" for r in records))}
+    return {
+        prefix + "alpha_star": median("alpha_star"),
+        prefix + "alpha_star_over_lr": median("ratio"),
+        prefix + "curvature": median("curvature"),
+        prefix + "flagged": float(sum(r.flag != "ok" for r in records)),
+    }
 
 
 def micro_batches(batches: list[Any]) -> Any:
     """Return what ``probe.step`` takes for the batches whose backward passes built ``.grad`` since the last step."""
     if not batches:
-        raise ValueError("the optimizer stepped before the probe saw any training batch; attach the alphalib "
-                         "integration before training starts.")
+        raise ValueError(
+            "the optimizer stepped before the probe saw any training batch; attach the alphalib "
+            "integration before training starts."
+        )
     if all(isinstance(b, (tuple, list, Mapping)) for b in batches):
         return list(batches)  # a list of batches, even of one: never mistaken for a batch that is a list
     if len(batches) == 1:
         return batches[0]
-    raise ValueError(f"gradient accumulation over {len(batches)} batches of type {type(batches[0]).__name__}: the "
-                     "probe takes micro-batches as a list of tuples, lists or dicts. Make the dataloader yield "
-                     "such batches, or train without gradient accumulation.")
+    raise ValueError(
+        f"gradient accumulation over {len(batches)} batches of type {type(batches[0]).__name__}: the "
+        "probe takes micro-batches as a list of tuples, lists or dicts. Make the dataloader yield "
+        "such batches, or train without gradient accumulation."
+    )

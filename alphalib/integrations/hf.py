@@ -44,10 +44,12 @@ try:
     import accelerate  # noqa: F401  (the Trainer needs it)
     import transformers
 except ImportError as exc:  # pragma: no cover - exercised by tests/test_integrations.py with transformers hidden
-    raise ImportError('alphalib.integrations.hf needs transformers and accelerate: pip install -c constraints.txt '
-                      '"alphalib[hf]"') from exc
+    raise ImportError(
+        'alphalib.integrations.hf needs transformers and accelerate: pip install -c constraints.txt "alphalib[hf]"'
+    ) from exc
 
-from .._function import Objective, objective as as_objective
+from .._function import Objective
+from .._function import objective as as_objective
 from ..curvature import Backend
 from ..probe import AlphaProbe
 from ..records import Record, to_frame
@@ -119,8 +121,9 @@ class AlphaTrainer(transformers.Trainer):
         finally:
             self._alpha_detach()
 
-    def training_step(self, model: nn.Module, inputs: dict[str, Any],
-                      num_items_in_batch: Tensor | int | None = None) -> Tensor:
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
         """Keep the micro-batch and its normalization for the probe, then run ``Trainer.training_step``."""
         if self._alpha_route is None or self._alpha_route.optimizer is not self.optimizer:
             self._alpha_attach()
@@ -133,7 +136,7 @@ class AlphaTrainer(transformers.Trainer):
         ``alpha_star``, ``alpha_star_over_lr`` and ``curvature`` (medians) and ``flagged`` (a count), with the
         prefix ``alpha/``. They reach ``state.log_history`` and every ``report_to`` integration."""
         if "loss" in logs and self.probe is not None:
-            logs = {**logs, **logged(self.probe.records[self._alpha_logged:], "alpha/")}
+            logs = {**logs, **logged(self.probe.records[self._alpha_logged :], "alpha/")}
             self._alpha_logged = len(self.probe.records)
         super().log(logs, *args, **kwargs)
 

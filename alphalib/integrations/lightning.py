@@ -34,8 +34,9 @@ import torch
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - exercised by tests/test_integrations.py with lightning hidden
-    raise ImportError('alphalib.integrations.lightning needs Lightning: pip install -c constraints.txt '
-                      '"alphalib[lightning]"') from exc
+    raise ImportError(
+        'alphalib.integrations.lightning needs Lightning: pip install -c constraints.txt "alphalib[lightning]"'
+    ) from exc
 
 from .._function import LossFn, Objective
 from ..curvature import Backend
@@ -121,18 +122,23 @@ class AlphaCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the probe on the module and the optimizer, and route the optimizer's step through it."""
         if not pl_module.automatic_optimization:
-            raise ValueError("AlphaCallback probes automatic optimization; with manual optimization call "
-                             "alphalib.AlphaProbe's probe.step(batch) in training_step in place of optimizer.step().")
+            raise ValueError(
+                "AlphaCallback probes automatic optimization; with manual optimization call "
+                "alphalib.AlphaProbe's probe.step(batch) in training_step in place of optimizer.step()."
+            )
         if len(trainer.optimizers) != 1:
-            raise ValueError(f"AlphaCallback probes one optimizer; configure_optimizers gave "
-                             f"{len(trainer.optimizers)}.")
+            raise ValueError(
+                f"AlphaCallback probes one optimizer; configure_optimizers gave {len(trainer.optimizers)}."
+            )
         optimizer = trainer.optimizers[0]
         self._hand_over = self.closure == "optimizer" or self.closure == "auto" and _needs_closure(optimizer)
         if self._hand_over and trainer.accumulate_grad_batches > 1:
-            raise ValueError(f"{type(optimizer).__name__} is handed Lightning's closure (closure={self.closure!r}), "
-                             "which cannot be probed with accumulate_grad_batches > 1: the last micro-batch's forward "
-                             "pass would run inside the step. Train without accumulation, or pass closure='first' if "
-                             "the optimizer calls its closure once.")
+            raise ValueError(
+                f"{type(optimizer).__name__} is handed Lightning's closure (closure={self.closure!r}), "
+                "which cannot be probed with accumulate_grad_batches > 1: the last micro-batch's forward "
+                "pass would run inside the step. Train without accumulation, or pass closure='first' if "
+                "the optimizer calls its closure once."
+            )
         model = pl_module if self.module is None else pl_module.get_submodule(self.module)
         self.probe = AlphaProbe(model, self.loss, optimizer, **self._keywords)
         if self._resume is not None:  # resumed from a checkpoint: go on counting steps, keep the records
@@ -141,13 +147,15 @@ class AlphaCallback(pl.Callback):
         self._trainer, self._batches, self._logged = trainer, [], len(self.probe.records)
         self._route = StepRoute(optimizer, self._take)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         """Keep the batch (after its transfer to the device) that ``training_step`` gets."""
         self._batches.append(batch)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """Send a new record's α*, α*/lr, curvature and flag (``alpha/`` keys) to the trainer's loggers, at its step.
 
         Straight to the loggers: values logged through ``pl_module.log`` are written again at every later step
@@ -155,7 +163,7 @@ class AlphaCallback(pl.Callback):
         """
         if self.probe is None:
             return
-        for rec in self.probe.records[self._logged:]:
+        for rec in self.probe.records[self._logged :]:
             for logger in trainer.loggers:
                 logger.log_metrics(logged([rec], "alpha/"), step=rec.step)
         self._logged = len(self.probe.records)
@@ -168,8 +176,9 @@ class AlphaCallback(pl.Callback):
         """Keep a checkpoint's probe state: the next ``fit`` goes on from it."""
         self._resume = state_dict or None
 
-    def on_before_zero_grad(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                            optimizer: torch.optim.Optimizer) -> None:
+    def on_before_zero_grad(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         """Forget batches whose gradients are about to be zeroed: keep the one whose backward pass comes next."""
         self._batches = self._batches[-1:]
 

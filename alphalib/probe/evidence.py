@@ -69,8 +69,11 @@ STEP: tuple[Callable[[Step], str | None], ...] = (
     _either("no forward pass of the model was seen since the last step", lambda s: not s.facts.forwards),
     _either("the probe measures an objective(model, batch), not loss_fn(model(x), y)", lambda s: s.objective),
     lambda s: f"{len(s.batches)} micro-batches" if len(s.batches) > 1 else None,
-    lambda s: f"{len(s.facts.forwards)} forward passes of the model since the last step"
-    if len(s.facts.forwards) > 1 else None,
+    lambda s: (
+        f"{len(s.facts.forwards)} forward passes of the model since the last step"
+        if len(s.facts.forwards) > 1
+        else None
+    ),
 )
 
 
@@ -86,33 +89,50 @@ def _input_changed(s: Step) -> bool:
 
 #: what the fast path needs of that step's one forward and backward pass (checked when STEP passes)
 PASS: tuple[Callable[[Step], str | None], ...] = (
-    lambda s: None if s.facts.forwards[0].backwards == 1 else
-    f"{s.facts.forwards[0].backwards} backward passes through the model's output",
+    lambda s: (
+        None
+        if s.facts.forwards[0].backwards == 1
+        else f"{s.facts.forwards[0].backwards} backward passes through the model's output"
+    ),
     _either("no backward pass accumulated into .grad", lambda s: s.facts.built == 0),
     _either("a parameter's .grad was not written by the backward pass", lambda s: s.facts.built and s.facts.unwritten),
-    _either("a parameter's gradient did not come through the autograd graph of the model's output (a backward pass "
-            "of its own, as reentrant checkpointing runs)",
-            lambda s: s.facts.built and not s.facts.unwritten and s.facts.bypassed),
+    _either(
+        "a parameter's gradient did not come through the autograd graph of the model's output (a backward pass "
+        "of its own, as reentrant checkpointing runs)",
+        lambda s: s.facts.built and not s.facts.unwritten and s.facts.bypassed,
+    ),
     _either("the error at the model's output was not seen", lambda s: s.scales[0] is None),
-    lambda s: None if s.facts.forwards[0].autocast is None else "the forward pass ran under autocast "
-    f"({str(s.facts.forwards[0].autocast).removeprefix('torch.')}); measured in the parameters' precision",
+    lambda s: (
+        None
+        if s.facts.forwards[0].autocast is None
+        else "the forward pass ran under autocast "
+        f"({str(s.facts.forwards[0].autocast).removeprefix('torch.')}); measured in the parameters' precision"
+    ),
     _either("parameters changed in place after the forward pass", _changed_in_place),
     _either("the inputs changed in place after the forward pass", _input_changed),
 )
 
 
 def judge(
-    facts: Facts, params: Sequence[Tensor], batches: Sequence[Any], *, loss_fn: Callable | None,
-    output_grad: Callable[[Tensor, Any], Tensor] | None, closure: bool,
+    facts: Facts,
+    params: Sequence[Tensor],
+    batches: Sequence[Any],
+    *,
+    loss_fn: Callable | None,
+    output_grad: Callable[[Tensor, Any], Tensor] | None,
+    closure: bool,
 ) -> Verdict:
     """Decide what the fast path may reuse for a step on ``batches`` (``loss_fn=None``: an objective)."""
     forwards, k = facts.forwards, len(batches)
     matched = [_match(forwards, b[0]) if loss_fn is not None else None for b in batches]
     chosen = [f if f is not None else (forwards[-1] if forwards else None) for f in matched]
-    v = Verdict(fast=False, rngs=[None if f is None else f.rng for f in chosen],  # the state to restore
-                rngs_after=[None if f is None else f.rng_after for f in chosen],
-                buffers=[None if f is None else f.buffers for f in chosen],
-                modes=None if chosen[-1] is None else chosen[-1].modes)
+    v = Verdict(
+        fast=False,
+        rngs=[None if f is None else f.rng for f in chosen],  # the state to restore
+        rngs_after=[None if f is None else f.rng_after for f in chosen],
+        buffers=[None if f is None else f.buffers for f in chosen],
+        modes=None if chosen[-1] is None else chosen[-1].modes,
+    )
     if not closure:
         v.mismatch += _accumulation_mismatch(facts, k)
     scales: list[float | None] = [None] * k
@@ -139,24 +159,34 @@ def _accumulation_mismatch(facts: Facts, k: int) -> list[str]:
     """Say where the backward passes that built ``.grad`` do not fit the ``k`` batches handed over."""
     out = []
     if facts.built and facts.built != k:
-        out.append(f".grad was built by {facts.built} backward passes but probe.step got {k} batch"
-                   f"{'es' if k > 1 else ''}: pass the list of micro-batches")
+        out.append(
+            f".grad was built by {facts.built} backward passes but probe.step got {k} batch"
+            f"{'es' if k > 1 else ''}: pass the list of micro-batches"
+        )
     if facts.built and not facts.forwards:  # .grad comes from a forward the probe never saw: batch and draws unknown
-        out.append("a backward pass built .grad, but the model given to the probe ran no forward pass since the last "
-                   "step: training called another module (a submodule, or the model a wrapper holds?); give the probe "
-                   "the module training calls")
+        out.append(
+            "a backward pass built .grad, but the model given to the probe ran no forward pass since the last "
+            "step: training called another module (a submodule, or the model a wrapper holds?); give the probe "
+            "the module training calls"
+        )
     return out
 
 
-def _scales(facts: Facts, batches: Sequence[Any], matched: list[Forward | None],
-            output_grad: Callable[[Tensor, Any], Tensor] | None, v: Verdict) -> list[float | None]:
+def _scales(
+    facts: Facts,
+    batches: Sequence[Any],
+    matched: list[Forward | None],
+    output_grad: Callable[[Tensor, Any], Tensor] | None,
+    v: Verdict,
+) -> list[float | None]:
     """Return the loss scale :math:`c` of each batch; add to ``v`` what does not fit a multiple of the loss."""
     k, scales = len(batches), []
-    for i, (f, b) in enumerate(zip(matched, batches)):
+    for i, (f, b) in enumerate(zip(matched, batches, strict=True)):
         which, c = f" of micro-batch {i}" if k > 1 else "", None
         if f is None:
-            v.mismatch.append(f"the inputs{which} passed to probe.step were not the input of any forward pass since "
-                              "the last step")
+            v.mismatch.append(
+                f"the inputs{which} passed to probe.step were not the input of any forward pass since the last step"
+            )
         elif f.error is not None and f.output is not None and output_grad is not None:
             with replay_rng(f.rng_after, facts.device):  # a loss_fn that draws draws as it did
                 c = _scale(f.error, output_grad(f.output, b[1]))
@@ -164,8 +194,10 @@ def _scales(facts: Facts, batches: Sequence[Any], matched: list[Forward | None],
                 v.reasons.append(f"the error at the model's output{which} is not finite")
                 c = None
             elif c is None:
-                v.mismatch.append(f"the loss backpropagated through the model's output{which} is not a multiple of "
-                                  "loss_fn(output, targets) for the targets passed")
+                v.mismatch.append(
+                    f"the loss backpropagated through the model's output{which} is not a multiple of "
+                    "loss_fn(output, targets) for the targets passed"
+                )
         elif facts.built and f.backwards == 0:
             v.mismatch.append(f"no backward pass went through the output of the forward pass{which}")
         scales.append(c)
@@ -183,8 +215,13 @@ def _match(forwards: Sequence[Forward], inputs: Any) -> Forward | None:
             return f
     for f in reversed(forwards):
         x = f.inputs
-        if isinstance(x, Tensor) and isinstance(inputs, Tensor) and x.shape == inputs.shape \
-                and x.dtype == inputs.dtype and torch.equal(x, inputs.to(x.device)):
+        if (
+            isinstance(x, Tensor)
+            and isinstance(inputs, Tensor)
+            and x.shape == inputs.shape
+            and x.dtype == inputs.dtype
+            and torch.equal(x, inputs.to(x.device))
+        ):
             return f
     return None
 

@@ -89,28 +89,35 @@ class AlphaProbe:
         if path not in ("auto", "fast", "generic"):
             raise ValueError(f"path must be 'auto', 'fast' or 'generic', got {path!r}.")
         if not callable(loss):
-            raise TypeError("loss must be a loss_fn(outputs, targets) or an alphalib.objective, "
-                            f"got {type(loss).__name__}.")
+            raise TypeError(
+                f"loss must be a loss_fn(outputs, targets) or an alphalib.objective, got {type(loss).__name__}."
+            )
         # DistributedDataParallel: keep its process group to average each record over the ranks, and probe the
         # module it wraps, so that the probe's hooks and its own passes never run DDP's forward (which would
         # prepare a gradient reduction); an objective is handed that module too
-        self._ranks = distributed.for_probe(model, scopes=full_data is not None or held_out is not None,
-                                            sharpness=sharpness_every is not None)
+        self._ranks = distributed.for_probe(
+            model, scopes=full_data is not None or held_out is not None, sharpness=sharpness_every is not None
+        )
         model = distributed.unwrap(model)
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.curvature = check_backend(curvature)
         self.objective = isinstance(loss, Objective)
         if self.objective and self.curvature == "ggn":
-            raise ValueError("curvature='ggn' needs loss_fn(model(inputs), targets): an objective has no model output "
-                             "to split the loss at. Use curvature='hessian', or pass the loss_fn.")
+            raise ValueError(
+                "curvature='ggn' needs loss_fn(model(inputs), targets): an objective has no model output "
+                "to split the loss at. Use curvature='hessian', or pass the loss_fn."
+            )
         if self.objective and path == "fast":
-            raise ValueError("path='fast' needs loss_fn(model(inputs), targets); with an objective use path='auto' "
-                             "or 'generic' (it is measured on the generic path).")
+            raise ValueError(
+                "path='fast' needs loss_fn(model(inputs), targets); with an objective use path='auto' "
+                "or 'generic' (it is measured on the generic path)."
+            )
         trainable(model)
         self._check_optimizer()
         self.every, self.tags = every, dict(tags or {})
-        self.scopes = {name: data for name, data in (("full", full_data), ("heldout", as_batches(held_out)))
-                       if data is not None}
+        self.scopes = {
+            name: data for name, data in (("full", full_data), ("heldout", as_batches(held_out))) if data is not None
+        }
         self.full_every, self.sharpness_every = full_every, sharpness_every
         self.records: list[Record] = []
         #: called with each new record, after it is appended (the live view, :func:`alphalib.live.watch`, is one);
@@ -134,8 +141,9 @@ class AlphaProbe:
         self.path = "generic" if self._why else "fast"
         #: with path="auto" on recorded operations: (path, seconds) of the trial steps that choose the faster path;
         #: not under DDP, where each rank's clock could choose differently (path="generic" is there to ask for it)
-        self._trials = Trials() if path == "auto" and isinstance(self._capture, OpCapture) and self._ranks is None \
-            else None
+        self._trials = (
+            Trials() if path == "auto" and isinstance(self._capture, OpCapture) and self._ranks is None else None
+        )
         self._clock, self._last = time.perf_counter, None
 
     # ---- hooks and housekeeping ---------------------------------------------------------------------------
@@ -173,21 +181,27 @@ class AlphaProbe:
             self._capture.remove()
             self._capture, self.path = None, "generic"
             self._recorder.tap = False
-            self._why = (f"path='auto' measured the generic path faster than the recorded operations on this model "
-                         f"({1e3 * best['generic']:.3g} against {1e3 * best['fast']:.3g} ms a training iteration)")
+            self._why = (
+                f"path='auto' measured the generic path faster than the recorded operations on this model "
+                f"({1e3 * best['generic']:.3g} against {1e3 * best['fast']:.3g} ms a training iteration)"
+            )
 
     def _check_optimizer(self, everything: list[Tensor] | None = None) -> None:
         owned = {id(p) for p in (self.model.parameters() if everything is None else everything)}
         held = [p for group in self.optimizer.param_groups for p in group["params"]]
         stray = [p for p in held if id(p) not in owned]
         if len(stray) == len(held):
-            raise ValueError("the optimizer holds none of the model's parameters, so the probe would record zero "
-                             "steps; build it from model.parameters().")
+            raise ValueError(
+                "the optimizer holds none of the model's parameters, so the probe would record zero "
+                "steps; build it from model.parameters()."
+            )
         if stray:
             shapes = ", ".join(str(tuple(p.shape)) for p in stray[:3])
-            raise ValueError(f"the optimizer also updates {len(stray)} tensors that are not parameters of the model "
-                             f"(shapes {shapes}), so the probe would measure only part of the step; make them "
-                             "parameters of a module that holds the model too.")
+            raise ValueError(
+                f"the optimizer also updates {len(stray)} tensors that are not parameters of the model "
+                f"(shapes {shapes}), so the probe would measure only part of the step; make them "
+                "parameters of a module that holds the model too."
+            )
 
     def _split(self, batch: object) -> list[object]:
         """Return the batches that built ``.grad``: ``batch``, or the micro-batches of a list of batches."""
@@ -203,7 +217,11 @@ class AlphaProbe:
     # ---- one step -----------------------------------------------------------------------------------------
 
     def step(
-        self, batch: object, *, epoch: int | None = None, closure: Callable[[], Tensor] | None = None,
+        self,
+        batch: object,
+        *,
+        epoch: int | None = None,
+        closure: Callable[[], Tensor] | None = None,
     ) -> Record | None:
         """Take the optimizer step; on probed steps return its record, else ``None``.
 
@@ -216,8 +234,10 @@ class AlphaProbe:
         start = self._clock()
         batches = self._split(batch)
         if in_eval_mode(self.optimizer):
-            raise ValueError(f"{type(self.optimizer).__name__} is in eval mode, where it cannot step: call "
-                             "optimizer.train() before the training steps (and optimizer.eval() before evaluating).")
+            raise ValueError(
+                f"{type(self.optimizer).__name__} is in eval mode, where it cannot step: call "
+                "optimizer.train() before the training steps (and optimizer.eval() before evaluating)."
+            )
         t = self.steps
         if t % self.every:
             stepped = self._take(closure)
@@ -240,17 +260,43 @@ class AlphaProbe:
         res, grad, error = self._measured(plan, fn, params, batches, verdict, current, delta, theta)
         path, mismatch = plan.path, bool(verdict.mismatch)
         if self._ranks is not None:  # DDP: the global batch's numbers; the same two all-reduces on every rank
-            res, path, error, mismatch = self._ranks.reduce(res, grad, params, batches, error=error, mismatch=mismatch,
-                                                            fast=path == "fast" and not error, fallback=plan.reasons)
-        scopes = measure.scopes(self.model, self.loss, self.scopes, self.curvature, current, delta, plan.reasons) \
-            if self.scopes and t % self.full_every == 0 else {}
-        sharp = measure.sharpness(self.model, self.loss, self.optimizer, fn, current, delta, plan.reasons) \
-            if self.sharpness_every and t % self.sharpness_every == 0 else {}
+            res, path, error, mismatch = self._ranks.reduce(
+                res,
+                grad,
+                params,
+                batches,
+                error=error,
+                mismatch=mismatch,
+                fast=path == "fast" and not error,
+                fallback=plan.reasons,
+            )
+        scopes = (
+            measure.scopes(self.model, self.loss, self.scopes, self.curvature, current, delta, plan.reasons)
+            if self.scopes and t % self.full_every == 0
+            else {}
+        )
+        sharp = (
+            measure.sharpness(self.model, self.loss, self.optimizer, fn, current, delta, plan.reasons)
+            if self.sharpness_every and t % self.sharpness_every == 0
+            else {}
+        )
         rec = make_record(
-            step=t, epoch=epoch, loss=res.loss, lr=lr, step_size=size, step_slope=res.slope,
-            step_curvature=res.curvature, grad_norm=res.grad_norm,
-            step_norm=math.hypot(*steps), backend=self.curvature, path=path, error=error,
-            mismatch=mismatch, fallback="; ".join(plan.reasons), scopes=scopes, sharpness=sharp,
+            step=t,
+            epoch=epoch,
+            loss=res.loss,
+            lr=lr,
+            step_size=size,
+            step_slope=res.slope,
+            step_curvature=res.curvature,
+            grad_norm=res.grad_norm,
+            step_norm=math.hypot(*steps),
+            backend=self.curvature,
+            path=path,
+            error=error,
+            mismatch=mismatch,
+            fallback="; ".join(plan.reasons),
+            scopes=scopes,
+            sharpness=sharp,
         )
         self.records.append(rec)
         tell(self.listeners, rec)
@@ -271,18 +317,32 @@ class AlphaProbe:
             self._capture = capture_for(self.model, exact=self.curvature == "hessian", follow="ops")
             if self._capture is not None:
                 self._capture.own = self._recorder.own
-        fn = BatchLoss(self.model, self.loss, None, batches=batches, weights=verdict.weights,
-                       rngs=verdict.rngs if closure is None else [rng_state(params[0].device)],
-                       rngs_after=verdict.rngs_after if closure is None else None,
-                       buffers=verdict.buffers if closure is None else None, modes=verdict.modes)
+        fn = BatchLoss(
+            self.model,
+            self.loss,
+            None,
+            batches=batches,
+            weights=verdict.weights,
+            rngs=verdict.rngs if closure is None else [rng_state(params[0].device)],
+            rngs_after=verdict.rngs_after if closure is None else None,
+            buffers=verdict.buffers if closure is None else None,
+            modes=verdict.modes,
+        )
         self._recorder.armed = False  # what runs from here on (a closure, the probe's passes) is not training's
         if self._capture is not None:
             self._capture.active = False
         return params, verdict, plan, fn
 
     def _measured(
-        self, plan: Route, fn: BatchLoss, params: list[Tensor], batches: list[object], verdict: Verdict,
-        current: list[Tensor], delta: list[Tensor], theta: list[Tensor] | None,
+        self,
+        plan: Route,
+        fn: BatchLoss,
+        params: list[Tensor],
+        batches: list[object],
+        verdict: Verdict,
+        current: list[Tensor],
+        delta: list[Tensor],
+        theta: list[Tensor] | None,
     ) -> tuple[Directional, list[Tensor] | None, bool]:
         """Measure the step on the path ``plan`` chose (``plan.path`` then says which gave it); return the result,
         under DDP this rank's gradient at θ_t, and whether it failed (``plan.reasons`` says why). Never raises: the
@@ -294,26 +354,52 @@ class AlphaProbe:
             with torch.autocast(params[0].device.type, enabled=False):
                 if plan.sweep:
                     try:
-                        with _trained.as_trained(self.model, verdict.modes), \
-                                replay_rng(verdict.rngs_after[0], params[0].device):
-                            res = measure.sweep(self.model, self._capture, self.loss, batches[0][1], params, delta,
-                                                verdict, exact=self.curvature == "hessian")
+                        with (
+                            _trained.as_trained(self.model, verdict.modes),
+                            replay_rng(verdict.rngs_after[0], params[0].device),
+                        ):
+                            res = measure.sweep(
+                                self.model,
+                                self._capture,
+                                self.loss,
+                                batches[0][1],
+                                params,
+                                delta,
+                                verdict,
+                                exact=self.curvature == "hessian",
+                            )
                     except (KeyError, _ops.Unverified, NoRule) as exc:  # the step left not what a rule needs
-                        plan.reasons.append("the forward pass did not leave what a tangent rule needs"
-                                            if isinstance(exc, KeyError) else str(exc))
+                        plan.reasons.append(
+                            "the forward pass did not leave what a tangent rule needs"
+                            if isinstance(exc, KeyError)
+                            else str(exc)
+                        )
                         plan.sweep = False
                 if not plan.sweep:
-                    res = self._measure(fn, theta_t(), delta, verdict, batches[0],
-                                        endpoint=current if plan.reuse else None, precise=precise)
+                    res = self._measure(
+                        fn,
+                        theta_t(),
+                        delta,
+                        verdict,
+                        batches[0],
+                        endpoint=current if plan.reuse else None,
+                        precise=precise,
+                    )
                 dtype = params[0].dtype
-                imprecise = None if precise else faint(res.loss, dtype) or \
-                    (cancelled(res, dtype) if self.curvature == "secant" else None)
+                imprecise = (
+                    None
+                    if precise
+                    else faint(res.loss, dtype) or (cancelled(res, dtype) if self.curvature == "secant" else None)
+                )
                 if imprecise:  # measured again where the arithmetic resolves it
                     plan.generic(imprecise)
                     res = self._measure(fn, theta_t(), delta, verdict, batches[0], precise=True)
                 if self._ranks is not None:  # DDP: the gradient of this rank's loss; else one more backward pass
-                    grad = _ops.div(verdict.grad, verdict.scale) if plan.tapped else \
-                        distributed.local_gradient(fn, theta_t())
+                    grad = (
+                        _ops.div(verdict.grad, verdict.scale)
+                        if plan.tapped
+                        else distributed.local_gradient(fn, theta_t())
+                    )
         except Exception as exc:  # never raise after the optimizer has stepped: record it
             self._warn(exc)
             res, error = Directional(math.nan, math.nan, math.nan), True
@@ -350,13 +436,21 @@ class AlphaProbe:
         """Judge what the fast path may reuse; errors in ``loss_fn`` surface here, before stepping."""
         loss_fn = None if self.objective else self.loss
         try:
-            return judge(self._recorder.facts(params), params, batches, loss_fn=loss_fn,
-                         output_grad=self._output_grad, closure=closure is not None)
+            return judge(
+                self._recorder.facts(params),
+                params,
+                batches,
+                loss_fn=loss_fn,
+                output_grad=self._output_grad,
+                closure=closure is not None,
+            )
         except ValueError:
             raise
         except Exception as exc:
-            raise ValueError(f"loss_fn(outputs, targets) failed on the model's output for this batch ({exc}); "
-                             "pass the batch the loss was computed on, or an alphalib.objective.") from exc
+            raise ValueError(
+                f"loss_fn(outputs, targets) failed on the model's output for this batch ({exc}); "
+                "pass the batch the loss was computed on, or an alphalib.objective."
+            ) from exc
 
     def _output_grad(self, out: Tensor, targets: Tensor) -> Tensor:
         return output_grad(self.loss, out, targets)
@@ -372,20 +466,46 @@ class AlphaProbe:
             with torch.no_grad():
                 fn([p.detach() for p in params])
         except _ops.Unverified as exc:
-            raise ValueError(f"the probe cannot measure on torch {torch.__version__}: {exc}. Nothing was stepped.") \
-                from exc
+            raise ValueError(
+                f"the probe cannot measure on torch {torch.__version__}: {exc}. Nothing was stepped."
+            ) from exc
         except Exception as exc:
             what = "objective(model, batch)" if self.objective else "loss_fn(model(inputs), targets)"
-            hint = "" if self.objective else (" If the model does not return the tensor loss_fn expects (a tuple, "
-                                              "a dict), wrap the whole loss in alphalib.objective(fn).")
-            raise ValueError(f"the probe cannot evaluate {what} on this batch: {exc}.{hint} Nothing was stepped.") \
-                from exc
+            hint = (
+                ""
+                if self.objective
+                else (
+                    " If the model does not return the tensor loss_fn expects (a tuple, "
+                    "a dict), wrap the whole loss in alphalib.objective(fn)."
+                )
+            )
+            raise ValueError(
+                f"the probe cannot evaluate {what} on this batch: {exc}.{hint} Nothing was stepped."
+            ) from exc
         self._validated.add(kind)
 
-    def _measure(self, fn: BatchLoss, theta: list[Tensor], delta: list[Tensor], verdict: Verdict, batch: Any, *,
-                 endpoint: list[Tensor] | None = None, precise: bool = False) -> Directional:
-        return measure.backend(fn, self.curvature, theta, delta, verdict=verdict, loss=self.loss, batch=batch,
-                               endpoint=endpoint, precise=precise)
+    def _measure(
+        self,
+        fn: BatchLoss,
+        theta: list[Tensor],
+        delta: list[Tensor],
+        verdict: Verdict,
+        batch: Any,
+        *,
+        endpoint: list[Tensor] | None = None,
+        precise: bool = False,
+    ) -> Directional:
+        return measure.backend(
+            fn,
+            self.curvature,
+            theta,
+            delta,
+            verdict=verdict,
+            loss=self.loss,
+            batch=batch,
+            endpoint=endpoint,
+            precise=precise,
+        )
 
     def _warn(self, exc: Exception) -> None:
         if not self._warned:

@@ -14,27 +14,45 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import _ops, fast
 from .._checks import check_loss, trainable
 from .._function import BatchLoss, LossFn, replay_rng
 from ..curvature import Backend, Directional, Known, directional
-from .. import _ops, fast
 from ..fast import Capture, OpCapture
 from ..sharpness import preconditioner, top_eigenvalue
 from ..spectrum import along
 from .evidence import Verdict
 
 
-def sweep(model: nn.Module, capture: Capture | OpCapture, loss: LossFn, targets: Any, params: list[Tensor],
-          delta: list[Tensor], verdict: Verdict, *, exact: bool) -> Directional:
+def sweep(
+    model: nn.Module,
+    capture: Capture | OpCapture,
+    loss: LossFn,
+    targets: Any,
+    params: list[Tensor],
+    delta: list[Tensor],
+    verdict: Verdict,
+    *,
+    exact: bool,
+) -> Directional:
     """Return the exact (or GGN) slope and curvature from the captured training step, by the tangent sweep."""
-    value, slope, curvature = fast.measure(model, capture, loss, targets, params, delta, exact=exact,
-                                           scale=verdict.scale)
+    value, slope, curvature = fast.measure(
+        model, capture, loss, targets, params, delta, exact=exact, scale=verdict.scale
+    )
     return Directional(value, slope, curvature, math.nan if verdict.grad_norm is None else verdict.grad_norm)
 
 
 def backend(
-    fn: BatchLoss, curvature: Backend, theta: list[Tensor], delta: list[Tensor], *, verdict: Verdict | None = None,
-    loss: LossFn | None = None, batch: Any = None, endpoint: list[Tensor] | None = None, precise: bool = False,
+    fn: BatchLoss,
+    curvature: Backend,
+    theta: list[Tensor],
+    delta: list[Tensor],
+    *,
+    verdict: Verdict | None = None,
+    loss: LossFn | None = None,
+    batch: Any = None,
+    endpoint: list[Tensor] | None = None,
+    precise: bool = False,
 ) -> Directional:
     """Return loss, slope and curvature of ``fn`` along the step from the backend ``curvature``.
 
@@ -51,13 +69,25 @@ def backend(
         return directional(fn, theta, delta, curvature)
     with replay_rng(verdict.rngs_after[0], theta[0].device):
         value = check_loss(loss(verdict.output, batch[1])).item()
-    known = Known(value, verdict.grad, endpoint=endpoint, scale=verdict.scale,
-                  grad_norm=math.nan if verdict.grad_norm is None else verdict.grad_norm)
+    known = Known(
+        value,
+        verdict.grad,
+        endpoint=endpoint,
+        scale=verdict.scale,
+        grad_norm=math.nan if verdict.grad_norm is None else verdict.grad_norm,
+    )
     return directional(fn, theta, delta, curvature, known=known)
 
 
-def scopes(model: nn.Module, loss: LossFn, data: dict[str, object], curvature: Backend, current: list[Tensor],
-           delta: list[Tensor], fallback: list[str]) -> dict[str, Directional]:
+def scopes(
+    model: nn.Module,
+    loss: LossFn,
+    data: dict[str, object],
+    curvature: Backend,
+    current: list[Tensor],
+    delta: list[Tensor],
+    fallback: list[str],
+) -> dict[str, Directional]:
     """Slope and curvature along the same step of the full-data and held-out losses (generic path, at θ_t)."""
     theta, out = _ops.sub(current, delta), {}
     for name, batches in data.items():
@@ -69,8 +99,15 @@ def scopes(model: nn.Module, loss: LossFn, data: dict[str, object], curvature: B
     return out
 
 
-def sharpness(model: nn.Module, loss: LossFn, optimizer: torch.optim.Optimizer, fn: BatchLoss,
-              current: list[Tensor], delta: list[Tensor], fallback: list[str]) -> dict[str, float]:
+def sharpness(
+    model: nn.Module,
+    loss: LossFn,
+    optimizer: torch.optim.Optimizer,
+    fn: BatchLoss,
+    current: list[Tensor],
+    delta: list[Tensor],
+    fallback: list[str],
+) -> dict[str, float]:
     """The largest eigenvalue at θ_t of the Hessian of ``fn`` (the measured loss: the step's batches, their weights
     and random draws), and Adam's preconditioned sharpness (after its step)."""
     theta, out = _ops.sub(current, delta), {}
@@ -79,8 +116,9 @@ def sharpness(model: nn.Module, loss: LossFn, optimizer: torch.optim.Optimizer, 
             out["lambda_max"] = top_eigenvalue(model, loss, fn, theta=theta, which="max").lambda_max
             if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
                 preconditioner(optimizer, trainable(model))  # raises before Lanczos if it cannot
-                out["precond_lambda_max"] = top_eigenvalue(model, loss, fn, theta=theta, optimizer=optimizer,
-                                                           which="max").lambda_max
+                out["precond_lambda_max"] = top_eigenvalue(
+                    model, loss, fn, theta=theta, optimizer=optimizer, which="max"
+                ).lambda_max
     except Exception as exc:  # the step is taken: record, never raise
         fallback.append(f"sharpness: {type(exc).__name__}: {exc}")
     return out

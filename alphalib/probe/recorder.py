@@ -71,8 +71,11 @@ class Recorder:
         """Know the model's parameters (all of them, in order); hook the trainable ones not yet hooked."""
         self._params = list(params)
         named = next(iter(self.model.named_parameters()), None)  # where functional_call would swap the first one
-        self._first = None if named is None else (self.model.get_submodule(named[0].rpartition(".")[0]),
-                                                  named[0].rpartition(".")[2], named[1])
+        self._first = (
+            None
+            if named is None
+            else (self.model.get_submodule(named[0].rpartition(".")[0]), named[0].rpartition(".")[2], named[1])
+        )
         self._device = self._params[0].device if self._params else torch.device("cpu")
         self._hook_trainable()
 
@@ -96,11 +99,17 @@ class Recorder:
         self._hook_trainable()
         x, device = args[0] if args else None, self._device
         cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        self.forwards.append(Forward(
-            inputs=x, input_version=_ops.version(x) if isinstance(x, Tensor) else None,
-            versions={id(p): _ops.version(p) for p in self._params}, rng=rng_state(device), autocast=cast,
-            modes=_trained.modes(self.model), buffers=_trained.buffers(self.model),
-        ))
+        self.forwards.append(
+            Forward(
+                inputs=x,
+                input_version=_ops.version(x) if isinstance(x, Tensor) else None,
+                versions={id(p): _ops.version(p) for p in self._params},
+                rng=rng_state(device),
+                autocast=cast,
+                modes=_trained.modes(self.model),
+                buffers=_trained.buffers(self.model),
+            )
+        )
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not (self._on() and self.forwards and isinstance(output, Tensor) and self.own(module)):
@@ -150,7 +159,9 @@ class Recorder:
     def facts(self, params: Sequence[Tensor]) -> Facts:
         """Return what was recorded since the last reset, for the trainable ``params`` of this step."""
         return Facts(
-            forwards=list(self.forwards), built=self._accumulations(params), device=self._device,
+            forwards=list(self.forwards),
+            built=self._accumulations(params),
+            device=self._device,
             unwritten=any(p.grad is not None and p not in self.written for p in params),
             bypassed=self.tap and any(p in self.written and p not in self.parts for p in params),
             parts=dict(self.parts) if self.tap else None,
@@ -218,5 +229,3 @@ class _ParamHook:
 def _seen(fwd: Forward | None, grad: Tensor) -> None:
     if fwd is not None:
         fwd.error, fwd.backwards = grad, fwd.backwards + 1
-
-

@@ -54,8 +54,9 @@ class Route:
         self.sweep = self.reuse = self.tapped = False
 
 
-def route(model: nn.Module, verdict: Verdict, capture: Capture | OpCapture | None, why: str,
-          trials: Trials | None) -> Route:
+def route(
+    model: nn.Module, verdict: Verdict, capture: Capture | OpCapture | None, why: str, trials: Trials | None
+) -> Route:
     """Choose the path for a step, from the verdict, the capture and the probe's standing reason ``why``."""
     fast = verdict.fast and not why
     r = Route(sweep=False, reuse=False, tapped=False, reasons=([why] if why else verdict.reasons) + verdict.mismatch)
@@ -74,8 +75,11 @@ def route(model: nn.Module, verdict: Verdict, capture: Capture | OpCapture | Non
             r.trial = True
             r.reasons.append("path='auto' is timing the generic path against the recorded operations (5 probed steps)")
         elif capture.output is None or capture.reused or capture.uncovered:
-            r.reasons.append("a module ran twice in the forward pass" if capture.reused else capture.uncovered or
-                             "the capture is empty")
+            r.reasons.append(
+                "a module ran twice in the forward pass"
+                if capture.reused
+                else capture.uncovered or "the capture is empty"
+            )
         else:
             r.sweep = True
     return r
@@ -123,12 +127,17 @@ def unresolved(current: list[Tensor], steps: list[float], capture: Capture | OpC
         return None
     eps = torch.finfo(dtype).eps
     vectors = isinstance(capture, OpCapture) and any(
-        op.other is not None and op.func.overloadpacket in VECTOR_PRODUCTS for op in capture.ops)
+        op.other is not None and op.func.overloadpacket in VECTOR_PRODUCTS for op in capture.ops
+    )
     sizes = _ops.norms(current).tolist()
-    if any(step > 0 and (vectors or p.dim() > 1) and eps * size > 1e-3 * step
-           for p, size, step in zip(current, sizes, steps)):
-        return (f"the step is below {str(dtype).removeprefix('torch.')} resolution of a weight for the fast path "
-                "(|delta| < 1e3 u |W|): measured on the generic path")
+    if any(
+        step > 0 and (vectors or p.dim() > 1) and eps * size > 1e-3 * step
+        for p, size, step in zip(current, sizes, steps, strict=True)
+    ):
+        return (
+            f"the step is below {str(dtype).removeprefix('torch.')} resolution of a weight for the fast path "
+            "(|delta| < 1e3 u |W|): measured on the generic path"
+        )
     return None
 
 
@@ -143,8 +152,10 @@ def faint(loss: float, dtype: torch.dtype) -> str | None:
         return None
     eps = torch.finfo(dtype).eps
     if abs(loss) < 1e3 * eps:
-        return (f"the loss ({loss:.2g}) is within 1e3 u of zero, where {str(dtype).removeprefix('torch.')} leaves its "
-                "slope and curvature to rounding: measured on the generic path in float64")
+        return (
+            f"the loss ({loss:.2g}) is within 1e3 u of zero, where {str(dtype).removeprefix('torch.')} leaves its "
+            "slope and curvature to rounding: measured on the generic path in float64"
+        )
     return None
 
 
@@ -167,6 +178,8 @@ def cancelled(res: Directional, dtype: torch.dtype) -> str | None:
     u = torch.finfo(dtype).eps
     rho = u * (2 * abs(res.loss) + abs(res.slope)) / abs(res.curvature / 2) if res.curvature else math.inf
     if not 4 * rho <= 1e-3:  # NaN included
-        return (f"the secant's difference of losses is within {rho:.1g} of rounding in "
-                f"{str(dtype).removeprefix('torch.')} (over 2.5e-4): measured again in float64")
+        return (
+            f"the secant's difference of losses is within {rho:.1g} of rounding in "
+            f"{str(dtype).removeprefix('torch.')} (over 2.5e-4): measured again in float64"
+        )
     return None
