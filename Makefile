@@ -53,10 +53,12 @@ test: install browser lint
 	cd build/nbval && OMP_NUM_THREADS=1 ../../$(BIN)/python -m pytest --nbval-lax -n $(TEST_PROCESSES) --dist loadfile \
 		notebooks
 
-# The lint and format checks .pre-commit-config.yaml runs on each commit (rules in pyproject.toml).
+# The lint and format checks .pre-commit-config.yaml runs on each commit, and the two layers' import contract (all
+# in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

@@ -6,36 +6,48 @@ at :math:`\\alpha^* = -d^\\top g_t / d^\\top H_t d`; :math:`\\alpha^*/\\mathrm{l
 on that minimum.
 """
 
-from . import sweep
 from ._checks import ParamVector
 from ._function import Objective, objective
 from .curvature import BACKENDS, AlphaResult, Backend, alpha_star, hvp
-from .data import gaussian_regression, loader
 from .direction import direction
-from .models import SimpleNet
-from .optim import OPTIMIZERS, make_optimizer, step_size
-from .parameters import check_parameters
+from .optim import step_size
 from .probe import AlphaProbe
-from .problems import PROBLEMS, Problem, problem
 from .records import FLAGS, Record, epoch_summary, key_numbers, seed_summary, to_frame
 from .records import read as read_records
 from .records import write as write_records
 from .scaled import AlphaScaled
 from .sharpness import Sharpness, hessian_trace, stability_threshold, top_eigenvalue
 from .spectrum import AlphaScope, LineProfile, alpha_over, line_profile, next_step_profiles
-from .sweep import grid, runs
-from .train import History, evaluate, run, train
 
 __version__ = "0.1.0"
 
+#: The lab's names (:mod:`alphalib.lab`), each imported from its module when first used: the core above needs none
+#: of them, so ``import alphalib`` loads no training loop, data, models, plots or sweeps until asked.
+_LAB_NAMES = {
+    "train": "train", "run": "train", "History": "train", "evaluate": "train",
+    "grid": "sweep", "runs": "sweep",
+    "gaussian_regression": "data", "loader": "data", "SimpleNet": "models",
+    "problem": "problems", "Problem": "problems", "PROBLEMS": "problems",
+    "make_optimizer": "optimizers", "OPTIMIZERS": "optimizers", "check_parameters": "parameters",
+}  # fmt: skip
+#: ... and its modules, as ``alphalib.data``, ``alphalib.plot``, ``alphalib.sweep``, ... (``alphalib.train`` is the
+#: function)
+_LAB_MODULES = ("data", "models", "problems", "optimizers", "parameters", "sweep", "plot", "live", "external")
+
 
 def __getattr__(name: str) -> object:
-    """Import the rings that pull in plotting and widgets, ``alphalib.live`` and ``alphalib.plot``, when first used."""
-    if name in ("live", "plot"):
-        import importlib
+    """Import a name of the lab when first used (see ``_LAB_NAMES``)."""
+    import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+    if name in _LAB_MODULES:
+        return importlib.import_module(f".lab.{name}", __name__)
+    if name in _LAB_NAMES:
+        return getattr(importlib.import_module(f".lab.{_LAB_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'alphalib' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAB_NAMES, *_LAB_MODULES})
 
 
 __all__ = [

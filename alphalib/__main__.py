@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--workers", type=int, help="worker processes of the LocalCluster (default: one per core)")
     args = parser.parse_args(argv)
 
-    from .sweep import sweep as run_sweep
+    from .lab.sweep import sweep as run_sweep
 
     try:
         table = run_sweep(

@@ -1,24 +1,8 @@
-r"""Optimizers by name: ``torch.optim``'s, the learning-rate-free ones, and the α*-scaled wrapper.
+r"""How far a step went: the step size an optimizer used, and the two modes of Schedule-Free.
 
-:func:`make_optimizer` is the one place a name becomes an optimizer; :func:`alphalib.run`, the notebooks and
-sweep grids go through it, so a grid can name any of these:
-
-==========================  ====================================================================================
-name                        optimizer
-==========================  ====================================================================================
-``"adam"``, ``"sgd"``, …    the ``torch.optim`` class of that name, any case (``"Adam"``, ``"adamw"``, …)
-``"prodigy"``               ``prodigyopt.Prodigy`` (Mishchenko & Defazio 2024)
-``"dadapt_adam"``           ``dadaptation.DAdaptAdam`` (Defazio & Mishchenko 2023); ``"dadapt_sgd"`` too
-``"dog"``                   ``dog.DoG`` from ``dog-optimizer`` (Ivgi et al. 2023); ``"ldog"``: layer-wise
-``"schedulefree_adamw"``    ``schedulefree.AdamWScheduleFree`` (Defazio et al. 2024); ``"schedulefree_sgd"`` too
-``"alpha_scaled"``          :class:`alphalib.AlphaScaled` around the ``base`` optimizer (``"adam"`` by default)
-==========================  ====================================================================================
-
-The learning-rate-free packages are the ones on the package index, an optional extra: ``pip install
-"alphalib[lrfree]"`` (with torch held at its pin: ``-c constraints.txt``).
-
-**Their own step size.** Each of these picks the length of its step: :func:`step_size` reads the one a step used,
-so that a record can set it against :math:`\alpha^*` (records give :math:`\alpha^*` in units of it):
+**An optimizer's own step size.** The learning-rate-free optimizers pick the length of their step:
+:func:`step_size` reads the one a step used, so that a record can set it against :math:`\alpha^*` (records give
+:math:`\alpha^*` in units of it):
 
 * Prodigy and D-Adaptation: :math:`d_t\,\mathrm{lr}` (times Adam's bias correction where it is on), with the
   distance estimate :math:`d_t` the step starts from (the step updates it for the next one);
@@ -37,96 +21,12 @@ eval mode.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from ._function import LossFn
-
-__all__ = ["OPTIMIZERS", "make_optimizer", "step_size", "train_mode", "eval_mode"]
-
-#: the names :func:`make_optimizer` builds beside ``torch.optim``'s classes: (module, class, pip package)
-LR_FREE: dict[str, tuple[str, str, str]] = {
-    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
-    "dadapt_adam": ("dadaptation", "DAdaptAdam", "dadaptation"),
-    "dadapt_sgd": ("dadaptation", "DAdaptSGD", "dadaptation"),
-    "dog": ("dog", "DoG", "dog-optimizer"),
-    "ldog": ("dog", "LDoG", "dog-optimizer"),
-    "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
-    "schedulefree_sgd": ("schedulefree", "SGDScheduleFree", "schedulefree"),
-}
-_TORCH = {
-    name.lower(): cls
-    for name, cls in vars(torch.optim).items()
-    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
-}
-#: every name :func:`make_optimizer` knows
-OPTIMIZERS: tuple[str, ...] = (*sorted(_TORCH), *LR_FREE, "alpha_scaled")
-
-
-def _class(name: str) -> type[torch.optim.Optimizer]:
-    """Return the optimizer class a name stands for; a clear error for unknown names and missing packages."""
-    key = name.lower()
-    if key in _TORCH:
-        return _TORCH[key]
-    if key not in LR_FREE:
-        raise ValueError(
-            f"unknown optimizer {name!r}: give one of {', '.join(OPTIMIZERS)} (torch.optim's names in any case)."
-        )
-    module, cls, package = LR_FREE[key]
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except ImportError as exc:
-        raise ImportError(
-            f"optimizer {name!r} needs the package {package!r}: install the extra with "
-            f'pip install -c constraints.txt "alphalib[lrfree]"  (or: pip install {package} with '
-            "torch held at its pin)."
-        ) from exc
-
-
-def make_optimizer(
-    name: str,
-    params: Iterable,
-    *,
-    lr: float | None = None,
-    model: nn.Module | None = None,
-    loss_fn: LossFn | None = None,
-    **kwargs: Any,
-) -> Any:
-    """Build the optimizer ``name`` over ``params`` with ``lr`` (``None``: the optimizer's own default) and ``kwargs``.
-
-    ``"alpha_scaled"`` returns :class:`alphalib.AlphaScaled` around ``base`` (a name, ``"adam"`` by default) built
-    with ``lr`` and the keywords :class:`~alphalib.AlphaScaled` does not take; it needs ``model`` and ``loss_fn``.
-
-        >>> import torch
-        >>> net = torch.nn.Linear(3, 1)
-        >>> type(make_optimizer("adamw", net.parameters(), lr=1e-3, weight_decay=0.1)).__name__
-        'AdamW'
-        >>> scaled = make_optimizer("alpha_scaled", net.parameters(), model=net,
-        ...                         loss_fn=torch.nn.functional.mse_loss, base="sgd", momentum=0.9, kappa=0.5)
-        >>> type(scaled.optimizer).__name__, scaled.kappa
-        ('SGD', 0.5)
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a string, one of {', '.join(OPTIMIZERS)}; got {type(name).__name__}.")
-    if name.lower() == "alpha_scaled":
-        from .scaled import AlphaScaled
-
-        if model is None or loss_fn is None:
-            raise ValueError("'alpha_scaled' measures alpha* on the model's loss: pass model= and loss_fn=.")
-        own = set(inspect.signature(AlphaScaled).parameters) - {"optimizer", "model", "loss_fn"}
-        base = kwargs.pop("base", "adam")
-        if base.lower() == "alpha_scaled":
-            raise ValueError("base must be an optimizer alphalib.direction knows, e.g. 'adam'; not 'alpha_scaled'.")
-        wrapped = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
-        return AlphaScaled(make_optimizer(base, params, lr=lr, **kwargs), model, loss_fn, **wrapped)
-    cls = _class(name)
-    return cls(params, **({} if lr is None else {"lr": lr}), **kwargs)
+__all__ = ["step_size", "train_mode", "eval_mode", "in_eval_mode"]
 
 
 def step_size(optimizer: torch.optim.Optimizer) -> Callable[[], float]:

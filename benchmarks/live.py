@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import alphalib
-from alphalib.live import LiveView
+from alphalib.lab.live import LiveView
 
 
 def once(epochs: int, view: LiveView | None) -> tuple[float, float]:

@@ -66,7 +66,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import alphalib
 from alphalib import external
-from alphalib.models import CharTransformer, EncoderClassifier, ResNet, SmallCNN, mlp, sequence_cross_entropy
+from alphalib.lab.models import CharTransformer, EncoderClassifier, ResNet, SmallCNN, mlp, sequence_cross_entropy
 
 # ----------------------------------------------------------------------------------------------------------
 # config: the defaults take ~13 min on 2 idle CPU cores (--quick: ~2 min); the command line overrides them

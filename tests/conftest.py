@@ -42,7 +42,7 @@ def _batchnorm() -> Case:
 
 
 def _transformer() -> Case:
-    from alphalib.models import CharTransformer, sequence_cross_entropy
+    from alphalib.lab.models import CharTransformer, sequence_cross_entropy
 
     model = CharTransformer(5, d_model=4, n_heads=2, n_layers=1, block=4)
     return Case(model, sequence_cross_entropy, (torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))))

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import Case, dense_hessian, flat, rel_err, residual_net
+from conftest import Case, dense_hessian, flat, flat_loss, rel_err, residual_net
 from torch import nn
 from torch.nn import functional as F
 
@@ -103,15 +103,26 @@ def test_fast_path_equals_generic_path_with_dropout_and_pooling(net, curvature):
         assert rel_err(torch.tensor(fast[col].values), torch.tensor(generic[col].values)) <= 1e-10, col
 
 
-def test_fast_ggn_matches_dense_ggn_on_least_squares_and_differs_from_hessian_elsewhere():
+def test_fast_ggn_matches_dense_ggn_on_least_squares_and_on_a_deep_net():
     torch.manual_seed(0)
     x, y = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 1, dtype=torch.float64)
     linear = nn.Sequential(nn.Linear(3, 1)).double()
     for rec, delta, _g, hess in _probe_steps(linear, F.mse_loss, (x, y), curvature="ggn"):
         assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) <= 1e-12  # GGN = H for linear models
     deep = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
-    for rec, delta, _g, hess in _probe_steps(deep, F.mse_loss, (x, y), curvature="ggn"):
-        assert rel_err(rec.curvature, delta @ hess @ delta / rec.lr**2) > 1e-6
+    opt = torch.optim.Adam(deep.parameters(), lr=1e-2)
+    probe = alphalib.AlphaProbe(deep, F.mse_loss, opt, curvature="ggn", path="fast")
+    for _ in range(3):
+        output, theta0 = flat_loss(Case(deep, lambda out, _: out, (x, y)))  # the model's output as a function of θ
+        jac = torch.autograd.functional.jacobian(output, theta0).reshape(len(y), -1)  # J = ∂f/∂θ at θ_t, dense
+        _, hess = dense_hessian(Case(deep, F.mse_loss, (x, y)))
+        opt.zero_grad()
+        F.mse_loss(deep(x), y).backward()
+        rec = probe.step((x, y))
+        delta = flat(deep.parameters()).detach() - theta0
+        ggn = 2 / len(y) * (jac @ delta).square().sum()  # Δᵀ Jᵀ (2/N) I J Δ: the mean squared error's ∇²_f is 2/N
+        assert rec.path == "fast" and rel_err(rec.curvature, ggn / rec.lr**2) <= 1e-10
+        assert rel_err(ggn, delta @ hess @ delta) > 1e-6  # and it is not ΔᵀHΔ: the tanh's second derivative is left out
 
 
 @pytest.mark.parametrize(("curvature", "tol"), [("fd", 1e-7), ("fd_onesided", 1e-4), ("secant", 2e-2)])

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 import alphalib
 from alphalib import _ops, _trained, fast
-from alphalib.models import CausalSelfAttention
+from alphalib.lab.models import CausalSelfAttention
 
 OPS = [
     "gelu_backward",

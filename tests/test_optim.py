@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 import alphalib
 from alphalib import optim
+from alphalib.lab import optimizers
 
 #: each learning-rate-free optimizer with settings that exercise it: Prodigy's coupled weight decay writes into
 #: .grad, Schedule-Free warms up over two steps and normalises .grad in place
@@ -225,9 +226,9 @@ def test_a_missing_package_names_the_extra(monkeypatch):
     def missing(module):
         raise ModuleNotFoundError(f"No module named {module!r}")
 
-    monkeypatch.setattr(optim.importlib, "import_module", missing)
+    monkeypatch.setattr(optimizers.importlib, "import_module", missing)  # every import_module, while the test runs
     with pytest.raises(ImportError, match=r"'dog-optimizer'.*alphalib\[lrfree\]"):
-        alphalib.make_optimizer("dog", nn.Linear(2, 1).parameters())
+        optimizers.make_optimizer("dog", nn.Linear(2, 1).parameters())
 
 
 def test_run_builds_every_optimizer_by_name():

@@ -20,8 +20,8 @@ dropout reuses the step's mask; pooling and flattening act linearly; normalizati
 closed forms of :mod:`alphalib.fast.calculus`. Exact in exact arithmetic; in float32 the two-product form cancels
 (relative error around 1e-5 measured).
 
-Rules exist for the modules in :data:`LAYERS`, nested plain ``nn.Sequential`` chains and the package's own
-transformer (:mod:`alphalib.models`); :func:`register` adds one for a module class of your own. Module rules are
+Rules exist for the modules in :data:`LAYERS` and nested plain ``nn.Sequential`` chains; :func:`register` adds one
+for a module class of your own (:mod:`alphalib.lab.models` registers its transformer's). Module rules are
 faster than following the recorded operations (:mod:`alphalib.fast.ops`): two products per affine layer, a few
 Python calls per layer rather than per operation, and nothing recorded during training.
 """
@@ -39,10 +39,8 @@ from torch.nn import functional as F
 
 from .. import _ops
 from .._function import replay_rng
-from ..models import Block, CausalSelfAttention, CharTransformer
 from .calculus import (
     activation,
-    attention,
     by_autograd,
     inner,
     normalization_term,
@@ -394,46 +392,3 @@ def _sequential(sw: Sweep, m: nn.Sequential, t: Tensor | None) -> Tensor | None:
 register(nn.Sequential)(_sequential)
 
 LAYERS = tuple(RULES)  #: the torch.nn modules the fast path covers
-
-
-# ---- the package's own transformer (alphalib.models) --------------------------------------------------------
-
-
-@register(
-    CausalSelfAttention,
-    children={"qkv": {"output"}},
-    check=lambda m: (
-        "attention dropout draws its mask inside the fused kernel, where the fast path cannot replay it"
-        if m.dropout > 0
-        else None
-    ),
-)
-def _attention(sw: Sweep, m: CausalSelfAttention, t: Tensor | None) -> Tensor | None:
-    """Causal attention on the heads of the kept ``qkv`` output (:func:`alphalib.fast.calculus.attention`)."""
-    qkv, t_qkv = sw.cap.outputs.pop(m.qkv).detach(), sw(m.qkv, t)
-    if t_qkv is None:
-        return sw(m.proj, None)
-    b, n, d = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-
-    def heads(z: Tensor) -> tuple[Tensor, ...]:
-        return tuple(h.view(b, n, m.n_heads, -1).transpose(1, 2) for h in z.split(d, dim=-1))
-
-    err = sw.cap.errors_in[m.proj].view(b, n, m.n_heads, -1).transpose(1, 2) if sw.exact else None
-    t_out, term = attention(*heads(qkv), *heads(t_qkv), err, causal=True)
-    if term is not None:
-        sw.add(term)
-    return sw(m.proj, t_out.transpose(1, 2).reshape(b, n, d))
-
-
-@register(Block)
-def _block(sw: Sweep, m: Block, t: Tensor | None) -> Tensor | None:
-    """Mirror :meth:`Block.forward <alphalib.models.Block.forward>` on tangents: residual connections add them."""
-    t = plus(t, sw(m.drop, sw(m.attn, sw(m.ln1, t))))
-    return plus(t, sw(m.mlp, sw(m.ln2, t)))
-
-
-@register(CharTransformer)
-def _char_transformer(sw: Sweep, m: CharTransformer, t: Tensor | None) -> Tensor | None:
-    """Mirror :meth:`CharTransformer.forward <alphalib.models.CharTransformer.forward>` (the ids have no tangent)."""
-    h = sw(m.drop, plus(sw(m.tok, None), sw(m.pos, None)))
-    return sw(m.head, sw(m.ln, sw(m.blocks, h)))

@@ -18,11 +18,10 @@ from torch.nn import functional as F
 
 from .._checks import check_loss
 from .._function import LossFn
-from ..models import sequence_cross_entropy
 from .calculus import inner
 
 #: losses that are mean cross-entropy over every position of ``(B, T, V)`` logits
-SEQUENCE_CROSS_ENTROPY: set[Callable] = {sequence_cross_entropy}
+SEQUENCE_CROSS_ENTROPY: set[Callable] = set()
 
 
 def closed_form(loss_fn: LossFn, out: Tensor, targets: Tensor) -> Literal["mse", "cross_entropy"] | None:

@@ -120,7 +120,7 @@ class AlphaProbe:
         }
         self.full_every, self.sharpness_every = full_every, sharpness_every
         self.records: list[Record] = []
-        #: called with each new record, after it is appended (the live view, :func:`alphalib.live.watch`, is one);
+        #: called with each new record, after it is appended (the live view, :func:`alphalib.lab.live.watch`, is one);
         #: one that raises is dropped with a warning, so it can never stop training
         self.listeners: list[Callable[[Record], None]] = []
         self.steps = 0

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .records import read, write
+from ..records import read, write
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -97,7 +97,7 @@ def runs(points: Iterable[Mapping[str, Any]], **common: Any) -> History:
         tags |= {k: kw.pop(k) for k in list(kw) if k not in accepted}
         histories.append(run(**kw, tags=tags))
     if not histories:
-        raise ValueError("points is empty: give at least one point (alphalib.sweep.grid(...) builds them).")
+        raise ValueError("points is empty: give at least one point (alphalib.grid(...) builds them).")
     looked = [h.profiles for h in histories if h.profiles is not None]
     return History(
         *(pd.concat([getattr(h, f) for h in histories], ignore_index=True) for f in ("steps", "epochs", "records")),

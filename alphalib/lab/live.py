@@ -1,6 +1,6 @@
 r"""Watch :math:`\alpha^*` while a run trains, and click through finished runs: :func:`watch` and :func:`explore`.
 
-Both draw with :mod:`alphalib.plot`. The live view shows itself only where a notebook frontend is attached to the
+Both draw with :mod:`alphalib.lab.plot`. The live view shows itself only where a notebook frontend is attached to the
 kernel (JupyterLab or Notebook through a Jupyter server, VS Code, Colab); under papermill or nbval, in IPython's
 terminal or in a plain script it attaches nothing to the probe and costs nothing. It draws on a budget: a drawing
 is made only while all drawings so far, with the next (estimated by the last one's time), stay within the share
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import matplotlib
 from matplotlib.figure import Figure
 
+from ..records import Record, read
 from . import plot
-from .records import Record, read
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .probe import AlphaProbe
+    from ..probe import AlphaProbe
 
 #: the columns a live view keeps of each record, and the ones the explorer needs
 #: Text sizes of the live view and the explorer, whose figures are drawn at 100 dpi: 10 pt is 14 px on the screen,

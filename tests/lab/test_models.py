@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import alphalib
-from alphalib.models import ACTIVATIONS, CharTransformer, SmallCNN, mlp, sequence_cross_entropy
+from alphalib.lab.models import ACTIVATIONS, CharTransformer, SmallCNN, mlp, sequence_cross_entropy
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))

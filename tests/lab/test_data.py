@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alphalib import data
-from alphalib.data import Split
+from alphalib.lab.data import Split
 
 
 def tensors(split: Split) -> list[torch.Tensor]:

@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from .._function import LossFn
 from . import data, models
-from ._function import LossFn
 
 #: the names :func:`problem` knows
 PROBLEMS: tuple[str, ...] = ("seed problem", "digits MLP", "MNIST-1D MLP")

@@ -13,15 +13,16 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ._checks import check_counts
-from ._function import LossFn
-from .curvature import Backend
+from .._checks import check_counts
+from .._function import LossFn
+from ..curvature import Backend
+from ..optim import eval_mode, train_mode
+from ..probe import AlphaProbe
+from ..records import Stream, TensorBoard
+from ..scaled import AlphaScaled
+from ..spectrum import next_step_profiles
 from .data import loader
-from .optim import eval_mode, make_optimizer, train_mode
-from .probe import AlphaProbe
-from .records import Stream, TensorBoard
-from .scaled import AlphaScaled
-from .spectrum import next_step_profiles
+from .optimizers import make_optimizer
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,7 +87,7 @@ def train(
     optimizer with train and eval points (Schedule-Free) steps in train mode, is validated in eval mode and is left
     in eval mode, so that the model ends on the point it returns (see :mod:`alphalib.optim`). With
     ``live`` the probe's records are drawn below the running cell where a notebook frontend shows them
-    (:func:`alphalib.live.watch`: nothing under papermill, nbval or in a script). ``records_to``: stream the
+    (:func:`alphalib.lab.live.watch`: nothing under papermill, nbval or in a script). ``records_to``: stream the
     probe's records to a ``.csv`` file or a folder of Parquet parts after every epoch (:class:`alphalib.records.Stream`:
     a crash loses at most the epoch under way); ``tensorboard``: a log folder for TensorBoard scalars
     (:class:`alphalib.records.TensorBoard`). Listeners attached here are detached when training ends or fails.

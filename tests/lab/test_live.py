@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import alphalib
 from alphalib import live, plot
-from alphalib.live import LiveView
+from alphalib.lab.live import LiveView
 
 
 def _train(epochs: int = 3, listener=None, seed: int = 0):

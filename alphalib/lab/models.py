@@ -10,6 +10,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..fast.calculus import attention, plus
+from ..fast.layers import Sweep, register
+from ..fast.output import SEQUENCE_CROSS_ENTROPY
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -62,7 +66,7 @@ class SmallCNN(nn.Sequential):
 
     ``width`` channels after the first convolution, ``2 * width`` after the second; the convolutions keep
     the spatial size (padding 1), so the head sees ``2 * width * (input_size // 2) ** 2`` features. Use
-    ``input_size=8`` for :func:`alphalib.data.digits` (``flat=False``), ``in_channels=3, input_size=32`` for
+    ``input_size=8`` for :func:`alphalib.lab.data.digits` (``flat=False``), ``in_channels=3, input_size=32`` for
     CIFAR-sized images.
     """
 
@@ -186,7 +190,7 @@ class CharTransformer(nn.Module):
 
     Token plus learned position embeddings (``T <= block``), ``n_layers`` pre-LN :class:`Block` s, a final
     LayerNorm and a linear head. Train it with :func:`sequence_cross_entropy` on
-    :func:`alphalib.data.text`.
+    :func:`alphalib.lab.data.text`.
 
     Example:
         >>> model = CharTransformer(vocab_size=20, d_model=16, n_heads=2, n_layers=1, block=8)
@@ -226,3 +230,49 @@ def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     This is the ``loss_fn(model(inputs), targets)`` to pair with :class:`CharTransformer`.
     """
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+SEQUENCE_CROSS_ENTROPY.add(sequence_cross_entropy)  # the fast path's output rule: softmax cross-entropy
+
+
+# ---- the fast path's rules for the transformer above (alphalib.fast.layers.register) ----------------------------
+
+
+@register(
+    CausalSelfAttention,
+    children={"qkv": {"output"}},
+    check=lambda m: (
+        "attention dropout draws its mask inside the fused kernel, where the fast path cannot replay it"
+        if m.dropout > 0
+        else None
+    ),
+)
+def _attention(sw: Sweep, m: CausalSelfAttention, t: Tensor | None) -> Tensor | None:
+    """Causal attention on the heads of the kept ``qkv`` output (:func:`alphalib.fast.calculus.attention`)."""
+    qkv, t_qkv = sw.cap.outputs.pop(m.qkv).detach(), sw(m.qkv, t)
+    if t_qkv is None:
+        return sw(m.proj, None)
+    b, n, d = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+
+    def heads(z: Tensor) -> tuple[Tensor, ...]:
+        return tuple(h.view(b, n, m.n_heads, -1).transpose(1, 2) for h in z.split(d, dim=-1))
+
+    err = sw.cap.errors_in[m.proj].view(b, n, m.n_heads, -1).transpose(1, 2) if sw.exact else None
+    t_out, term = attention(*heads(qkv), *heads(t_qkv), err, causal=True)
+    if term is not None:
+        sw.add(term)
+    return sw(m.proj, t_out.transpose(1, 2).reshape(b, n, d))
+
+
+@register(Block)
+def _block(sw: Sweep, m: Block, t: Tensor | None) -> Tensor | None:
+    """Mirror :meth:`Block.forward <alphalib.lab.models.Block.forward>` on tangents: residual connections add them."""
+    t = plus(t, sw(m.drop, sw(m.attn, sw(m.ln1, t))))
+    return plus(t, sw(m.mlp, sw(m.ln2, t)))
+
+
+@register(CharTransformer)
+def _char_transformer(sw: Sweep, m: CharTransformer, t: Tensor | None) -> Tensor | None:
+    """Mirror :meth:`CharTransformer.forward <alphalib.lab.models.CharTransformer.forward>` (ids: no tangent)."""
+    h = sw(m.drop, plus(sw(m.tok, None), sw(m.pos, None)))
+    return sw(m.head, sw(m.ln, sw(m.blocks, h)))
