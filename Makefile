@@ -48,7 +48,7 @@ FORCE:
 # (pytest-xdist), each with one torch thread.
 TEST_PROCESSES ?= auto
 test: install browser lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile tests alphalib
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=10 tests alphalib
 	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks results build/nbval/
 	cd build/nbval && OMP_NUM_THREADS=1 ../../$(BIN)/python -m pytest --nbval-lax -n $(TEST_PROCESSES) --dist loadfile \
 		notebooks

@@ -1,5 +1,9 @@
 """Reference models: the seed network, MLPs, a small CNN, a tiny character-level transformer, and two written the
-way other libraries write them (a torchvision-style ResNet, a classifier on ``nn.TransformerEncoder``)."""
+way other libraries write them (a torchvision-style ResNet, a classifier on ``nn.TransformerEncoder``).
+
+Importing this module registers the fast path's rules for the transformer's modules and its loss
+(:func:`alphalib.fast.layers.register`, :data:`alphalib.fast.output.SEQUENCE_CROSS_ENTROPY`), as a user registers
+rules for modules of their own."""
 
 from __future__ import annotations
 
