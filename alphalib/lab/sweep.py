@@ -27,6 +27,7 @@ Needs the ``sweep`` extra (``dask[distributed]``, ``pyarrow``) besides papermill
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
@@ -157,13 +158,21 @@ def _shutdown(km: Any) -> None:
         run_sync(km.shutdown_kernel)(now=True)
 
 
-def _kernel(sweep: str, cwd: str, kernel_name: str) -> Any:
-    """Return this worker's kernel manager for ``sweep``'s runs in ``cwd``, its kernel reset by :data:`RESET` (or
-    one without a kernel yet, which papermill starts); shut down the kernels of other sweeps."""
-    import atexit
+@atexit.register
+def _shutdown_all() -> None:
+    """Shut down the kernels this process kept, when it exits."""
+    for km in _KERNELS.values():
+        _shutdown(km)
 
+
+def _kernel(sweep: str, notebook: str) -> Any:
+    """Return this worker's kernel manager for ``sweep``'s runs of ``notebook``, its kernel reset by :data:`RESET`
+    (or one without a kernel yet, for the notebook's kernelspec, which papermill starts); shut down the kernels of
+    other sweeps."""
     from jupyter_client.manager import AsyncKernelManager  # what papermill's client starts its kernels with
     from jupyter_core.utils import run_sync
+
+    cwd = str(Path(notebook).parent)
 
     for key in [k for k in _KERNELS if k[0] != sweep]:
         _shutdown(_KERNELS.pop(key))
@@ -178,9 +187,8 @@ def _kernel(sweep: str, cwd: str, kernel_name: str) -> Any:
         finally:
             client.stop_channels()
         _shutdown(_KERNELS.pop((sweep, cwd)))
-    if not _KERNELS:
-        atexit.register(lambda: [_shutdown(k) for k in _KERNELS.values()])
-    km = _KERNELS[(sweep, cwd)] = AsyncKernelManager(kernel_name=kernel_name)
+    spec = json.loads(Path(notebook).read_text()).get("metadata", {}).get("kernelspec", {})
+    km = _KERNELS[(sweep, cwd)] = AsyncKernelManager(kernel_name=spec.get("name", "python3"))
     return km
 
 
@@ -206,8 +214,7 @@ def execute(
     try:
         with _stderr_to(out / "kernel.log"):  # the kernel's own log lines, not the caller's output
             if kernel is not None:
-                spec = json.loads(Path(notebook).read_text()).get("metadata", {}).get("kernelspec", {})
-                km = _kernel(kernel, cwd, spec.get("name", "python3"))
+                km = _kernel(kernel, notebook)
             papermill.execute_notebook(
                 notebook,
                 str(out / Path(notebook).name),

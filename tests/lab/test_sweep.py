@@ -29,19 +29,23 @@ alphalib.write_records(history.records, f"{records_dir}/tiny.csv.gz")
 """
 
 
-@pytest.fixture
-def tiny(tmp_path):
-    """A parameterized notebook that trains one small probed run, and fails for scale == 3."""
+def _notebook(path, parameters: str, body: str):
+    """Write a notebook of a cell tagged ``parameters`` and a body cell, on the python3 kernel, to ``path``."""
     nb = nbformat.v4.new_notebook(
         cells=[
-            nbformat.v4.new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}),
-            nbformat.v4.new_code_cell(BODY),
+            nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell(body),
         ]
     )
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = tmp_path / "tiny.ipynb"
     nbformat.write(nb, path)
     return path
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A parameterized notebook that trains one small probed run, and fails for scale == 3."""
+    return _notebook(tmp_path / "tiny.ipynb", PARAMETERS, BODY)
 
 
 def _direct(scale: int, seed: int) -> pd.DataFrame:
@@ -190,14 +194,7 @@ matplotlib.rcParams["lines.linewidth"] = 9.0; plt.figure()
 
 def test_a_kept_kernel_shows_each_run_what_a_fresh_one_shows(tmp_path):
     """One worker runs three notebooks in one kernel (one process); each sees what a fresh kernel shows it."""
-    nb = nbformat.v4.new_notebook(
-        cells=[
-            nbformat.v4.new_code_cell("scale = 1\nrecords_dir = '.'", metadata={"tags": ["parameters"]}),
-            nbformat.v4.new_code_cell(STATE),
-        ]
-    )
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, tmp_path / "state.ipynb")
+    _notebook(tmp_path / "state.ipynb", "scale = 1\nrecords_dir = '.'", STATE)
 
     def states(reuse: bool) -> list[dict]:
         out = tmp_path / f"reuse={reuse}"
