@@ -10,8 +10,9 @@ from typing import Any
 def value(text: str) -> Any:
     """Read a command-line value as papermill's ``-p`` does: an int, a float, a bool, None, or else the string.
 
-    >>> [value(t) for t in ("3", "1e-3", "True", "None", "adam")]
-    [3, 0.001, True, None, 'adam']
+    Example:
+        >>> [value(t) for t in ("3", "1e-3", "True", "None", "adam")]
+        [3, 0.001, True, None, 'adam']
     """
     for kind in (int, float):
         try:
@@ -22,7 +23,11 @@ def value(text: str) -> Any:
 
 
 def axis(text: str) -> tuple[str, list[Any]]:
-    """Read ``NAME=V1,V2,...`` into the name and its values."""
+    """Read ``NAME=V1,V2,...`` into the name and its values (each read by :func:`value`).
+
+    Raises:
+        argparse.ArgumentTypeError: If ``text`` lacks the name, the ``=`` or the values.
+    """
     name, sep, values = text.partition("=")
     if not sep or not name or not values:
         raise argparse.ArgumentTypeError(f"a grid axis is NAME=V1,V2,... (e.g. lr=1e-3,1e-2), got {text!r}.")
@@ -30,7 +35,15 @@ def axis(text: str) -> tuple[str, list[Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return its exit status (1 when a run failed)."""
+    """Run the command line; return its exit status.
+
+    Args:
+        argv: The arguments after ``python -m alphalib``; ``None``: the process's own.
+
+    Returns:
+        0 when every run succeeded (or was done already), 1 when a run failed, 2 when the sweep could not start
+        (a bad parameter, a missing notebook or package).
+    """
     parser = argparse.ArgumentParser(prog="python -m alphalib", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser(

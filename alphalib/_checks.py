@@ -47,6 +47,16 @@ class ParamVector(tuple):
 
     :func:`alphalib.direction` returns one in the optimizer's order; :func:`alphalib.hvp` and
     :func:`alphalib.alpha_star` re-order it by parameter identity, so the orders can never be confused.
+
+    Args:
+        values: The tensors, one per parameter.
+        params: The parameters they belong to, in the same order.
+
+    Attributes:
+        params: The parameters, as a tuple aligned with the tensors.
+
+    Raises:
+        ValueError: If ``values`` and ``params`` differ in length.
     """
 
     params: tuple[Tensor, ...]
@@ -66,7 +76,7 @@ class ParamVector(tuple):
 Vector = Sequence[Tensor] | Mapping[str, Tensor]
 
 
-def _by_identity(v: ParamVector, model: nn.Module, named: dict[str, Tensor], name: str) -> list[Tensor]:
+def _by_identity(v: ParamVector, model: nn.Module, named: Mapping[str, Tensor], name: str) -> list[Tensor]:
     """Re-order ``v`` to ``named``'s order; a trainable parameter it lacks gets zeros (the step leaves it in place)."""
     where = {id(p): i for i, p in enumerate(named.values())}
     frozen = {id(p): n for n, p in model.named_parameters() if not p.requires_grad}
@@ -91,7 +101,7 @@ def _by_identity(v: ParamVector, model: nn.Module, named: dict[str, Tensor], nam
     return [torch.zeros_like(p) if vi is None else vi for vi, p in zip(out, named.values(), strict=True)]
 
 
-def _by_name(v: Mapping[str, Tensor], named: dict[str, Tensor], name: str) -> list[Tensor]:
+def _by_name(v: Mapping[str, Tensor], named: Mapping[str, Tensor], name: str) -> list[Tensor]:
     """Return ``v``'s tensors in ``named``'s order, or raise a ``ValueError`` listing unknown and missing names."""
     unknown = ", ".join(repr(k) for k in v if k not in named)
     missing = ", ".join(repr(k) for k in named if k not in v)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -54,11 +54,16 @@ def replay_rng(state: Tensor | None, device: torch.device) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Objective:
-    """A training objective ``fn(model, batch) -> scalar`` (see :func:`objective`)."""
+    """A training objective ``fn(model, batch) -> scalar`` (see :func:`objective`, which builds one).
+
+    Args:
+        fn: The function that returns the scalar training loss of ``model`` on ``batch``.
+    """
 
     fn: Callable[[nn.Module, Any], Tensor]
 
     def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        """Return ``fn(model, batch)``, the loss."""
         return self.fn(model, batch)
 
 
@@ -66,8 +71,17 @@ def objective(fn: Callable[[nn.Module, Any], Tensor]) -> Objective:
     """Mark ``fn(model, batch) -> scalar`` as the training objective to probe, in place of a ``loss_fn``.
 
     Use it when the loss is not ``loss_fn(model(inputs), targets)``: penalties on the parameters, models that
-    return their loss or a tuple, dict batches. ``fn`` may read ``model.parameters()``; the probe evaluates it
-    with the parameters it differentiates.
+    return their loss or a tuple, dict batches. It works as a decorator.
+
+    Args:
+        fn: The function ``fn(model, batch)`` that returns the scalar training loss. It may read
+            ``model.parameters()``; the probe evaluates it with the parameters it differentiates.
+
+    Returns:
+        ``fn`` wrapped as an :class:`Objective`, callable as ``fn`` is (``fn`` itself if it is one already).
+
+    Raises:
+        TypeError: If ``fn`` is not callable.
 
     Example:
         >>> import torch
@@ -123,7 +137,8 @@ class BatchLoss:
         dtype: torch.dtype | None = None,
     ):
         self.model, self.loss = model, loss
-        self.batches = list(batches) if batches is not None else [batch]
+        #: each batch as given: a pair ``(inputs, targets)`` for a ``loss_fn``, anything an objective takes
+        self.batches: list[Any] = list(batches) if batches is not None else [batch]
         if not isinstance(loss, Objective):
             for b in self.batches:
                 check_batch(b)
@@ -180,20 +195,24 @@ class BatchLoss:
 
     def loss_of(self, outputs: Sequence[Tensor]) -> Tensor:
         r"""Return the weighted loss :math:`\sum_i w_i \ell(f_i, y_i)` of given outputs."""
+        loss_fn = self.loss
+        if isinstance(loss_fn, Objective):
+            raise ValueError("an objective(model, batch) has no model outputs to take the loss of.")
         losses = []
         for out, b, after in zip(outputs, self.batches, self.rngs_after, strict=True):
             with replay_rng(after, self.device):  # a loss_fn that draws (label noise) draws as in training
-                losses.append(check_loss(self.loss(out, self._cast(b[1]))))
+                losses.append(check_loss(loss_fn(out, self._cast(b[1]))))
         return _weighted(losses, self.weights)
 
     def __call__(self, params: Sequence[Tensor]) -> Tensor:
         """Return :math:`L` at ``params``."""
-        if self.has_outputs:
+        objective = self.loss
+        if not isinstance(objective, Objective):  # (has_outputs)
             return self.loss_of(self.outputs(params))
         free = not (torch.is_grad_enabled() and all(p.requires_grad for p in params))
         if free:  # the objective may differentiate itself (a gradient penalty): give it leaves to do so
             params = [p.detach().requires_grad_(True) for p in params]
-        call, losses = _Call(self.model, self.loss), []
+        call, losses = _Call(self.model, objective), []
         with torch.enable_grad():
             for i, b in enumerate(self.batches):
                 state = {f"model.{n}": t for n, t in self._state(params, i).items()}
@@ -206,4 +225,4 @@ class BatchLoss:
 def _weighted(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     if len(losses) == 1 and weights[0] == 1.0:
         return losses[0]
-    return sum(w * loss for w, loss in zip(weights, losses, strict=True))
+    return cast(Tensor, sum(w * loss for w, loss in zip(weights, losses, strict=True)))  # (losses is not empty)

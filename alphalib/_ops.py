@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,7 +87,7 @@ def _fixed(*shape: int, phase: float = 0.0) -> Tensor:
 
 
 def _rel(a: object, b: Tensor) -> float:
-    """Return :math:`\\|a - b\\| / \\|b\\|`, infinite if ``a`` is no tensor of ``b``'s shape or the error is NaN."""
+    r"""Return :math:`\|a - b\| / \|b\|`, infinite if ``a`` is no tensor of ``b``'s shape or the error is NaN."""
     if not isinstance(a, Tensor) or a.shape != b.shape:
         return math.inf
     err = ((a - b).norm() / b.norm()).item()
@@ -202,7 +203,8 @@ def softmax_backward(grad: Tensor, p: Tensor, dim: int) -> Tensor:
 
 
 def _pool_indices_impl(output: Tensor) -> object:
-    return output.grad_fn._saved_result1
+    node: Any = output.grad_fn  # (torch's stubs do not declare the saved tensors of autograd nodes)
+    return node._saved_result1
 
 
 @_check(
@@ -231,11 +233,10 @@ def pool_indices(output: Tensor) -> Tensor | None:
         idx = _pool_indices_impl(output)
     except (AttributeError, RuntimeError):
         return None
-    ok = isinstance(idx, Tensor) and idx.shape == output.shape and idx.dtype == torch.int64
-    return idx if ok else None
+    return idx if isinstance(idx, Tensor) and idx.shape == output.shape and idx.dtype == torch.int64 else None
 
 
-def _conv_impl(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _conv_impl(m: nn.Conv1d | nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return m._conv_forward(x, weight, bias)
 
 
@@ -254,7 +255,7 @@ def _check_conv() -> float:
     return err
 
 
-def conv(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def conv(m: nn.Conv1d | nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Return convolution module ``m`` applied to ``x`` with ``weight`` and ``bias`` in place of its own."""
     _require("conv")
     return _conv_impl(m, x, weight, bias)
@@ -453,7 +454,7 @@ def parameter_slot(m: nn.Module, name: str) -> object:
 SpectralNormParametrization: type = getattr(torch.nn.utils.parametrizations, "_SpectralNorm", type("_Absent", (), {}))
 
 
-def schema_arguments(func: object) -> list:
+def schema_arguments(func: torch._ops.OpOverload) -> list[torch._C.Argument]:
     """Return the arguments of an ATen operator's schema (their types, and whether each is written in place)."""
     return func._schema.arguments
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -142,7 +143,8 @@ def as_trained(model: nn.Module, flags: Sequence[bool] | None = None) -> Iterato
     """
     mods = list(model.modules())
     kept_modes = [m.training for m in mods]
-    scaled = [m for m in mods if vars(m).get("scale_grad_by_freq", False)]
+    # (Any: the stub of nn.Module.__setattr__ takes only tensors and modules, not the bool set below)
+    scaled: list[Any] = [m for m in mods if vars(m).get("scale_grad_by_freq", False)]
     try:
         if flags is not None:
             for m, flag in zip(mods, flags, strict=True):

@@ -48,7 +48,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -80,14 +80,14 @@ class AlphaResult:
     slope: float  #: :math:`d^\top g`
     curvature: float  #: :math:`d^\top H d` as estimated by ``backend``
     loss: float  #: :math:`L_B(\theta)`
-    backend: str
+    backend: str  #: the curvature backend that estimated ``curvature`` (one of :data:`BACKENDS`)
 
 
 def _leaves(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.detach().requires_grad_(True) for p in params]
 
 
-def _grad(out: Tensor, inputs: Sequence[Tensor], **kw) -> tuple[Tensor, ...]:
+def _grad(out: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor], **kw: Any) -> tuple[Tensor, ...]:
     return torch.autograd.grad(out, inputs, allow_unused=True, materialize_grads=True, **kw)
 
 
@@ -203,11 +203,11 @@ _BACKENDS: dict[str, Callable[..., Directional]] = {
 }
 
 
-def check_backend(curvature: str) -> str:
+def check_backend(curvature: str) -> Backend:
     """Return ``curvature`` if it names a backend, else raise a ``ValueError`` listing them."""
     if curvature not in _BACKENDS:
         raise ValueError(f"unknown curvature backend {curvature!r}; choose one of {', '.join(BACKENDS)}.")
-    return curvature
+    return cast(Backend, curvature)
 
 
 def directional(
@@ -228,12 +228,25 @@ def directional(
 def hvp(model: nn.Module, loss_fn: LossFn, batch: object, v: Vector) -> ParamVector:
     """Return the Hessian-vector product :math:`H v` of the mean mini-batch loss at the model's parameters.
 
-    ``v`` is a tuple aligned with ``[p for p in model.parameters() if p.requires_grad]``, a dict keyed by
-    those parameters' names in ``model.named_parameters()``, or a ``ParamVector`` (what :func:`alphalib.direction`
-    and :func:`hvp` return), which is matched to the model's parameters by identity, in any order, with zeros
-    for trainable parameters it lacks. Anything that does not match is a ``ValueError``. The result is a
-    ``ParamVector`` aligned with the model's trainable parameters. The model, its buffers, its ``.grad``
-    fields and the global RNG are left as they were; a model with dropout is differentiated with one fixed mask.
+    The model, its buffers, its ``.grad`` fields and the global RNG are left as they were; a model with dropout is
+    differentiated with one fixed mask.
+
+    Args:
+        model: The network; :math:`H` is taken with respect to its trainable parameters (those with
+            ``requires_grad=True``) at their current values.
+        loss_fn: The mean-reduced loss ``loss_fn(model(inputs), targets)``.
+        batch: The pair ``(inputs, targets)``.
+        v: A tuple aligned with ``[p for p in model.parameters() if p.requires_grad]``, a dict keyed by those
+            parameters' names in ``model.named_parameters()``, or a :class:`~alphalib.ParamVector` (what
+            :func:`alphalib.direction` and :func:`hvp` return), which is matched to the model's parameters by
+            identity, in any order, with zeros for trainable parameters it lacks.
+
+    Returns:
+        :math:`H v`, a :class:`~alphalib.ParamVector` aligned with the model's trainable parameters.
+
+    Raises:
+        ValueError: If ``v`` does not match the model's trainable parameters (names, number, shapes), the model
+            has no trainable parameter, ``batch`` is not a pair, or ``loss_fn`` does not return a real scalar.
     """
     params = trainable(model)
     v = check_vector(v, model)
@@ -256,15 +269,35 @@ def alpha_star(
 ) -> AlphaResult:
     r"""Return :math:`\alpha^* = -d^\top g / d^\top H d` along ``d`` at the model's current parameters.
 
-    ``d`` is what :func:`hvp` takes: a tuple aligned with ``[p for p in model.parameters() if p.requires_grad]``,
-    a dict keyed by their names, or a ``ParamVector`` matched by parameter identity. For an optimizer's step
-    at learning rate ``lr`` use :func:`alphalib.direction`, whose ``ParamVector`` makes the order of the
-    optimizer's param groups irrelevant; then :math:`\alpha^*` is in learning-rate units and
-    :math:`\alpha^*/\mathrm{lr} = 1` means the step lands on the model's minimum. ``lr`` is needed
-    by the ``"secant"`` backend only, which evaluates the loss at :math:`\theta + \mathrm{lr}\, d`. ``rng``: the
-    RNG state the model's random operations (dropout) draw from, e.g. that of the training forward pass (taken
-    with ``torch.get_rng_state()`` just before it), so that the loss measured is the one that gave the gradient;
-    by default one mask is drawn from the current state. The global RNG is left as it was either way.
+    For an optimizer's step at learning rate ``lr`` use :func:`alphalib.direction`, whose ``ParamVector`` makes
+    the order of the optimizer's param groups irrelevant; then :math:`\alpha^*` is in learning-rate units and
+    :math:`\alpha^*/\mathrm{lr} = 1` means the step lands on the model's minimum. The global RNG is left as it
+    was.
+
+    Args:
+        model: The network; :math:`g` and :math:`H` are the gradient and Hessian of the mean mini-batch loss with
+            respect to its trainable parameters, at their current values.
+        loss_fn: The mean-reduced loss ``loss_fn(model(inputs), targets)``.
+        batch: The pair ``(inputs, targets)``.
+        d: The direction, as :func:`hvp` takes ``v``: a tuple aligned with
+            ``[p for p in model.parameters() if p.requires_grad]``, a dict keyed by their names, or a
+            :class:`~alphalib.ParamVector` matched by parameter identity.
+        curvature: The backend that estimates :math:`d^\top H d` (see the module): ``"hessian"``, ``"ggn"``,
+            ``"fd"``, ``"fd_onesided"`` or ``"secant"``.
+        lr: The step's learning rate; needed by the ``"secant"`` backend only, which evaluates the loss at
+            :math:`\theta + \mathrm{lr}\, d`.
+        rng: The RNG state the model's random operations (dropout) draw from, e.g. that of the training forward
+            pass (taken with ``torch.get_rng_state()`` just before it), so that the loss measured is the one that
+            gave the gradient; by default one mask is drawn from the current state.
+
+    Returns:
+        :math:`\alpha^*` with its slope :math:`d^\top g`, curvature :math:`d^\top H d` and loss
+        :math:`L_B(\theta)`; ``alpha_star`` is NaN when the curvature is zero or not finite.
+
+    Raises:
+        ValueError: If ``d`` does not match the model's trainable parameters, ``curvature`` names no backend,
+            ``"secant"`` is asked for without ``lr``, ``lr`` is not positive, ``batch`` is not a pair, or
+            ``loss_fn`` does not return a real scalar.
 
     Example:
         >>> import torch

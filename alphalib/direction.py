@@ -147,9 +147,9 @@ _FAMILIES: dict[type[torch.optim.Optimizer], Family] = {
 }
 
 
-def _check(p: Tensor) -> None:
-    """Reject parameters whose update this module cannot replicate."""
-    if p.grad.is_sparse:
+def _check(p: Tensor, grad: Tensor) -> None:
+    """Reject parameters (with their gradient ``grad``) whose update this module cannot replicate."""
+    if grad.is_sparse:
         raise ValueError(
             "direction() does not support sparse gradients; use dense gradients "
             "(e.g. nn.Embedding(sparse=False)) or AlphaProbe.step, which uses the realized step."
@@ -165,13 +165,22 @@ def _check(p: Tensor) -> None:
 def direction(optimizer: torch.optim.Optimizer) -> ParamVector:
     """Return the unit-learning-rate direction of the step ``optimizer.step()`` is about to take.
 
-    Call it after ``loss.backward()`` and before ``optimizer.step()``. The result is a
-    :class:`~alphalib._checks.ParamVector`: a tuple aligned with
-    ``[p for g in optimizer.param_groups for p in g["params"]]``, which it carries as
-    ``d.params``, so :func:`alphalib.hvp` and :func:`alphalib.alpha_star` match it to the
-    model's parameters whatever the groups' order. It satisfies
-    ``(theta_new - theta_old) / group["lr"] == d`` to rounding; parameters without a
-    gradient get zeros. The optimizer state is left untouched.
+    Call it after ``loss.backward()`` and before ``optimizer.step()``. The optimizer state is left untouched.
+
+    Args:
+        optimizer: The optimizer about to step; its class must be one of ``torch.optim``'s ``SGD``, ``Adam``,
+            ``AdamW``, ``NAdam``, ``RAdam``, ``RMSprop``, ``Adagrad`` or ``Adamax`` (exactly, not a subclass).
+
+    Returns:
+        The direction :math:`d` as a :class:`~alphalib.ParamVector`: a tuple aligned with
+        ``[p for g in optimizer.param_groups for p in g["params"]]``, which it carries as ``d.params``, so
+        :func:`alphalib.hvp` and :func:`alphalib.alpha_star` match it to the model's parameters whatever the
+        groups' order. It satisfies ``(theta_new - theta_old) / group["lr"] == d`` to rounding; parameters
+        without a gradient get zeros.
+
+    Raises:
+        TypeError: If the optimizer's class is not one of those above.
+        ValueError: If a param group's lr is 0, a gradient is sparse or a parameter is complex.
     """
     family = _FAMILIES.get(type(optimizer))
     if family is None:
@@ -195,7 +204,7 @@ def direction(optimizer: torch.optim.Optimizer) -> ParamVector:
             if p.grad is None:
                 out.append(torch.zeros_like(p))
                 continue
-            _check(p)
+            _check(p, p.grad)
             g = p.grad.neg() if group["maximize"] else p.grad
             if wd != 0 and not decoupled:
                 g = g.add(p, alpha=wd)

@@ -65,7 +65,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -76,7 +76,7 @@ from .curvature import Directional
 from .spectrum import batch_size
 
 
-def is_ddp(model: nn.Module) -> bool:
+def is_ddp(model: nn.Module) -> TypeGuard[nn.parallel.DistributedDataParallel]:
     """Whether ``model`` is a ``torch.nn.parallel.DistributedDataParallel`` wrapper."""
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
@@ -108,7 +108,10 @@ def rank(group: Any = None) -> int:
 
 
 def is_main_process() -> bool:
-    """Whether this process is rank 0 of the default group (or the only process): the one that writes files.
+    """Return whether this process is rank 0 of the default group (or the only process): the one that writes files.
+
+    Returns:
+        ``True`` on rank 0, or where ``torch.distributed`` is not initialized; ``False`` on every other rank.
 
     Example:
         >>> is_main_process()  # no process group here: the only process

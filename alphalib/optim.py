@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, Protocol, TypeGuard
 
 import torch
 
@@ -30,14 +31,22 @@ __all__ = ["step_size", "train_mode", "eval_mode", "in_eval_mode"]
 
 
 def step_size(optimizer: torch.optim.Optimizer) -> Callable[[], float]:
-    """Call before ``optimizer.step()``; return a function that, called after it, gives the step size it used.
+    r"""Return a function that, called after ``optimizer.step()``, gives the step size that step used.
 
-    See the module for what each optimizer's step size is. For Prodigy, whose distance estimate :math:`d` is
-    updated inside the step, the step size is read before it; for DoG, whose :math:`\\eta` the step computes
-    first, after it.
+    Call it before ``optimizer.step()``. See the module for what each optimizer's step size is. For Prodigy, whose
+    distance estimate :math:`d` is updated inside the step, the step size is read before it; for DoG, whose
+    :math:`\eta` the step computes first, after it.
+
+    Args:
+        optimizer: The optimizer about to step, or a wrapper that holds it as ``.optimizer`` (accelerate's, ...).
+
+    Returns:
+        A function of no arguments that returns the step size as a float: :math:`d_t\,\mathrm{lr}` for Prodigy
+        and D-Adaptation, the :math:`\eta_t` the step set for DoG (the first group's; NaN where it set none),
+        Schedule-Free's scheduled lr, else the first param group's ``lr``.
     """
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper, ...
-        optimizer = optimizer.optimizer
+    while isinstance(inner := getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper
+        optimizer = inner
     group = optimizer.param_groups[0]
     kind = type(optimizer).__name__
     if kind in ("Prodigy", "DAdaptAdam") and "d" in group:
@@ -58,24 +67,48 @@ def step_size(optimizer: torch.optim.Optimizer) -> Callable[[], float]:
     return lambda: lr
 
 
-def _modes(optimizer: object) -> bool:
+class _TwoModes(Protocol):
+    """An optimizer with a train and an eval point (Schedule-Free): what :func:`_modes` checks for."""
+
+    param_groups: list[dict[str, Any]]
+
+    def train(self) -> object: ...
+
+    def eval(self) -> object: ...
+
+
+def _modes(optimizer: object) -> TypeGuard[_TwoModes]:
     """Whether ``optimizer`` keeps a train and an eval point (Schedule-Free)."""
     groups = getattr(optimizer, "param_groups", None)
-    return bool(groups) and "train_mode" in groups[0] and callable(getattr(optimizer, "eval", None))
+    if not groups:
+        return False
+    return "train_mode" in groups[0] and callable(getattr(optimizer, "eval", None))
 
 
 def train_mode(optimizer: object) -> None:
-    """Put an optimizer that has train and eval points (Schedule-Free) in train mode; leave others alone."""
+    """Put an optimizer that has train and eval points (Schedule-Free) in train mode; leave others alone.
+
+    Args:
+        optimizer: Any optimizer.
+    """
     if _modes(optimizer):
         optimizer.train()
 
 
 def eval_mode(optimizer: object) -> None:
-    """Put an optimizer that has train and eval points (Schedule-Free) in eval mode; leave others alone."""
+    """Put an optimizer that has train and eval points (Schedule-Free) in eval mode; leave others alone.
+
+    Args:
+        optimizer: Any optimizer.
+    """
     if _modes(optimizer):
         optimizer.eval()
 
 
 def in_eval_mode(optimizer: object) -> bool:
-    """Whether ``optimizer`` has train and eval points and is in eval mode (it cannot step then)."""
+    """Return whether ``optimizer`` has train and eval points and is in eval mode (it cannot step then).
+
+    Args:
+        optimizer: Any optimizer.
+    """
     return _modes(optimizer) and not optimizer.param_groups[0]["train_mode"]

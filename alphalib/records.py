@@ -39,8 +39,11 @@ FLAGS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class Record:
-    """What the probe measured on one step (all in units of ``step_size``: the first param group's lr, or the step
-    size a learning-rate-free optimizer chose)."""
+    """What the probe measured on one step, in units of the step size the optimizer used.
+
+    The unit is ``step_size``: the first param group's lr, or the step size a learning-rate-free optimizer chose
+    (see the module for the definitions).
+    """
 
     step: int  #: index of the optimizer step, counted from 0 over all ``probe.step`` calls
     epoch: int | None  #: epoch, when the caller gives it
@@ -181,7 +184,15 @@ def _scope(loss: float, slope: float, curvature: float, lr: float) -> dict[str, 
 
 
 def to_frame(records: Iterable[Record], tags: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Return the records as a DataFrame, one row per probed step, with ``tags`` as constant columns."""
+    """Return the records as a DataFrame, one row per probed step.
+
+    Args:
+        records: The records, e.g. ``probe.records``.
+        tags: Constant columns to add (name -> value).
+
+    Returns:
+        One row per record, a column per :class:`Record` field (in their order), then the ``tags``.
+    """
     import pandas as pd
 
     columns = list(Record.__dataclass_fields__)
@@ -192,8 +203,18 @@ def to_frame(records: Iterable[Record], tags: Mapping[str, Any] | None = None) -
 
 
 def write(frame: pd.DataFrame, path: str | Path) -> None:
-    """Write records to ``path``: ``.csv`` or ``.csv.gz`` (every float exactly; the same records give the same
-    bytes), or ``.parquet`` (needs pyarrow); the folder is created."""
+    """Write records to ``path`` as CSV, gzipped CSV or Parquet, by its suffix; the folder is created.
+
+    ``.csv`` and ``.csv.gz`` keep every float exactly, and the same records give the same bytes; ``.parquet``
+    needs pyarrow.
+
+    Args:
+        frame: The records as a DataFrame (:func:`to_frame`, ``probe.to_frame()``).
+        path: The file to write, ending in ``.csv``, ``.csv.gz`` or ``.parquet``.
+
+    Raises:
+        ValueError: If ``path`` has another suffix.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.name.endswith(".parquet"):
@@ -205,8 +226,20 @@ def write(frame: pd.DataFrame, path: str | Path) -> None:
 
 
 def read(path: str | Path) -> pd.DataFrame:
-    """Read records written by :func:`write` or streamed by :class:`Stream` (a folder of Parquet parts); ``fallback``
-    stays a string; a missing ``epoch`` is NaN."""
+    """Read records written by :func:`write` or streamed by :class:`Stream`.
+
+    A torn last line of a CSV (a run stopped while writing it) is left out with a warning.
+
+    Args:
+        path: A ``.csv``, ``.csv.gz`` or ``.parquet`` file, or a folder of Parquet parts (``part-*.parquet``).
+
+    Returns:
+        The records as a DataFrame; ``fallback`` stays a string (empty, not NaN), a missing ``epoch`` is NaN.
+
+    Raises:
+        FileNotFoundError: If ``path`` is a folder without parts.
+        ValueError: If a CSV row has not the header's number of fields (a damaged file).
+    """
     import pandas as pd
 
     path = Path(path)
@@ -253,9 +286,16 @@ class Stream:
 
     A listener (``probe.listeners.append(stream)``; :func:`alphalib.train` with ``records_to=`` attaches one, flushes
     it after every epoch and closes it). It keeps a step's record until the epoch changes, :meth:`flush` or
-    :meth:`close`, then appends what it kept: to ``path`` if it ends in ``.csv`` (the header once, every float exact),
-    else to the folder ``path`` as one ``part-NNNNN.parquet`` per flush (needs pyarrow): a Parquet file is readable
-    only once complete, so each part is written whole. :func:`read` reads either back. ``tags`` become columns.
+    :meth:`close`, then appends what it kept. :func:`read` reads either form back.
+
+    Args:
+        path: A ``.csv`` file, appended to (the header once, every float exact), or else a folder that gets one
+            ``part-NNNNN.parquet`` per flush (needs pyarrow): a Parquet file is readable only once complete, so
+            each part is written whole. The folder is created.
+        tags: Constant columns to add (``probe.frame_tags``).
+
+    Raises:
+        ValueError: If ``path`` does not end in ``.csv`` and is an existing file.
     """
 
     def __init__(self, path: str | Path, tags: Mapping[str, Any] | None = None):
@@ -297,6 +337,12 @@ class TensorBoard:
     A listener, like :class:`Stream`, through ``torch.utils.tensorboard`` (needs the ``tensorboard`` package:
     ``pip install -c constraints.txt "alphalib[tensorboard]"``); scalars go under ``alphalib/``. NaN (no step size)
     is written as it is.
+
+    Args:
+        log_dir: The folder of the event files.
+
+    Raises:
+        ImportError: If the ``tensorboard`` package is not installed.
     """
 
     SCALARS = ("alpha_star", "ratio", "curvature", "loss")
@@ -325,10 +371,17 @@ class TensorBoard:
 
 
 def epoch_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Return per-epoch medians of α*, α*/lr and lr/α*, the shares of odd steps, one row per epoch.
+    """Return per-epoch medians of α*, α*/lr and lr/α*, and the shares of odd steps, one row per epoch.
 
-    ``undefined`` counts the steps whose α* is NaN (dropped by the α* medians); ``lr/α*`` is defined on every
-    step with a nonzero slope, so ``median_lr_over_alpha`` keeps the odd steps that the α* medians drop.
+    Args:
+        frame: Records as a DataFrame (:func:`to_frame`), with an ``epoch`` column.
+
+    Returns:
+        A DataFrame indexed by epoch with ``steps``, ``undefined`` (the steps whose α* is NaN, dropped by the α*
+        medians), ``median_alpha_star``, ``median_ratio``, ``median_lr_over_alpha`` (where ``frame`` has
+        ``lr_over_alpha``: defined on every step with a nonzero slope, so it keeps the odd steps that the α*
+        medians drop), ``negative_curvature`` and ``ascent`` (shares of the steps so flagged) and ``loss`` (the
+        mean).
     """
     flag = frame["flag"]
     columns = {"lr_over_alpha": frame["lr_over_alpha"]} if "lr_over_alpha" in frame else {}
@@ -363,10 +416,21 @@ def seed_summary(
 ) -> pd.DataFrame:
     """Return, per ``by`` group, the median over runs of each run's median ``value``, with a bootstrap interval.
 
-    Each run (a value of the ``runs`` column, e.g. the seed) is summarised by the median of ``value`` over its
-    steps in the group (NaN steps dropped and counted in ``undefined``); the result's ``median`` is the median of
-    those run medians, and ``lo``/``hi`` the ``level`` percentile-bootstrap interval of it, resampling runs
-    (equal to ``median`` with a single run).
+    Each run is summarised by the median of ``value`` over its steps in the group (NaN steps dropped).
+
+    Args:
+        frame: Records of several runs as a DataFrame, with the ``by`` and ``runs`` columns.
+        value: The column to summarise.
+        by: The column or columns to group by.
+        runs: The column that tells runs apart (e.g. the seed).
+        level: The confidence level of the interval.
+        boot: The number of bootstrap resamples.
+        random_state: The seed of the resampling.
+
+    Returns:
+        A DataFrame with one row per group: the ``by`` columns, ``runs``, ``steps``, ``undefined`` (the NaN steps),
+        ``median`` (the median of the run medians) and ``lo``/``hi``, the ``level`` percentile-bootstrap interval
+        of it, resampling runs (equal to ``median`` with a single run).
     """
     import numpy as np
 
@@ -400,10 +464,20 @@ def key_numbers(frame: pd.DataFrame, by: str | Sequence[str] = (), *, digits: in
 
     What a notebook's last cell prints and nbval compares with the stored output: rounded, the table is the same on
     machines whose floats differ in the last bits (another CPU, another thread count), and still changes when the
-    science does. Columns: ``steps`` (probed steps), ``ok`` (the share flagged ``ok``), ``alpha_over_lr``
-    (:math:`1/\operatorname{median}(\mathrm{lr}/\alpha^*)`: the median :math:`\alpha^*/s` counting every step, odd
-    ones included), ``loss_first`` and ``loss_last`` (the mean batch loss of the first and the last epoch probed).
+    science does.
 
+    Args:
+        frame: Records as a DataFrame (:func:`to_frame`).
+        by: The column or columns to group by; none (the default): one row for the whole frame.
+        digits: The significant digits to round to.
+
+    Returns:
+        A DataFrame, indexed by the ``by`` groups, with the columns ``steps`` (probed steps), ``ok`` (the share
+        flagged ``ok``), ``alpha_over_lr`` (:math:`1/\operatorname{median}(\mathrm{lr}/\alpha^*)`: the median
+        :math:`\alpha^*/s` counting every step, odd ones included), ``loss_first`` and ``loss_last`` (the mean
+        batch loss of the first and the last epoch probed).
+
+    Example:
         >>> import pandas as pd
         >>> frame = pd.DataFrame({"step": [0, 1, 2], "epoch": [0, 0, 1], "loss": [2.0, 1.0, 0.5], "flag": ["ok"] * 3,
         ...                       "lr_over_alpha": [0.5, 0.25, 0.3]})

@@ -67,7 +67,32 @@ class AlphaScaled:
     r"""Step ``optimizer`` with learning rate :math:`\kappa\,\alpha^*` of the chosen ``source`` (see the module).
 
     Call :meth:`step` after ``loss.backward()`` in place of ``optimizer.step()``, with the batch the loss was
-    computed on. Example (on a quadratic, ``"batch"`` with :math:`\kappa = 1` is exact line search):
+    computed on; :meth:`remove` detaches its forward pre-hook.
+
+    Args:
+        optimizer: The optimizer to step; one of the classes :func:`alphalib.direction` supports, with one lr
+            shared by every param group.
+        model: The network it trains.
+        loss_fn: The mean-reduced loss ``loss_fn(model(inputs), targets)``.
+        kappa: The multiple :math:`\kappa` of :math:`\alpha^*` to step by (positive).
+        source: Where :math:`\alpha^*` is measured: ``"batch"``, ``"smoothed"``, ``"heldout"`` or ``"full"``
+            (see the module).
+        curvature: The backend that measures the curvature: ``"hessian"``, ``"ggn"`` or ``"secant"``.
+        smoothing: The weight :math:`\beta` of the past in ``"smoothed"``'s log-space average, in :math:`[0, 1)`.
+        bounds: ``(lr_min, lr_max)``, with :math:`0 \le \mathrm{lr}_{\min} < \mathrm{lr}_{\max}`, that
+            :math:`\kappa\,\alpha^*` is clipped to.
+        held_out: Batches the step never sees (a ``DataLoader``), cycled; needed by ``source="heldout"``.
+        full_data: The training set's batches (a ``DataLoader``); needed by ``source="full"``.
+        full_every: Measure ``"full"``'s :math:`\alpha^*` every ``full_every`` steps and hold it in between.
+        tags: Constant columns for :meth:`to_frame`.
+
+    Raises:
+        ValueError: If a number is out of its range, ``source`` or ``curvature`` is not one of those above, the
+            data its ``source`` needs is missing, or the param groups' lrs differ.
+        TypeError: If :func:`alphalib.direction` does not support the optimizer's class.
+
+    Example:
+        On a quadratic, ``"batch"`` with :math:`\kappa = 1` is exact line search:
 
         >>> import torch
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
@@ -152,11 +177,26 @@ class AlphaScaled:
         self._hook.remove()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the wrapped optimizer's gradients."""
+        """Zero the wrapped optimizer's gradients.
+
+        Args:
+            set_to_none: Set ``.grad`` to ``None`` rather than to zeros (as ``torch.optim.Optimizer.zero_grad``).
+        """
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, batch: object, *, epoch: int | None = None) -> Record:
-        """Take the wrapped optimizer's step with :math:`\\mathrm{lr}_t = \\kappa\\,\\alpha^*`; return its record."""
+        r"""Take the wrapped optimizer's step with :math:`\mathrm{lr}_t = \kappa\,\alpha^*`; return its record.
+
+        Where the source has no usable step size the step takes the last lr, and the record's ``fallback`` says why.
+
+        Args:
+            batch: The ``(inputs, targets)`` the loss whose gradient is in ``.grad`` was computed on.
+            epoch: The epoch, for the record.
+
+        Returns:
+            The step's record, along the step taken on ``batch``: ``lr`` is :math:`\mathrm{lr}_t`, ``alpha_star``
+            the batch's own.
+        """
         d, params = direction(self.optimizer), trainable(self.model)
         own = alpha_star(self.model, self.loss_fn, batch, d, rng=self._rng, **self._kw())
         found, why = self._source(own, d)
@@ -214,11 +254,13 @@ class AlphaScaled:
                 return None, why
             return math.exp(self._log_mean / (1 - self.smoothing**self._usable)), why
         if self.source == "heldout":
+            assert self._held_out is not None  # source="heldout" is refused without held_out
             res = alpha_star(self.model, self.loss_fn, next(self._held_out), d, **self._kw())
             return _usable(res, "the held-out batch")
         if self.steps % self.full_every == 0:
-            res = alpha_over(self.model, self.loss_fn, self.full_data, d, curvature=self.curvature)
-            self._full, why = _usable(res, "the full data")
+            assert self.full_data is not None  # source="full" is refused without full_data
+            scope = alpha_over(self.model, self.loss_fn, self.full_data, d, curvature=self.curvature)
+            self._full, why = _usable(scope, "the full data")
             return self._full, why
         return self._full, "" if self._full is not None else "no usable full-data alpha* measured yet"
 
@@ -228,7 +270,11 @@ class AlphaScaled:
         return {"source": self.source, "kappa": self.kappa, **self.tags}
 
     def to_frame(self) -> pd.DataFrame:
-        """Return the records as a DataFrame (one row per step), with the tags as columns."""
+        """Return the records as a DataFrame.
+
+        Returns:
+            One row per step, with :attr:`frame_tags` (``source``, ``kappa`` and the tags) as constant columns.
+        """
         return to_frame(self.records, self.frame_tags)
 
 

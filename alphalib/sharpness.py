@@ -47,12 +47,19 @@ __all__ = ["Sharpness", "top_eigenvalue", "hessian_trace", "preconditioner", "st
 
 @dataclass(frozen=True)
 class Sharpness:
-    """The extreme eigenvalues of the Hessian (or of Adam's preconditioned Hessian) and what finding them cost."""
+    """The extreme eigenvalues of the Hessian (or of Adam's preconditioned Hessian) and what finding them cost.
 
-    lambda_max: float  #: the largest eigenvalue
-    lambda_min: float  #: the smallest eigenvalue (NaN when only the largest was asked for)
-    preconditioned: bool  #: whether these are eigenvalues of :math:`P^{-1} H`
-    matvecs: int  #: Hessian-vector products the Lanczos iteration took
+    Attributes:
+        lambda_max: The largest eigenvalue.
+        lambda_min: The smallest eigenvalue (NaN when only the largest was asked for).
+        preconditioned: Whether these are eigenvalues of :math:`P^{-1} H`.
+        matvecs: The Hessian-vector products the Lanczos iteration took.
+    """
+
+    lambda_max: float
+    lambda_min: float
+    preconditioned: bool
+    matvecs: int
 
 
 def _as_batches(data: object) -> list[object]:
@@ -66,7 +73,18 @@ def _as_batches(data: object) -> list[object]:
 def preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor]:
     r"""Return Adam's diagonal preconditioner :math:`P_t` of its last step, one tensor per parameter in ``params``.
 
-    See the module for the formula. ``optimizer`` is ``torch.optim.Adam`` or ``AdamW`` after at least one step.
+    See the module for the formula.
+
+    Args:
+        optimizer: A ``torch.optim.Adam`` or ``AdamW`` that has taken at least one step.
+        params: The parameters whose preconditioner is returned, all in ``optimizer``'s param groups.
+
+    Returns:
+        :math:`P_t` for each parameter, shaped like it.
+
+    Raises:
+        TypeError: If ``optimizer`` is neither ``Adam`` nor ``AdamW``.
+        ValueError: If a parameter is not in the optimizer, or the optimizer has not stepped yet.
     """
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
         raise TypeError(
@@ -120,6 +138,7 @@ class _Operator:
         total = None
         for weight, fn in self.parts:
             leaves, grads = self._kept if self._kept is not None else self._graph(fn)
+            hv: Sequence[Tensor]
             if not any(g.requires_grad for g in grads):  # the loss is linear in θ: H = 0
                 hv = [torch.zeros_like(t) for t in leaves]
             else:
@@ -133,6 +152,7 @@ class _Operator:
                 )
             flat = torch.cat([h.reshape(-1) for h in hv]) * weight
             total = flat if total is None else total + flat
+        assert total is not None  # (parts is never empty: _operator refuses empty data)
         return total
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -179,12 +199,32 @@ def top_eigenvalue(
 ) -> Sharpness:
     r"""Return :math:`\lambda_{\max}` (and :math:`\lambda_{\min}`) of the Hessian of the mean loss over ``data``.
 
-    ``data`` is one batch (a tuple) or batches (a list, a ``DataLoader``), weighted by their sizes. With an Adam
-    ``optimizer`` the eigenvalues are those of :math:`P_t^{-1} H` (see the module). ``theta`` (default: the
-    model's trainable parameters) is where :math:`H` is taken; the model, its ``.grad`` and buffers are left as
-    they were, in its current mode (dropout: one fixed mask). ``tol`` is ARPACK's relative accuracy; ``seed``
-    fixes its starting vector.
+    The eigenvalues come from ARPACK's Lanczos iteration on Hessian-vector products (the Hessian of two parameters
+    or fewer is formed whole). The model, its ``.grad`` and buffers are left as they were; it is evaluated in its
+    current mode (dropout: one fixed mask).
 
+    Args:
+        model: The network whose loss's Hessian is taken, with respect to its trainable parameters.
+        loss: The mean-reduced ``loss_fn(model(inputs), targets)``, or an :class:`~alphalib.Objective` of the
+            model and a batch.
+        data: One batch (a tuple) or batches (a list, a ``DataLoader``), weighted by their sizes.
+        optimizer: An Adam or AdamW optimizer of the model: the eigenvalues are then those of :math:`P_t^{-1} H`
+            (see the module); ``None``: of :math:`H`.
+        which: ``"both"`` for :math:`\lambda_{\max}` and :math:`\lambda_{\min}`, ``"max"`` for
+            :math:`\lambda_{\max}` alone.
+        tol: ARPACK's relative accuracy.
+        seed: Fixes ARPACK's starting vector.
+        theta: Where :math:`H` is taken, aligned with the model's trainable parameters (default: at them).
+
+    Returns:
+        The eigenvalues, whether they are preconditioned, and the Hessian-vector products they took.
+
+    Raises:
+        ValueError: If ``which`` is neither ``"both"`` nor ``"max"``, ``data`` is empty, or ``optimizer`` has not
+            stepped yet.
+        TypeError: If ``optimizer`` is neither Adam nor AdamW.
+
+    Example:
         >>> import torch
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
@@ -229,8 +269,27 @@ def hessian_trace(
 ) -> float:
     r"""Return Hutchinson's estimate of :math:`\operatorname{tr} H` (or :math:`\operatorname{tr} P^{-1}H`) on ``data``.
 
-    The mean of :math:`z^\top H z` over ``samples`` Rademacher vectors :math:`z` drawn from ``seed``; its standard
-    error is :math:`\sqrt{2(\|H\|_F^2 - \sum_i H_{ii}^2)/m}`. Arguments as in :func:`top_eigenvalue`.
+    The mean of :math:`z^\top H z` over :math:`m` Rademacher vectors :math:`z`; its standard error is
+    :math:`\sqrt{2(\|H\|_F^2 - \sum_i H_{ii}^2)/m}`.
+
+    Args:
+        model: The network whose loss's Hessian is taken, with respect to its trainable parameters.
+        loss: The mean-reduced ``loss_fn(model(inputs), targets)``, or an :class:`~alphalib.Objective` of the
+            model and a batch.
+        data: One batch (a tuple) or batches (a list, a ``DataLoader``), weighted by their sizes.
+        optimizer: An Adam or AdamW optimizer of the model, for the trace of :math:`P_t^{-1} H` (see the module);
+            ``None``: of :math:`H`.
+        samples: The number :math:`m` of Rademacher vectors.
+        seed: Seeds the generator the vectors are drawn from.
+        theta: Where :math:`H` is taken, aligned with the model's trainable parameters (default: at them).
+
+    Returns:
+        The estimate of the trace.
+
+    Raises:
+        ValueError: If ``samples`` is not a positive integer, ``data`` is empty, or ``optimizer`` has not stepped
+            yet.
+        TypeError: If ``optimizer`` is neither Adam nor AdamW.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}.")
@@ -248,8 +307,20 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> float:
 
     :math:`2/\eta` for SGD, :math:`(2 + 2\beta)/\eta` with heavy-ball momentum :math:`\beta` (torch's SGD without
     dampening), :math:`(2 + 2\beta)/((1 + 2\beta)\eta)` with Nesterov, :math:`(2 + 2\beta_1)/((1 - \beta_1)\eta)`
-    for Adam and AdamW (a bound on the preconditioned sharpness), from the first param group.
+    for Adam and AdamW (a bound on the preconditioned sharpness).
 
+    Args:
+        optimizer: A ``torch.optim.SGD``, ``Adam`` or ``AdamW``; its first param group's learning rate
+            :math:`\eta` and momentum (:math:`\beta`, or Adam's :math:`\beta_1`) set the threshold.
+
+    Returns:
+        The threshold, in the units of the (preconditioned) sharpness.
+
+    Raises:
+        ValueError: If ``optimizer`` is SGD with momentum and dampening.
+        TypeError: If ``optimizer`` is not SGD, Adam or AdamW.
+
+    Example:
         >>> net = torch.nn.Linear(2, 1)
         >>> round(stability_threshold(torch.optim.Adam(net.parameters(), lr=1e-3)))
         38000

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,15 @@ def batch_size(batch: object) -> int:
     raise ValueError(f"cannot tell the number of samples of a {type(batch).__name__} batch: it holds no tensor.")
 
 
-def as_batches(data: object | None) -> Iterable[object] | None:
+@overload
+def as_batches(data: None) -> None: ...
+
+
+@overload
+def as_batches(data: object) -> Iterable[object]: ...
+
+
+def as_batches(data: object) -> Iterable[object] | None:
     """Return data as batches: a list or loader of batches as it is, one batch (a tuple, a dict, or a list of
     tensors such as ``[x, y]``) as a list of one."""
     if (
@@ -56,7 +65,7 @@ def as_batches(data: object | None) -> Iterable[object] | None:
         and not all(isinstance(b, (tuple, list, Mapping)) for b in data)
     ):
         return [data]
-    return data
+    return cast("Iterable[object] | None", data)  # batches already (or None)
 
 
 def along(
@@ -90,12 +99,19 @@ def along(
 
 @dataclass(frozen=True)
 class AlphaScope:
-    """:math:`\\alpha^*` of one loss (a batch, the full data, a held-out set) along ``d``, in ``d``'s units."""
+    r""":math:`\alpha^*` of one loss (a batch, the full data, a held-out set) along ``d``, in ``d``'s units.
 
-    alpha_star: float  #: :math:`-d^\top g / d^\top H d`, NaN when the curvature is zero or not finite
-    slope: float  #: :math:`d^\top g`
-    curvature: float  #: :math:`d^\top H d`
-    loss: float  #: the loss at the expansion point
+    Attributes:
+        alpha_star: :math:`-d^\top g / d^\top H d`, NaN when the curvature is zero or not finite.
+        slope: :math:`d^\top g`.
+        curvature: :math:`d^\top H d`.
+        loss: The loss at the expansion point.
+    """
+
+    alpha_star: float
+    slope: float
+    curvature: float
+    loss: float
 
 
 def alpha_over(
@@ -107,6 +123,27 @@ def alpha_over(
     curvature: Backend = "hessian",
 ) -> AlphaScope:
     r"""Return :math:`\alpha^*` along ``d`` of the mean loss over ``batches`` (full data, or a held-out set).
+
+    The slope and curvature are accumulated one batch at a time (memory of one batch), each batch weighted by its
+    number of samples, at the model's current trainable parameters. The model is evaluated in its current mode;
+    put it in ``eval()`` for a deterministic full-data loss with dropout or BatchNorm.
+
+    Args:
+        model: The network; the loss is expanded at its trainable parameters.
+        loss: The mean-reduced ``loss_fn(model(inputs), targets)``, or an :class:`~alphalib.Objective` of the
+            model and a batch.
+        batches: The batches whose mean loss is measured (a list, a ``DataLoader``); each counts with the leading
+            size of its first tensor.
+        d: The direction: a tuple aligned with ``[p for p in model.parameters() if p.requires_grad]``, a dict
+            keyed by their names, or a :class:`~alphalib.ParamVector`.
+        curvature: The backend that estimates :math:`d^\top H d` (:data:`alphalib.BACKENDS`).
+
+    Returns:
+        :math:`\alpha^*` in units of ``d``, with the slope :math:`d^\top g`, the curvature :math:`d^\top H d` and
+        the loss of the mean over ``batches``.
+
+    Raises:
+        ValueError: If ``d`` does not match the model's trainable parameters or ``batches`` is empty.
 
     Example:
         >>> import torch
@@ -124,15 +161,25 @@ def alpha_over(
 
 @dataclass(frozen=True)
 class LineProfile:
-    """The true loss along ``d`` on a grid beside its quadratic model (see :func:`line_profile`)."""
+    r"""The true loss along ``d`` on a grid beside its quadratic model (see :func:`line_profile`).
 
-    alphas: list[float]  #: the grid, in units of ``d``
-    loss: list[float]  #: :math:`L(\theta + \alpha d)`
-    quadratic: list[float]  #: :math:`q(\alpha) = L(\theta) + \alpha d^\top g + \frac12 \alpha^2 d^\top H d`
-    alpha_star: float  #: the model's minimiser (NaN if the curvature is not positive)
-    trust: float  #: actual over predicted decrease at ``alpha_star`` (1 for a quadratic loss; NaN if undefined)
-    slope: float  #: :math:`d^\top g`
-    curvature: float  #: :math:`d^\top H d`
+    Attributes:
+        alphas: The grid, in units of ``d``, sorted.
+        loss: :math:`L(\theta + \alpha d)` at each point of the grid.
+        quadratic: :math:`q(\alpha) = L(\theta) + \alpha d^\top g + \frac12 \alpha^2 d^\top H d` at each point.
+        alpha_star: The model's minimiser (NaN if the curvature is not positive).
+        trust: Actual over predicted decrease at ``alpha_star`` (1 for a quadratic loss; NaN if undefined).
+        slope: :math:`d^\top g`.
+        curvature: :math:`d^\top H d`.
+    """
+
+    alphas: list[float]
+    loss: list[float]
+    quadratic: list[float]
+    alpha_star: float
+    trust: float
+    slope: float
+    curvature: float
 
     def to_frame(self):
         """Return the profile as a DataFrame with columns ``alpha``, ``loss`` and ``quadratic``."""
@@ -170,15 +217,35 @@ def line_profile(
 ) -> LineProfile:
     r"""Evaluate the loss along ``d`` on a grid and compare it with the quadratic model; measure the model's trust.
 
-    ``batches`` is one batch or a list of batches (their mean loss). The grid defaults to 41 points over
-    :math:`[-\alpha^*, 3\alpha^*]` (over ``[-span, 3 span]`` when :math:`\alpha^*` is undefined);
-    ``alpha_star`` and 0 are always on it. ``trust`` is
+    The slope and curvature are taken at the model's trainable parameters :math:`\theta`, and the loss is
+    evaluated at :math:`\theta + \alpha d` for every :math:`\alpha` of the grid, the model left as it was.
+    ``alpha_star`` and 0 are always on the grid. ``trust`` is
     :math:`(L(\theta) - L(\theta + \alpha^* d)) / (\tfrac12 (d^\top g)^2 / d^\top H d)`: 1 when the loss is
     quadratic along ``d``, smaller when the model promises more than the loss gives.
+
+    Args:
+        model: The network; the loss is expanded at its trainable parameters.
+        loss: The mean-reduced ``loss_fn(model(inputs), targets)``, or an :class:`~alphalib.Objective` of the
+            model and a batch.
+        batches: One batch, or a list of batches (their mean loss, each weighted by its number of samples).
+        d: The direction: a tuple aligned with ``[p for p in model.parameters() if p.requires_grad]``, a dict
+            keyed by their names, or a :class:`~alphalib.ParamVector`.
+        alphas: The grid, in units of ``d``; by default 41 points over :math:`[-\alpha^*, 3\alpha^*]`.
+        span: The default grid's unit when :math:`\alpha^*` is undefined: it spans ``[-span, 3 span]``.
+        curvature: The backend that estimates :math:`d^\top H d` (:data:`alphalib.BACKENDS`).
+
+    Returns:
+        The loss and its quadratic model on the grid, with :math:`\alpha^*` (NaN unless the curvature is
+        positive), ``trust``, the slope and the curvature.
+
+    Raises:
+        ValueError: If ``d`` does not match the model's trainable parameters.
     """
     v = check_vector(d, model, name="d")
-    many = isinstance(batches, list) and batches and all(isinstance(b, (tuple, list, dict)) for b in batches)
-    chunks = list(batches) if many else [batches]
+    if isinstance(batches, list) and batches and all(isinstance(b, (tuple, list, dict)) for b in batches):
+        chunks = list(batches)
+    else:
+        chunks = [batches]
     theta = [p.detach() for p in trainable(model)]
     res = along(model, loss, chunks, v, curvature=curvature)
     star = alpha(res.slope, res.curvature) if res.curvature > 0 else math.nan
@@ -211,10 +278,24 @@ def next_step_profiles(
     The step is taken on copies of the model and the optimizer (so any optimizer works, and the model, its
     ``.grad``, the optimizer state and the global RNG stream are left as they were); its direction
     :math:`d = (\theta_{t+1} - \theta_t)/\mathrm{lr}` (first param group's lr) is profiled at :math:`\theta_t`
-    on ``batch`` (scope ``"batch"``) and, if given, on the mean loss over ``full_data`` (``"full data"``). As
-    for the probe, :math:`\alpha` is a learning rate: :math:`\alpha = \mathrm{lr}` is the step the optimizer
-    takes, and ``alpha_star / lr`` is the ratio. Where :math:`\alpha^*` is undefined the grid spans
-    :math:`[-\mathrm{lr}, 3\,\mathrm{lr}]`.
+    with :func:`line_profile`. As for the probe, :math:`\alpha` is a learning rate: :math:`\alpha = \mathrm{lr}`
+    is the step the optimizer takes, and ``alpha_star / lr`` is the ratio. Where :math:`\alpha^*` is undefined the
+    grid spans :math:`[-\mathrm{lr}, 3\,\mathrm{lr}]`.
+
+    Args:
+        model: The network being trained.
+        loss: The mean-reduced ``loss_fn(model(inputs), targets)``, or an :class:`~alphalib.Objective` of the
+            model and a batch.
+        optimizer: The model's optimizer; a copy of it takes the step, on a copy of the model.
+        batch: The batch the next step is computed on and profiled on (scope ``"batch"``): a pair
+            ``(inputs, targets)`` for a ``loss_fn``, anything an :class:`~alphalib.Objective` takes.
+        full_data: Batches whose mean loss is profiled too (scope ``"full data"``), e.g. a ``DataLoader`` over the
+            training set.
+        alphas: The grid, in learning-rate units; by default 41 points over :math:`[-\alpha^*, 3\alpha^*]`.
+        curvature: The backend that estimates :math:`d^\top H d` (:data:`alphalib.BACKENDS`).
+
+    Returns:
+        A :class:`LineProfile` per scope: ``"batch"`` and, with ``full_data``, ``"full data"``.
 
     Example:
         >>> import torch
@@ -231,7 +312,8 @@ def next_step_profiles(
     params = trainable(twin)
     with torch.random.fork_rng(devices=[]):
         twin_opt.zero_grad()
-        value = loss(twin, batch) if isinstance(loss, Objective) else loss(twin(batch[0]), batch[1])
+        pair = cast("Sequence[Tensor]", batch)  # (inputs, targets), for a loss_fn
+        value = loss(twin, batch) if isinstance(loss, Objective) else loss(twin(pair[0]), pair[1])
         value.backward()
         before = [p.detach().clone() for p in params]
         twin_opt.step()

@@ -41,7 +41,15 @@ def covers(model: nn.Module, *example: Any) -> str | None:
     """Return ``None`` if the fast path follows ``model``, else a sentence naming what stops it and where.
 
     Without an example input only the module rules are checked (the operations a model runs are known once it
-    runs); with one, ``model(*example)`` runs once on a copy of the model, recording its operations.
+    runs); with one, where the module rules do not cover the model, ``model(*example)`` runs once on a copy of the
+    model, recording its operations.
+
+    Args:
+        model: The network.
+        *example: Inputs for ``model``, to check the operations its forward runs as well.
+
+    Returns:
+        ``None`` if the fast path follows ``model``, else why not.
 
     Example:
         >>> class Residual(nn.Module):

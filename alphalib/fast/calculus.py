@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ def plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def inner(a: Tensor, b: Tensor) -> Tensor:
-    """Return the inner product :math:`\\langle a, b\\rangle` of two same-shaped tensors."""
+    r"""Return the inner product :math:`\langle a, b\rangle` of two same-shaped tensors."""
     return torch.vdot(a.reshape(-1), b.reshape(-1))
 
 
@@ -44,12 +45,15 @@ def activation(
     (exact, :math:`\mathrm{gelu}'' = \varphi(x)(2 - x^2)`) or ``"silu"`` (from the input ``x``).
     """
     if kind == "tanh":
+        assert y is not None  # (the callers' contract: the activations that need their output get it)
         t1 = (1 - y * y) * t
         return t1, None if err is None else -2 * inner(err * y, t1 * t)
     if kind == "sigmoid":
+        assert y is not None
         t1 = y * (1 - y) * t
         return t1, None if err is None else inner(err * (1 - 2 * y), t1 * t)
     if kind == "gelu":
+        assert x is not None  # (... and those that need their input, their input)
         t1 = _ops.gelu_backward(t, x)
         if err is None:
             return t1, None
@@ -57,6 +61,7 @@ def activation(
         curv = (x2 * -0.5).exp_().mul_(2 - x2)
         return t1, inner(err * t, curv.mul_(t)) / math.sqrt(2 * math.pi)
     if kind == "silu":
+        assert x is not None
         t1 = _ops.silu_backward(t, x)
         if err is None:
             return t1, None
@@ -76,10 +81,34 @@ def by_autograd(
         z = x.detach().requires_grad_(True)
         (d1,) = torch.autograd.grad(fn(z).sum(), z, create_graph=err is not None)
         d2 = None if err is None else torch.autograd.grad(d1.sum(), z)[0]
-    return d1.detach() * t, None if err is None else inner(err, d2 * t * t)
+    return d1.detach() * t, None if err is None or d2 is None else inner(err, d2 * t * t)
 
 
 # ---- normalization -----------------------------------------------------------------------------------------
+
+
+@overload
+def standardize(
+    x: Tensor,
+    t: Tensor,
+    dims: tuple[int, ...],
+    eps: float,
+    stats: tuple[Tensor, Tensor] | None = None,
+    *,
+    fixed: Literal[False] = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+
+
+@overload
+def standardize(
+    x: Tensor,
+    t: Tensor | None,
+    dims: tuple[int, ...],
+    eps: float,
+    stats: tuple[Tensor, Tensor] | None = None,
+    *,
+    fixed: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]: ...
 
 
 def standardize(

@@ -20,7 +20,8 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from types import FrameType
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,12 +44,13 @@ class Capture:
         self.active = True
         self.foreign = False  # the current forward does not run on the model's own parameters
         self.own: Callable[[nn.Module], bool] | None = None  #: tells such forwards apart (set by the probe)
-        self.rules: dict[nn.Module, Rule] = {m: rule_for(m) for m in model.modules()} if sweep else {}
+        # (built for models the module rules cover, see alphalib.fast.capture_for: every module has a rule)
+        self.rules: dict[nn.Module, Rule] = {m: cast(Rule, rule_for(m)) for m in model.modules()} if sweep else {}
         self.inputs: dict[nn.Module, Tensor] = {}
         self.outputs: dict[nn.Module, Tensor] = {}
         self.errors_out: dict[nn.Module, Tensor] = {}
         self.errors_in: dict[nn.Module, Tensor] = {}
-        self.rng: dict[nn.Module, tuple[Tensor, torch.Size]] = {}
+        self.rng: dict[nn.Module, tuple[Tensor, torch.Size, tuple[int, ...]]] = {}  #: RNG state, input shape, strides
         self.output: Tensor | None = None  # the model's output
         self.reused = False  # a module ran twice in one forward: its tensors are ambiguous
         self.uncovered: str | None = None  # (the module rules cover the model)
@@ -84,7 +86,7 @@ class Capture:
             self.output = output
         self.foreign = False
 
-    def _keep_rng(self, module: nn.Module, args: tuple) -> None:
+    def _keep_rng(self, module: nn.Dropout, args: tuple) -> None:
         if self._on() and args and module.training and module.p > 0:  # dropout: the state its mask is drawn from
             self.reused |= module in self.rng
             x = args[0]
@@ -147,7 +149,7 @@ def _tensors(value: Any) -> list[Tensor]:
 class _Spec(NamedTuple):
     """What the recorder needs to know of one ATen overload, looked up once per process."""
 
-    rule: Callable | None
+    rule: _oprules.Rule | None
     known: bool  #: it has a rule, or is in FREE
     view: bool
     curved: bool
@@ -181,7 +183,7 @@ _INSIDE = (os.path.dirname(torch.__file__), os.path.dirname(__file__))  # torch'
 
 def caller() -> str:
     """Say where the model's own code called the current operation: the innermost frame outside torch."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
         frame = frame.f_back
     return "" if frame is None else f" (at {frame.f_code.co_filename}, line {frame.f_lineno})"
@@ -215,7 +217,7 @@ class OpCapture:
         self.reused = False  # module reuse is ordinary here
         self.ops: list[Op] = []
         self.kept: dict[Op, tuple[Tensor, ...]] = {}  #: op -> its output's error (and its other operand's)
-        self._pending: dict[int, tuple[Op, Tensor, int]] = {}  #: outputs whose autograd node is not hooked yet
+        self._pending: dict[int, tuple[Op, Tensor, float]] = {}  #: outputs whose autograd node is not hooked yet
         self._params = {id(p) for p in model.parameters()}
         self._derived: set[int] = set()  #: parameters and the views of them recorded in this forward
         self.output: Tensor | None = None

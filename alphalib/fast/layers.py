@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -49,17 +49,30 @@ from .calculus import (
     standardize,
 )
 
+if TYPE_CHECKING:
+    from .capture import Capture
+
 Keep = frozenset[str]  # what the training step leaves: "input", "output", "error_out", "error_in", "rng", ...
-TangentFn = Callable[["Sweep", nn.Module, "Tensor | None"], "Tensor | None"]
+#: a rule ``fn(sweep, module, t) -> t_out``; its module is an instance of the class it is registered for, a type the
+#: table of all rules cannot name (hence ``Any``)
+TangentFn = Callable[["Sweep", Any, "Tensor | None"], "Tensor | None"]
+_M = TypeVar("_M", bound=nn.Module)
+_Fn = TypeVar("_Fn", bound=TangentFn)
 
 
 class Sweep:
-    """The sweep over module rules: ``sweep(module, t)`` runs ``module``'s rule on its input tangent ``t``.
+    r"""The sweep over module rules: ``sweep(module, t)`` runs ``module``'s rule on its input tangent ``t``.
 
-    Rules find what the step left in ``sweep.cap`` (the step's :class:`~alphalib.fast.capture.Capture`).
+    Rules find what the step left in ``sweep.cap`` and whether to add second-order terms in ``sweep.exact``.
+
+    Args:
+        cap: The step's :class:`~alphalib.fast.capture.Capture`.
+        deltas: ``id(parameter)`` to the parameter's step :math:`\Delta`.
+        exact: Whether rules add their second-order terms (the Hessian); else only the output's curvature counts
+            (the generalised Gauss-Newton).
     """
 
-    def __init__(self, cap: Any, deltas: dict[int, Tensor], *, exact: bool):
+    def __init__(self, cap: Capture, deltas: dict[int, Tensor], *, exact: bool):
         self.cap, self.deltas, self.exact = cap, deltas, exact
         self.terms: list[Tensor] = []
 
@@ -67,7 +80,7 @@ class Sweep:
         return self.cap.rules[module].tangent(self, module, t)
 
     def delta(self, param: Tensor | None) -> Tensor | None:
-        """Return the step :math:`\\Delta` of ``param`` (``None`` if it is frozen or absent)."""
+        r"""Return the step :math:`\Delta` of ``param`` (``None`` if it is frozen or absent)."""
         return None if param is None else self.deltas.get(id(param))
 
     def at_theta(self, param: Tensor) -> Tensor:
@@ -76,7 +89,7 @@ class Sweep:
         return param.detach() if step is None else param.detach() - step
 
     def add(self, term: Tensor) -> None:
-        """Add a module's second-order term :math:`\\langle\\delta_{\\mathrm{out}}, \\ddot{\\mathrm{out}}\\rangle`."""
+        r"""Add a module's second-order term :math:`\langle\delta_{\mathrm{out}}, \ddot{\mathrm{out}}\rangle`."""
         self.terms.append(term)
 
 
@@ -87,29 +100,37 @@ class Rule:
     tangent: TangentFn
     keep: Keep = frozenset()
     children: dict[str, Keep] = field(default_factory=dict)  # what to keep of named submodules as well
-    check: Callable[[nn.Module], str | None] = lambda m: None  # why a module of this class is not covered
+    check: Callable[[Any], str | None] = lambda m: None  # why a module of this class is not covered
 
 
-RULES: dict[type, Rule] = {}
+RULES: dict[type[nn.Module], Rule] = {}
 
 
 def register(
-    cls: type,
+    cls: type[_M],
     *,
     keep: Iterable[str] = (),
     children: dict[str, Iterable[str]] | None = None,
-    check: Callable[[nn.Module], str | None] | None = None,
-) -> Callable[[TangentFn], TangentFn]:
-    """Register ``fn(sweep, module, t) -> t_out`` as the fast-path rule for modules of class ``cls``.
+    check: Callable[[_M], str | None] | None = None,
+) -> Callable[[_Fn], _Fn]:
+    r"""Register ``fn(sweep, module, t) -> t_out`` as the fast-path rule for modules of class ``cls``.
 
-    ``t`` is the tangent of the module's input along :math:`\\Delta` (``None`` for zero); the rule returns
+    ``t`` is the tangent of the module's input along :math:`\Delta` (``None`` for zero); the rule returns
     the output's tangent and adds the module's own second-order term with :meth:`Sweep.add`. A composite
-    rule calls ``sweep(child, t)`` for its submodules, mirroring ``forward``. ``keep`` names what the module
-    must keep from the training step, found by the rule in ``sweep.cap``: ``"input"`` and ``"output"``
-    (``cap.inputs``/``cap.outputs``), ``"error_out"`` and ``"error_in"`` (the backpropagated
-    :math:`\\partial L/\\partial` output and input, ``cap.errors_out``/``cap.errors_in``, kept for
-    ``"hessian"`` only; the input's error is the part that flows through this module);
-    ``children`` the same for submodules by attribute name; ``check`` returns why a module is not covered.
+    rule calls ``sweep(child, t)`` for its submodules, mirroring ``forward``. The rule also serves subclasses of
+    ``cls`` that keep its ``forward``; registering a class again replaces its rule.
+
+    Args:
+        cls: The module class the rule is for.
+        keep: What the module must keep from the training step, found by the rule in ``sweep.cap``: ``"input"``
+            and ``"output"`` (``cap.inputs``/``cap.outputs``), ``"error_out"`` and ``"error_in"`` (the
+            backpropagated :math:`\partial L/\partial` output and input, ``cap.errors_out``/``cap.errors_in``,
+            kept for ``"hessian"`` only; the input's error is the part that flows through this module).
+        children: The same as ``keep`` for submodules, by attribute name.
+        check: Returns why a module of this class is not covered (a sentence), or ``None`` if it is.
+
+    Returns:
+        A decorator that registers ``fn`` and returns it unchanged.
 
     Example:
         >>> class Residual(nn.Module):
@@ -127,7 +148,7 @@ def register(
         True
     """
 
-    def deco(fn: TangentFn) -> TangentFn:
+    def deco(fn: _Fn) -> _Fn:
         kids = {k: frozenset(v) for k, v in (children or {}).items()}
         RULES[cls] = Rule(fn, frozenset(keep), kids, check or (lambda m: None))
         return fn
@@ -170,13 +191,14 @@ def _source(m: nn.Module) -> str:
 # ---- layers ------------------------------------------------------------------------------------------------
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_Affine = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
-def _affine(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _affine(m: _Affine, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias) if isinstance(m, nn.Linear) else _ops.conv(m, x, weight, bias)
 
 
-def _affine_tangent(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
+def _affine_tangent(sw: Sweep, m: _Affine, t: Tensor | None) -> Tensor | None:
     dw, db = sw.delta(m.weight), sw.delta(m.bias)
     if t is None and dw is None and db is None:  # frozen layer before any trained one
         return None
@@ -191,6 +213,7 @@ def _affine_tangent(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
     return u
 
 
+_cls: type[nn.Module]
 for _cls in AFFINE:
     register(_cls, keep={"input", "error_out", "error_in"})(_affine_tangent)
 
@@ -214,13 +237,16 @@ def _derivatives(
 ) -> tuple[Tensor, Tensor | None]:
     r"""Return :math:`\sigma'(z)\,t` and, given the error, :math:`\langle \delta_a, \sigma''(z)\,t^2\rangle`."""
     if isinstance(m, nn.ReLU):  # a: where the output was positive (works for in-place ReLU too)
+        assert a is not None  # (kept: the rule's keep names "sign")
         return t * a.view(torch.uint8), None  # as bytes: several times faster than a boolean mask on CPU
     if isinstance(m, nn.LeakyReLU):
+        assert a is not None
         return t * (a.to(t.dtype) * (1 - m.negative_slope) + m.negative_slope), None
     if isinstance(m, (nn.Tanh, nn.Sigmoid)):
         return activation("tanh" if isinstance(m, nn.Tanh) else "sigmoid", t, err, y=a)
     if isinstance(m, nn.GELU) and m.approximate == "none" or isinstance(m, nn.SiLU):
         return activation("gelu" if isinstance(m, nn.GELU) else "silu", t, err, x=z)
+    assert z is not None  # (kept: the rules of the other activations keep their input)
     return by_autograd(m, z, t, err)
 
 
@@ -280,7 +306,7 @@ for _cls in LINEAR:
 
 @register(nn.MaxPool1d, keep={"pool"})
 @register(nn.MaxPool2d, keep={"pool"})
-def _maxpool(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
+def _maxpool(sw: Sweep, m: nn.MaxPool1d | nn.MaxPool2d, t: Tensor | None) -> Tensor | None:
     """Take the tangent at the maxima (the training step's argmax; recomputed from the input when missing)."""
     idx = sw.cap.outputs.pop(m)
     if t is None:
@@ -316,7 +342,7 @@ def _layer_norm(sw: Sweep, m: nn.LayerNorm, t: Tensor | None) -> Tensor | None:
 
 def _scaled(
     sw: Sweep,
-    m: nn.Module,
+    m: nn.LayerNorm | nn.BatchNorm1d | nn.BatchNorm2d | nn.GroupNorm,
     x_hat: Tensor,
     r: Tensor,
     t_hat: Tensor | None,
@@ -331,7 +357,7 @@ def _scaled(
     (``u``, the input's tangent centred over ``dims``, given), :math:`\langle\delta_y \gamma, \ddot{\hat x}\rangle`.
     """
     dgamma, dbeta = sw.delta(m.weight), sw.delta(m.bias)
-    gamma = None if m.weight is None else sw.at_theta(m.weight)
+    gamma: Tensor | None = None if m.weight is None else sw.at_theta(m.weight)
     gamma, dgamma, dbeta = (None if v is None else v.view(shape) for v in (gamma, dgamma, dbeta))
     if t_hat is not None and sw.exact:
         for term in normalization_terms(sw.cap.errors_out.pop(m), gamma, dgamma, x_hat, r, t_hat, u, dims):
@@ -341,13 +367,9 @@ def _scaled(
     return plus(plus(t_hat, None if dgamma is None else dgamma * x_hat), dbeta)
 
 
-def _batch_stats(m: nn.Module) -> bool:
-    return m.training or m.running_mean is None
-
-
 @register(nn.BatchNorm1d, keep={"input", "error_out"})
 @register(nn.BatchNorm2d, keep={"input", "error_out"})
-def _batch_norm(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
+def _batch_norm(sw: Sweep, m: nn.BatchNorm1d | nn.BatchNorm2d, t: Tensor | None) -> Tensor | None:
     r"""BatchNorm per channel: with batch statistics (training) as LayerNorm over the batch and spatial axes.
 
     With running statistics (evaluation) it is affine in its input: :math:`\dot{\hat x} = r \dot x`, and only
@@ -356,9 +378,11 @@ def _batch_norm(sw: Sweep, m: nn.Module, t: Tensor | None) -> Tensor | None:
     x = sw.cap.inputs.pop(m).detach()
     dims = (0, *range(2, x.dim()))  # every axis but the channels
     channel = (1, -1) + (1,) * (x.dim() - 2)
-    stats = (
-        None if _batch_stats(m) else (m.running_mean.view(channel), torch.rsqrt(m.running_var.view(channel) + m.eps))
-    )
+    stats = None  # batch statistics (training, or no running statistics kept)
+    if not m.training:
+        mean, var = m.running_mean, m.running_var  # (both None, or both kept)
+        if mean is not None and var is not None:
+            stats = mean.view(channel), torch.rsqrt(var.view(channel) + m.eps)
     x_hat, r, t_hat, u = standardize(x, t, dims, m.eps, stats, fixed=stats is not None)
     return _scaled(sw, m, x_hat, r, t_hat, u, dims, channel)
 
@@ -373,9 +397,10 @@ def _group_norm(sw: Sweep, m: nn.GroupNorm, t: Tensor | None) -> Tensor | None:
     x = sw.cap.inputs.pop(m).detach()
     grouped, dims = (x.shape[0], m.num_groups, -1), (2,)
     channel = (1, -1) + (1,) * (x.dim() - 2)
-    x_hat, r, t_hat, u = standardize(x.reshape(grouped), None if t is None else t.reshape(grouped), dims, m.eps)
     if t is None:
+        x_hat, r, _, _ = standardize(x.reshape(grouped), None, dims, m.eps)
         return _scaled(sw, m, x_hat.view_as(x), r, None, None, (), channel)
+    x_hat, r, t_hat, u = standardize(x.reshape(grouped), t.reshape(grouped), dims, m.eps)
     if sw.exact:  # the statistics' second-order term, on the grouped view (γ per channel)
         err = sw.cap.errors_out[m]
         err = err if m.weight is None else err * sw.at_theta(m.weight).view(channel)

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import torch
 from torch import Tensor
 
 from .. import _ops
 from .calculus import activation, attention, by_autograd, inner, normalization_terms, plus, standardize
+
+if TYPE_CHECKING:
+    from .capture import OpCapture
 
 aten = torch.ops.aten
 
@@ -50,7 +53,7 @@ class Op:
     outs: list[Tensor]  #: the tensor outputs
     ins: list[Tensor]  #: the tensor arguments
     versions: dict[int, float]  #: ``id(tensor) ->`` its version counter, for the tensor arguments and outputs
-    rule: Callable | None  #: ``None`` for the operations in :data:`alphalib.fast.ops.FREE`
+    rule: Rule | None  #: ``None`` for the operations in :data:`alphalib.fast.ops.FREE`
     view: bool  #: a view (or copy) of its first argument: recomputed at θ_t when that is a parameter
     other: int | None = None  #: for a product with a parameter: the index of its other operand (its error is kept)
     before: Tensor | None = None  #: the first argument before an op in :data:`COPIED` overwrote it
@@ -68,7 +71,7 @@ class OpSweep:
     ``cap`` is the step's :class:`~alphalib.fast.capture.OpCapture`; ``params`` hold θ_{t+1}, ``deltas`` their steps.
     """
 
-    def __init__(self, cap: Any, deltas: dict[int, Tensor], params: Sequence[Tensor], *, exact: bool):
+    def __init__(self, cap: OpCapture, deltas: dict[int, Tensor], params: Sequence[Tensor], *, exact: bool):
         self.cap, self.exact = cap, exact
         self.tangents: dict[int, Tensor] = dict(deltas)
         self.new: dict[int, Tensor] = {id(p): p.detach() for p in params if id(p) in deltas}  #: at θ_{t+1}
@@ -103,7 +106,7 @@ class OpSweep:
         raise NoRule(f"the error at {op.func} was not seen in the backward pass")
 
     def add(self, op: Op, second: Tensor) -> None:
-        """Add :math:`\\langle \\delta_y, \\ddot y\\rangle` for ``op``'s first output :math:`y`."""
+        r"""Add :math:`\langle \delta_y, \ddot y\rangle` for ``op``'s first output :math:`y`."""
         err = self.error(op)
         if err is not None:
             self.terms.append(inner(err, second.expand(err.shape)))
@@ -128,6 +131,18 @@ class OpSweep:
                 self.tangents[id(y)] = t
 
 
+class Values(Protocol):
+    """What a rule gets as ``vals``: the op's arguments as it read them, by position (a slice gives a list)."""
+
+    def __len__(self) -> int: ...
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Any]: ...
+
+
 class _Values:
     """The op's arguments as it read them, checked one by one when a rule asks (see :meth:`OpSweep.value`)."""
 
@@ -147,7 +162,9 @@ class _Values:
 # A rule gets the sweep, the op, its arguments' values as the op read them and their tangents (None: zero), and
 # returns the output's tangent (a list for ops with several outputs); it adds its second-order term itself.
 
-Rule = Callable[[OpSweep, Op, Sequence, list], Any]
+#: a rule ``fn(sweep, op, vals, tans) -> tangent`` (a list of tangents for ops with several outputs)
+Rule = Callable[[OpSweep, Op, Values, list[Tensor | None]], Any]
+_R = TypeVar("_R", bound=Rule)
 RULES: dict[Any, Rule] = {}
 #: operations whose output has no tangent whatever their inputs (a detached copy, a fresh tensor shaped like one)
 FREE = {aten.detach.default, aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default}
@@ -157,10 +174,23 @@ CURVED: set[Rule] = set()
 COPIED = {aten.mul_.Tensor}
 
 
-def rule(*funcs: Any, curved: bool = False) -> Callable[[Rule], Rule]:
-    """Register a rule for ATen operations (overload packets or single overloads)."""
+def rule(*funcs: Any, curved: bool = False) -> Callable[[_R], _R]:
+    """Register a rule ``fn(sweep, op, vals, tans)`` for ATen operations (overload packets or single overloads).
 
-    def deco(fn: Rule) -> Rule:
+    The rule gets the op's arguments as it read them (``vals``) and their tangents (``tans``, ``None`` for zero),
+    returns its output's tangent (a list for several outputs) and adds its second-order term with
+    :meth:`OpSweep.add` (see the module).
+
+    Args:
+        *funcs: The operations, e.g. ``torch.ops.aten.tanh`` (every overload) or ``torch.ops.aten.add.Tensor``.
+        curved: Whether the operations have a second derivative along their inputs: the training step then keeps
+            the error at their output for the rule.
+
+    Returns:
+        A decorator that registers ``fn`` and returns it unchanged.
+    """
+
+    def deco(fn: _R) -> _R:
         RULES.update(dict.fromkeys(funcs, fn))
         if curved:
             CURVED.add(fn)
@@ -213,7 +243,7 @@ IN_PLACE_VIEWS = {
 
 
 @rule(*LINEAR, *IN_PLACE_VIEWS)
-def _linear(sw: OpSweep, op: Op, vals: list, tans: list) -> Any:
+def _linear(sw: OpSweep, op: Op, vals: Values, tans: list) -> Any:
     if tans[0] is None:
         return None
     if any(t is not None for t in tans[1:]):
@@ -231,7 +261,7 @@ def _linear(sw: OpSweep, op: Op, vals: list, tans: list) -> Any:
 
 
 @rule(aten.add.Tensor, aten.sub.Tensor)
-def _add(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
+def _add(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     a, b = tans[0], tans[1] if len(tans) > 1 else None
     alpha = op.kwargs.get("alpha", 1)
     if b is not None:
@@ -241,7 +271,7 @@ def _add(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
 
 
 @rule(aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar)
-def _scalar(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
+def _scalar(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     if tans[0] is None:
         return None
     return (
@@ -254,15 +284,15 @@ def _scalar(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
 
 
 @rule(aten.mul.Tensor, curved=True)
-def _mul(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
-    (a, b), (ta, tb) = vals, tans
+def _mul(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
+    a, b, ta, tb = vals[0], vals[1], tans[0], tans[1]
     if ta is not None and tb is not None and sw.exact:
         sw.add(op, 2 * ta * tb)
     return plus(None if ta is None else ta * b, None if tb is None else a * tb)
 
 
 @rule(aten.mul_.Tensor, curved=True)
-def _mul_(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+def _mul_(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     r"""``a *= b``: as :func:`_mul`, with the old ``a`` the recorder copied before the op overwrote it."""
     (ta, tb), a, b = tans, op.before, vals[1]
     if ta is not None and tb is not None and sw.exact:
@@ -271,7 +301,7 @@ def _mul_(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
 
 
 @rule(aten.div.Tensor)
-def _div(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
+def _div(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     if tans[1] is not None:
         raise NoRule(f"{op.func} by a tensor that changes along the step")
     return None if tans[0] is None else tans[0] / vals[1]
@@ -312,7 +342,7 @@ def other_operand(func: Any, args: tuple, params: set[int]) -> int | None:
 
 
 def _product(
-    sw: OpSweep, op: Op, vals: Sequence, tans: list, first: int, mm: Callable[[Tensor, Tensor], Tensor]
+    sw: OpSweep, op: Op, vals: Values, tans: list, first: int, mm: Callable[[Tensor, Tensor], Tensor]
 ) -> Tensor | None:
     r"""The tangent of a bilinear :math:`y = \mathrm{mm}(a, b)` (arguments ``first`` and ``first + 1``), adding
     :math:`2\langle\delta_y, \mathrm{mm}(\dot a, \dot b)\rangle`: in two products when one factor is a parameter
@@ -321,16 +351,17 @@ def _product(
     if ta is None or tb is None:
         return plus(None if ta is None else mm(ta, b), None if tb is None else mm(a, tb))
     i = op.other
-    kept = sw.cap.kept.get(op) if sw.exact and i is not None else None
-    if kept is not None and len(kept) == 2 and id(op.args[2 * first + 1 - i]) in sw.new:
-        w_new = sw.new[id(op.args[2 * first + 1 - i])]  # the parameter's factor at θ_{t+1}
-        if i == first:  # y = mm(a, W): U = mm(ȧ, W_new), ẏ = U + mm(a - ȧ, ΔW)
-            u = mm(ta, w_new)
-            sw.terms.append(2 * (inner(kept[0], u) - inner(kept[1], ta)))
-            return u.add_(mm(a - ta, tb))
-        u = mm(w_new, tb)  # y = mm(W, b)
-        sw.terms.append(2 * (inner(kept[0], u) - inner(kept[1], tb)))
-        return u.add_(mm(ta, b - tb))
+    if sw.exact and i is not None:
+        kept = sw.cap.kept.get(op)
+        if kept is not None and len(kept) == 2 and id(op.args[2 * first + 1 - i]) in sw.new:
+            w_new = sw.new[id(op.args[2 * first + 1 - i])]  # the parameter's factor at θ_{t+1}
+            if i == first:  # y = mm(a, W): U = mm(ȧ, W_new), ẏ = U + mm(a - ȧ, ΔW)
+                u = mm(ta, w_new)
+                sw.terms.append(2 * (inner(kept[0], u) - inner(kept[1], ta)))
+                return u.add_(mm(a - ta, tb))
+            u = mm(w_new, tb)  # y = mm(W, b)
+            sw.terms.append(2 * (inner(kept[0], u) - inner(kept[1], tb)))
+            return u.add_(mm(ta, b - tb))
     if sw.exact:
         sw.add(op, 2 * mm(ta, tb))
     return mm(ta, b).add_(mm(a, tb))
@@ -341,12 +372,12 @@ VECTOR_PRODUCTS = (aten.mv, aten.dot, aten.vdot)
 
 
 @rule(aten.mm, aten.bmm, aten.mv, aten.dot, aten.vdot, curved=True)
-def _mm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+def _mm(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     return _product(sw, op, vals, tans, 0, op.func)
 
 
 @rule(aten.addmm, curved=True)
-def _addmm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+def _addmm(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     beta, alpha = op.kwargs.get("beta", 1), op.kwargs.get("alpha", 1)
     if (beta, alpha) != (1, 1):
         raise NoRule(f"{op.func} with beta or alpha")
@@ -355,7 +386,7 @@ def _addmm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
 
 
 @rule(aten.relu)
-def _relu(sw: OpSweep, op: Op, vals: list, tans: list) -> Tensor | None:
+def _relu(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     return None if tans[0] is None else tans[0] * (op.out > 0)
 
 
@@ -400,7 +431,7 @@ IN_PLACE = {aten.tanh_, aten.sigmoid_}
     aten.gelu,
     curved=True,
 )
-def _elementwise(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+def _elementwise(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     r""":math:`\dot y = \sigma'(x)\dot x`, :math:`\ddot y = \sigma''(x)\dot x^2`."""
     t = tans[0]
     if t is None:
@@ -431,25 +462,25 @@ def _elementwise(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | No
 
 
 @rule(aten.cat, aten.stack)
-def _cat(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor:
+def _cat(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor:
     parts = [sw.tangent(x) for x in op.args[0]]
     dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", 0)
     return op.func([torch.zeros_like(x) if t is None else t for x, t in zip(op.args[0], parts, strict=True)], dim)
 
 
 @rule(aten.relu_)
-def _relu_(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+def _relu_(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     return None if tans[0] is None else tans[0] * (vals[0] > 0)  # the tensor as relu_ left it
 
 
 @rule(aten.add_.Tensor)
-def _add_(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+def _add_(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     b = tans[1]
     return plus(tans[0], None if b is None else b * op.kwargs.get("alpha", 1))
 
 
 @rule(aten.convolution, curved=True)
-def _convolution(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+def _convolution(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     r"""Bilinear in input and weight: :math:`\dot y = \dot x \star W + x \star \dot W + \dot b`,
     :math:`\ddot y = 2\dot x \star \dot W`."""
     rest = op.args[3:]
@@ -461,7 +492,7 @@ def _convolution(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | No
 
 
 @rule(aten.max_pool2d_with_indices, aten.max_pool1d_with_indices)
-def _max_pool(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+def _max_pool(sw: OpSweep, op: Op, vals: Values, tans: list) -> list:
     t, idx = tans[0], op.outs[1]
     if t is None:
         return [None, None]
@@ -486,9 +517,10 @@ def _normalize(
     as ``shape``, and add its second-order terms (:func:`alphalib.fast.calculus.normalization_terms`)."""
     gamma = None if weight is None else weight.view(shape)
     dgamma, dbeta = (None if v is None else v.view(shape) for v in (tw, tb))
-    err = sw.error(op) if sw.exact and t_hat is not None and (dgamma is not None or u is not None) else None
-    if err is not None:
-        sw.terms.extend(normalization_terms(err.reshape(x_hat.shape), gamma, dgamma, x_hat, r, t_hat, u, dims))
+    if sw.exact and t_hat is not None and (dgamma is not None or u is not None):
+        err = sw.error(op)
+        if err is not None:
+            sw.terms.extend(normalization_terms(err.reshape(x_hat.shape), gamma, dgamma, x_hat, r, t_hat, u, dims))
     out = None if t_hat is None else t_hat if gamma is None else t_hat.mul_(gamma)  # (t_hat is this rule's own)
     return plus(
         plus(out, None if dgamma is None else dgamma * x_hat), None if dbeta is None else dbeta.expand_as(x_hat)
@@ -496,7 +528,7 @@ def _normalize(
 
 
 @rule(aten.native_batch_norm, curved=True)
-def _native_batch_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+def _native_batch_norm(sw: OpSweep, op: Op, vals: Values, tans: list) -> list:
     """BatchNorm: batch statistics (the kernel's saved mean and inverse deviation) in training, else running ones."""
     x, training, eps = vals[0], op.args[5], op.args[7]
     dims, shape = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
@@ -509,7 +541,7 @@ def _native_batch_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
 
 
 @rule(aten.native_layer_norm, curved=True)
-def _native_layer_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+def _native_layer_norm(sw: OpSweep, op: Op, vals: Values, tans: list) -> list:
     r"""LayerNorm from the kernel's saved statistics; :math:`\dot{\hat x}` by the kernel's own backward."""
     x, normalized, t = vals[0], tuple(op.args[1]), tans[0]
     dims = tuple(range(-len(normalized), 0))
@@ -523,7 +555,7 @@ def _native_layer_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
 
 
 @rule(aten._softmax, aten._safe_softmax, curved=True)
-def _softmax(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+def _softmax(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     r""":math:`\dot y = y(\dot x - s)`, :math:`\ddot y = y\big((\dot x - s)^2 - \langle y, (\dot x - s)^2\rangle\big)`,
     :math:`s = \langle y, \dot x\rangle` along ``dim``."""
     t, dim = tans[0], op.args[1]
@@ -538,7 +570,7 @@ def _softmax(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
 
 
 @rule(aten._log_softmax, curved=True)
-def _log_softmax(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | None:
+def _log_softmax(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     r""":math:`\dot y = \dot x - s`, :math:`\ddot y = -\langle p, (\dot x - s)^2\rangle` with :math:`p = e^y`
     along ``dim``."""
     t, dim = tans[0], op.args[1]
@@ -552,7 +584,7 @@ def _log_softmax(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> Tensor | No
 
 
 @rule(aten.native_group_norm, curved=True)
-def _native_group_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+def _native_group_norm(sw: OpSweep, op: Op, vals: Values, tans: list) -> list:
     """GroupNorm: the normalization over each sample's group of channels and the spatial axes, γ and β per channel."""
     x, groups = vals[0], op.args[6]
     grouped = (x.shape[0], groups, -1)
@@ -567,7 +599,7 @@ def _native_group_norm(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
 
 
 @rule(aten._scaled_dot_product_flash_attention_for_cpu, curved=True)
-def _attention(sw: OpSweep, op: Op, vals: Sequence, tans: list) -> list:
+def _attention(sw: OpSweep, op: Op, vals: Values, tans: list) -> list:
     """Fused attention, recomputed from Q, K, V (:func:`alphalib.fast.calculus.attention`)."""
     dropout = op.args[3] if len(op.args) > 3 else op.kwargs.get("dropout_p", 0.0)
     causal = op.args[4] if len(op.args) > 4 else op.kwargs.get("is_causal", False)

@@ -58,12 +58,13 @@ def module_pass(
     exact: bool,
     scale: float = 1.0,
 ) -> tuple[float, float, float]:
-    """Return loss, :math:`\\Delta^\\top g` and :math:`\\Delta^\\top H\\Delta` (GGN unless ``exact``) at θ_t.
+    r"""Return loss, :math:`\Delta^\top g` and :math:`\Delta^\top H\Delta` (GGN unless ``exact``) at θ_t.
 
-    ``deltas`` maps ``id(parameter)`` to the parameter's step :math:`\\Delta`; the parameters themselves
-    already hold :math:`\\theta_{t+1}`. ``scale`` is the constant :math:`c` the training step backpropagated
-    :math:`c\\,\\ell` with. Each module's kept tensors are released as the sweep passes it.
+    ``deltas`` maps ``id(parameter)`` to the parameter's step :math:`\Delta`; the parameters themselves
+    already hold :math:`\theta_{t+1}`. ``scale`` is the constant :math:`c` the training step backpropagated
+    :math:`c\,\ell` with. Each module's kept tensors are released as the sweep passes it.
     """
+    assert cap.output is not None  # (the probe sweeps only a step whose forward left its output)
     sweep = Sweep(cap, deltas, exact=exact)
     t = sweep(model, None)  # KeyError: a module did not leave what its rule needs (it ran otherwise than expected)
     return _finish(sweep, loss_fn, cap.output.detach(), targets, t, scale)
@@ -83,6 +84,7 @@ def op_pass(
     """Like :func:`module_pass`, over the recorded operations; ``params`` hold θ_{t+1}."""
     if cap.uncovered is not None:
         raise NoRule(cap.uncovered)
+    assert cap.output is not None  # (the probe sweeps only a step whose forward left its output)
     sweep = OpSweep(cap, deltas, params, exact=exact)
     for op in cap.ops:
         sweep.run(op)

@@ -39,12 +39,18 @@ def probe_keywords(
 
 
 class StepRoute:
-    """Send ``optimizer.step(closure)`` to ``take(closure)`` until :meth:`restore`; the optimizer's own step runs
-    for calls made while ``take`` runs (the probe taking the step).
+    """Send ``optimizer.step(closure)`` to ``take(closure)`` until :meth:`restore`.
+
+    The optimizer's own step runs for calls made while ``take`` runs (the probe taking the step).
 
     The route is an instance attribute that shadows the class's ``step``, as torch's LR schedulers and accelerate
     shadow it: the optimizer's state, its ``state_dict`` and its step hooks are untouched, and a wrapper already
     there (an LR scheduler's) still runs when the step is taken.
+
+    Args:
+        optimizer: The optimizer whose ``step`` is routed.
+        take: Called with the step's closure (or ``None``) in place of ``optimizer.step``; what it returns is the
+            step's result.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, take: Callable[[Callable[[], Any] | None], Any]):
@@ -68,8 +74,9 @@ class StepRoute:
                 self._inside = False
 
         if getattr(self._step, "_wrapped_by_lr_sched", False):  # an LR scheduler's wrapper still runs: say so
-            routed._wrapped_by_lr_sched = True
-        self._routed = optimizer.step = routed
+            setattr(routed, "_wrapped_by_lr_sched", True)  # noqa: B010 (a function's attribute, set as torch sets it)
+        self._routed = routed
+        setattr(optimizer, "step", routed)  # noqa: B010 (an instance attribute over the method, deliberately)
 
     def restore(self) -> None:
         """Give the optimizer its ``step`` back (if nothing replaced the route since)."""
@@ -77,7 +84,7 @@ class StepRoute:
             if self._own is None:
                 del self.optimizer.step
             else:
-                self.optimizer.step = self._own
+                setattr(self.optimizer, "step", self._own)  # noqa: B010 (the instance attribute it replaced)
 
 
 def logged(records: Sequence[Record], prefix: str = "") -> dict[str, float]:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor, nn
 
@@ -62,10 +62,21 @@ if TYPE_CHECKING:
 class AlphaTrainer(transformers.Trainer):
     r"""A ``transformers.Trainer`` that probes every ``every``-th optimizer step with an :class:`alphalib.AlphaProbe`.
 
-    Takes the Trainer's arguments, and keyword-only: ``every``, ``curvature``, ``tags`` (as the probe's);
-    ``objective``: ``fn(model, inputs) -> scalar`` to measure in place of the Trainer's own loss (see the module);
-    ``probe_options``: more keywords for :class:`~alphalib.AlphaProbe` (``full_data``, ``held_out``, ...). A new
-    probe starts with each ``train()``; ``probe`` is the last one, and its records carry the epoch index.
+    A new probe starts with each ``train()``; ``probe`` is the last one, and its records carry the epoch index.
+
+    Args:
+        *args: The Trainer's positional arguments.
+        every: Probe every ``every``-th optimizer step.
+        curvature: The probe's curvature backend (one of :data:`alphalib.BACKENDS`).
+        tags: Constant columns of the probe's records.
+        objective: ``fn(model, inputs) -> scalar`` to measure in place of the Trainer's own loss (see the module);
+            ``None``: the Trainer's loss.
+        probe_options: More keywords for :class:`~alphalib.AlphaProbe` (``full_data``, ``held_out``, ...).
+        **kwargs: The Trainer's keyword arguments (``model``, ``args``, ``train_dataset``, ...).
+
+    Raises:
+        ValueError: If ``every`` is not a positive integer or ``curvature`` names no backend.
+        TypeError: If ``probe_options`` holds a keyword :class:`~alphalib.AlphaProbe` does not take.
 
     Example:
         >>> import tempfile, torch, transformers
@@ -132,9 +143,12 @@ class AlphaTrainer(transformers.Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Log as ``Trainer.log``; a training log (one with ``loss``) also gets the records since the last one:
-        ``alpha_star``, ``alpha_star_over_lr`` and ``curvature`` (medians) and ``flagged`` (a count), with the
-        prefix ``alpha/``. They reach ``state.log_history`` and every ``report_to`` integration."""
+        """Log as ``Trainer.log``, adding to a training log the records since the last one.
+
+        A training log (one with ``loss``) gets ``alpha_star``, ``alpha_star_over_lr`` and ``curvature`` (medians)
+        and ``flagged`` (a count) of the records since the last one, with the prefix ``alpha/``. They reach
+        ``state.log_history`` and every ``report_to`` integration.
+        """
         if "loss" in logs and self.probe is not None:
             logs = {**logs, **logged(self.probe.records[self._alpha_logged :], "alpha/")}
             self._alpha_logged = len(self.probe.records)
@@ -145,12 +159,15 @@ class AlphaTrainer(transformers.Trainer):
     def _alpha_attach(self) -> None:
         """Build the probe on the model and the optimizer the Trainer holds now, and route the step through it."""
         self._alpha_detach()
-        self.probe = AlphaProbe(self.model, self._alpha_objective, self.optimizer, **self._alpha_options)
+        model, optimizer = self.model, self.optimizer
+        assert model is not None and optimizer is not None  # train() has made both before its first training_step
+        self.probe = AlphaProbe(model, self._alpha_objective, optimizer, **self._alpha_options)
         self._alpha_logged = 0
-        self._alpha_route = StepRoute(self.optimizer, self._alpha_take)
+        self._alpha_route = StepRoute(optimizer, self._alpha_take)
 
     def _alpha_take(self, closure: Callable[[], Any] | None) -> None:
         """Take the Trainer's ``self.optimizer.step()`` through the probe, on the micro-batches since the last."""
+        assert self.probe is not None  # the step is routed here only once the probe is built
         batches, self._alpha_batches = self._alpha_batches, []
         epoch = math.floor(self.state.epoch or 0)  # the Trainer's epoch is fractional and advances after the step
         self.probe.step(micro_batches(batches), epoch=epoch, closure=closure)
@@ -169,7 +186,7 @@ class AlphaTrainer(transformers.Trainer):
         Mirrors ``Trainer.training_step`` of transformers 5.x between ``compute_loss`` and the backward pass.
         """
         n = self._alpha_items
-        loss = self.compute_loss(model, dict(inputs), num_items_in_batch=n)
+        loss = cast(Tensor, self.compute_loss(model, dict(inputs), num_items_in_batch=n))  # no outputs: the loss
         if self.args.n_gpu > 1:
             loss = loss.mean()
         scaled = getattr(self, "loss_is_scaled_for_ga", None)

@@ -53,13 +53,26 @@ Closure = Literal["auto", "first", "optimizer"]
 class AlphaCallback(pl.Callback):
     r"""Probe every ``every``-th optimizer step of ``Trainer.fit`` with an :class:`alphalib.AlphaProbe`.
 
-    ``loss`` is what ``training_step`` minimises: a ``loss_fn(outputs, targets)`` on ``module(inputs)`` for
-    ``(inputs, targets)`` batches, or an :func:`alphalib.objective` ``fn(module, batch) -> scalar`` for anything
-    else. ``module`` names the submodule that ``training_step`` calls and ``loss`` runs (``"net"`` for
-    ``self.net(x)``); by default the ``LightningModule`` itself (``self(x)``). ``closure``: see the module.
-    ``probe_options`` go to :class:`~alphalib.AlphaProbe` (``path``, ``full_data``, ``held_out``,
-    ``sharpness_every``, ...). A new probe starts with each ``fit``; ``probe`` is the last one, and its records
-    carry Lightning's ``current_epoch``.
+    A new probe starts with each ``fit``; ``probe`` is the last one, and its records carry Lightning's
+    ``current_epoch``.
+
+    Args:
+        loss: What ``training_step`` minimises: a ``loss_fn(outputs, targets)`` on ``module(inputs)`` for
+            ``(inputs, targets)`` batches, or an :func:`alphalib.objective` ``fn(module, batch) -> scalar`` for
+            anything else.
+        every: Probe every ``every``-th optimizer step.
+        curvature: The probe's curvature backend (one of :data:`alphalib.BACKENDS`).
+        tags: Constant columns of the probe's records.
+        module: The name of the submodule that ``training_step`` calls and ``loss`` runs (``"net"`` for
+            ``self.net(x)``); ``None``: the ``LightningModule`` itself (``self(x)``).
+        closure: How Lightning's closure is handled: ``"first"``, ``"optimizer"`` or ``"auto"`` (see the module).
+        probe_options: More keywords for :class:`~alphalib.AlphaProbe` (``path``, ``full_data``, ``held_out``,
+            ``sharpness_every``, ...).
+
+    Raises:
+        ValueError: If ``closure`` is not one of the three, ``every`` is not a positive integer or ``curvature``
+            names no backend.
+        TypeError: If ``probe_options`` holds a keyword :class:`~alphalib.AlphaProbe` does not take.
 
     Example:
         >>> import torch, lightning as L
@@ -120,7 +133,12 @@ class AlphaCallback(pl.Callback):
     # ---- Lightning hooks ----------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Build the probe on the module and the optimizer, and route the optimizer's step through it."""
+        """Build the probe on the module and the optimizer, and route the optimizer's step through it.
+
+        Raises:
+            ValueError: If the module optimizes manually, configures more than one optimizer, or accumulates
+                gradients while the optimizer is handed Lightning's closure.
+        """
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "AlphaCallback probes automatic optimization; with manual optimization call "
@@ -194,14 +212,16 @@ class AlphaCallback(pl.Callback):
 
     def _take(self, closure: Callable[[], Any] | None) -> Any:
         """Take Lightning's ``optimizer.step(closure)`` through the probe."""
-        epoch = self._trainer.current_epoch
+        probe, trainer = self.probe, self._trainer
+        assert probe is not None and trainer is not None  # on_train_start set both before routing the step here
+        epoch = trainer.current_epoch
         if closure is not None and self._hand_over:
             batches, self._batches = self._batches[-1:], []
-            self.probe.step(micro_batches(batches), epoch=epoch, closure=closure)
+            probe.step(micro_batches(batches), epoch=epoch, closure=closure)
             return None
         loss = None if closure is None else closure()
         batches, self._batches = self._batches, []
-        self.probe.step(micro_batches(batches), epoch=epoch)
+        probe.step(micro_batches(batches), epoch=epoch)
         return loss
 
     def _detach(self) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 PRINTABLE = "\n" + "".join(chr(c) for c in range(32, 127))
 """The characters :func:`text` keeps: newline and printable ASCII."""
@@ -45,13 +45,44 @@ class Split:
 
 
 def gaussian_regression(n: int = 1000, d_in: int = 10, d_out: int = 1, *, seed: int = 0) -> TensorDataset:
-    """Return the seed experiment's data: inputs and targets drawn i.i.d. from :math:`\\mathcal N(0, 1)`."""
+    r"""Return the seed experiment's data: inputs and targets drawn i.i.d. from :math:`\mathcal N(0, 1)`.
+
+    The targets are independent of the inputs: there is nothing to learn beyond their mean.
+
+    Args:
+        n: The number of samples.
+        d_in: The inputs' dimension.
+        d_out: The targets' dimension.
+        seed: Seeds the generator the inputs, then the targets, are drawn from.
+
+    Returns:
+        A ``TensorDataset`` of inputs ``(n, d_in)`` and targets ``(n, d_out)`` (torch's default dtype).
+
+    Example:
+        >>> x, y = gaussian_regression(n=8, d_in=3).tensors
+        >>> x.shape, y.shape
+        (torch.Size([8, 3]), torch.Size([8, 1]))
+    """
     gen = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, d_in, generator=gen), torch.randn(n, d_out, generator=gen))
 
 
-def loader(dataset: TensorDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """Return a loader over ``dataset``; with ``shuffle`` the order is reproducible from ``seed``."""
+def loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """Return a loader over ``dataset`` in batches of ``batch_size``, reproducible in its order.
+
+    Args:
+        dataset: A map-style dataset (a ``TensorDataset``).
+        batch_size: The size of each batch (the last one may be smaller).
+        shuffle: Draw the samples in a new random order every epoch, instead of in order.
+        seed: Seeds the shuffling's generator, so that the sequence of orders is reproducible.
+
+    Returns:
+        A ``DataLoader`` yielding the dataset's tensors batched, e.g. ``(inputs, targets)`` pairs.
+
+    Example:
+        >>> [x.shape[0] for x, y in loader(gaussian_regression(n=10), 4)]
+        [4, 4, 2]
+    """
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +25,15 @@ from .models import BasicBlock
 
 
 class ResNet18(nn.Module):
-    """torchvision's ``resnet18``: a 7×7 stride-2 stem, max pooling, four stages of two :class:`BasicBlock` s,
-    global average pooling and a linear head. ``widths`` scales the stages (torchvision's: 64, 128, 256, 512)."""
+    """torchvision's ``resnet18``: a stem, four stages of two :class:`BasicBlock` s, pooling and a linear head.
+
+    The stem is a 7×7 stride-2 convolution and max pooling; global average pooling comes before the head.
+
+    Args:
+        n_classes: The number of outputs.
+        widths: The four stages' channels (torchvision's: 64, 128, 256, 512).
+        in_channels: The images' channels.
+    """
 
     def __init__(self, n_classes: int = 1000, widths: Sequence[int] = (64, 128, 256, 512), in_channels: int = 3):
         super().__init__()
@@ -79,9 +87,21 @@ class ViTBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """timm's ``VisionTransformer`` (``vit_tiny_patch16_224`` is width 192, depth 12, 3 heads at 224 px, patch 16):
-    a convolutional patch embedding, a class token, learned position embeddings, pre-norm blocks, a final norm and
-    a head on the class token."""
+    """timm's ``VisionTransformer`` (``vit_tiny_patch16_224`` is width 192, depth 12, 3 heads at 224 px, patch 16).
+
+    A convolutional patch embedding, a class token, learned position embeddings, pre-norm blocks, a final norm and
+    a head on the class token.
+
+    Args:
+        img_size: The images' height and width.
+        patch_size: The patches' height and width.
+        in_chans: The images' channels.
+        num_classes: The number of outputs.
+        embed_dim: The embedding's width.
+        depth: The number of blocks.
+        num_heads: The attention heads per block.
+        mlp_ratio: The blocks' MLP width over ``embed_dim``.
+    """
 
     def __init__(
         self,
@@ -108,8 +128,15 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])
 
 
-def vit_tiny(img_size: int = 32, patch_size: int = 4, num_classes: int = 10, **kw: object) -> VisionTransformer:
-    """Return ``vit_tiny_patch16_224``'s shape (width 192, depth 12, 3 heads) at ``img_size`` in ``patch_size`` px."""
+def vit_tiny(img_size: int = 32, patch_size: int = 4, num_classes: int = 10, **kw: Any) -> VisionTransformer:
+    """Return ``vit_tiny_patch16_224``'s shape (width 192, depth 12, 3 heads) at ``img_size`` in ``patch_size`` px.
+
+    Args:
+        img_size: The images' height and width.
+        patch_size: The patches' height and width.
+        num_classes: The number of outputs.
+        **kw: More keywords for :class:`VisionTransformer` (``in_chans``, ``depth``, ...).
+    """
     return VisionTransformer(img_size, patch_size, num_classes=num_classes, **kw)
 
 
@@ -197,7 +224,7 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        cast(nn.Embedding, self.transformer.wte).weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
             if name.endswith("c_proj.weight"):

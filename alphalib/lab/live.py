@@ -29,13 +29,15 @@ from . import plot
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.typing import RcKeyType
 
     from ..probe import AlphaProbe
+    from ..scaled import AlphaScaled
 
 #: the columns a live view keeps of each record, and the ones the explorer needs
 #: Text sizes of the live view and the explorer, whose figures are drawn at 100 dpi: 10 pt is 14 px on the screen,
 #: as JupyterLab's own text at 100% zoom.
-READABLE = {
+READABLE: dict[RcKeyType, Any] = {
     "font.size": 11,
     "axes.titlesize": 11,
     "axes.labelsize": 11,
@@ -64,9 +66,10 @@ _NO_EPOCHS = 25
 def frontend() -> bool:
     """Return whether a notebook frontend shows this kernel's output while a cell runs.
 
-    True in a kernel that a Jupyter server started (JupyterLab, Notebook: the server sets ``JPY_SESSION_NAME``),
-    in VS Code and in Colab; False under papermill and nbval (they start their kernels without a server), in
-    IPython's terminal and in a plain script.
+    Returns:
+        True in a kernel that a Jupyter server started (JupyterLab, Notebook: the server sets ``JPY_SESSION_NAME``),
+        in VS Code and in Colab; False under papermill and nbval (they start their kernels without a server), in
+        IPython's terminal and in a plain script.
     """
     shell = _shell()
     if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
@@ -87,12 +90,21 @@ def _shell() -> Any:
 
 
 class LiveView:
-    r"""A figure of :math:`\alpha^*` per step (with the lr), :math:`\alpha^*/\mathrm{lr}` per epoch and the loss
-    that redraws as records arrive: at each new epoch (``every="epoch"``) or every ``every`` records, within
-    the drawing ``budget``.
+    r"""A live figure of :math:`\alpha^*` per step (with the lr), :math:`\alpha^*/\mathrm{lr}` per epoch and the loss.
 
-    ``show=False`` draws into :attr:`png` without displaying anything (what tests and scripts can read);
-    :func:`watch` is the usual way to make one.
+    It redraws as records arrive, at each new epoch or every ``every`` records, within the drawing ``budget`` (see
+    the module). :func:`watch` is the usual way to make one.
+
+    Args:
+        every: ``"epoch"``: draw when a record of a new epoch arrives (every 25 records for records without
+            epochs); a number: every this many records.
+        budget: The share of the time since the first record that drawing may take, in (0, 1).
+        title: The figure's title; by default it counts the probed steps.
+        show: Display the drawings below the running cell; ``False`` draws into :attr:`png` without displaying
+            anything (what tests and scripts can read).
+
+    Raises:
+        ValueError: If ``every`` is neither ``"epoch"`` nor a positive integer, or ``budget`` is not in (0, 1).
     """
 
     def __init__(
@@ -108,7 +120,8 @@ class LiveView:
         self.png = b""  #: the last drawing
         #: not pyplot's: the inline backend would show a pyplot figure again when the cell ends
         self.figure = Figure(figsize=(9.6, 6.4), dpi=100)
-        self._since, self._clock, self._start = 0, time.perf_counter, None
+        self._since, self._clock = 0, time.perf_counter
+        self._start: float | None = None  #: when the first record came
         self._estimate = 0.5  #: what the next drawing will take, in seconds: a guess until one has been made
         self._handle = None
         if show:
@@ -124,7 +137,11 @@ class LiveView:
             )
 
     def update(self, rec: Record) -> None:
-        """Take one record; redraw when ``every`` says so and the budget allows."""
+        """Take one record; redraw when ``every`` says so and the budget allows.
+
+        Args:
+            rec: The probe's record of a step (the view is one of the probe's ``listeners``).
+        """
         if self._start is None:
             self._start = self._clock()
         epoch = self.rows[-1][1] if self.rows else rec.epoch
@@ -149,7 +166,7 @@ class LiveView:
         start = self._clock()
         records, fig = self.frame(), self.figure
         if not fig.axes:  # made once: new axes would make their ticks anew at every drawing, the slow part
-            for box in ([0.08, 0.56, 0.6, 0.34], [0.08, 0.075, 0.39, 0.36], [0.585, 0.075, 0.39, 0.36]):
+            for box in ((0.08, 0.56, 0.6, 0.34), (0.08, 0.075, 0.39, 0.36), (0.585, 0.075, 0.39, 0.36)):
                 fig.add_axes(box)  # α* per step (its legend to the right), α*/lr per epoch, the loss
         alpha, ratio, loss = fig.axes
         for ax in fig.axes:
@@ -196,9 +213,14 @@ class LiveView:
 
 
 class Watching:
-    """What :func:`watch` returns: the view, attached to the probe until :meth:`close` (or the ``with`` ends)."""
+    """What :func:`watch` returns: the view, attached to the probe until :meth:`close` (or the ``with`` ends).
 
-    def __init__(self, probe: AlphaProbe, view: LiveView | None):
+    Args:
+        probe: The probe whose records the view takes, as one of its ``listeners``.
+        view: The live view, or ``None`` where nothing would be seen (then nothing is attached).
+    """
+
+    def __init__(self, probe: AlphaProbe | AlphaScaled, view: LiveView | None):
         self.probe, self.view = probe, view
         if view is not None:
             probe.listeners.append(view.update)
@@ -228,7 +250,7 @@ class Watching:
 
 
 def watch(
-    probe: AlphaProbe,
+    probe: AlphaProbe | AlphaScaled,
     *,
     every: int | Literal["epoch"] = "epoch",
     budget: float = 0.05,
@@ -237,9 +259,24 @@ def watch(
 ) -> Watching:
     """Show the probe's records as a live figure below the running cell, where a notebook frontend shows it.
 
-    ``show=None`` (default) asks :func:`frontend`; where nothing would be seen the probe gets no listener at all.
-    Use it as a context manager around the training loop, or call ``close()`` after it. Example (silent here, as
-    in any script):
+    Use it as a context manager around the training loop, or call ``close()`` after it.
+
+    Args:
+        probe: The :class:`~alphalib.AlphaProbe` (or :class:`~alphalib.AlphaScaled`) whose records are drawn.
+        every: When to redraw: ``"epoch"``, at each new epoch, or every this many records (see :class:`LiveView`).
+        budget: The share of training time that drawing may take, in (0, 1).
+        title: The figure's title; by default it counts the probed steps.
+        show: Whether to show the figure; ``None`` asks :func:`frontend`. Where nothing would be seen the probe gets
+            no listener at all.
+
+    Returns:
+        A :class:`Watching` holding the view (``None`` where nothing is shown), attached until it is closed.
+
+    Raises:
+        ValueError: If ``every`` or ``budget`` is out of range (where a view is made).
+
+    Example:
+        Silent here, as in any script:
 
         >>> import torch
         >>> from alphalib import AlphaProbe
@@ -267,6 +304,15 @@ def load(source: pd.DataFrame | str | Path) -> pd.DataFrame:
 
     Files are read by :func:`alphalib.records.read`; in a folder each file's rows get a ``sweep`` column naming the
     file (its path in the folder, without suffixes) unless they have one.
+
+    Args:
+        source: A DataFrame (returned as it is), a records file (``.csv``, ``.csv.gz`` or ``.parquet``) or a folder.
+
+    Returns:
+        The records, a folder's concatenated.
+
+    Raises:
+        FileNotFoundError: If ``source`` is neither a file nor a folder, or the folder holds no records file.
     """
     import pandas as pd
 
@@ -294,13 +340,23 @@ def _suffix(path: Path) -> str:
 
 
 class Explorer:
-    r"""Dropdowns over a records frame's runs — results, problem, optimizer, lr, seed, curvature: those that vary —
+    r"""An explorer of finished runs: dropdowns that choose a run above its figures and its table.
+
+    The dropdowns cover the records' runs — results, problem, optimizer, lr, seed, curvature: those that vary —
     above the per-epoch median :math:`\alpha^*` against the learning rate (every lr of the chosen run's sweep; the
     chosen lr ringed), :math:`\alpha^*/\mathrm{lr}` per epoch of the chosen run, and a table of its per-epoch
     medians. Each control offers only what the ones before it leave.
 
     It is displayed as an ipywidgets panel; :attr:`controls`, :attr:`figure` and :attr:`summary` hold what it
-    shows.
+    shows. :func:`explore` is the usual way to make one.
+
+    Args:
+        records: Records as :func:`load` takes them: a DataFrame, a records file or a folder of them.
+        **chosen: What to show first, by the names of :data:`DIMENSIONS` (``optimizer="SGD"``, ``lr0=1e-2``).
+
+    Raises:
+        ValueError: If the records lack the probe's columns or are empty, or ``chosen`` names a control or a value
+            they do not offer.
     """
 
     def __init__(self, records: pd.DataFrame | str | Path, **chosen: Any):
@@ -354,7 +410,11 @@ class Explorer:
         return {d: c.value for d, c in self.controls.items()}
 
     def rows(self, *, every_lr: bool = False) -> pd.DataFrame:
-        """Return the chosen run's records, or with ``every_lr`` those of its sweep at every learning rate."""
+        """Return the chosen run's records, or with ``every_lr`` those of its sweep at every learning rate.
+
+        Args:
+            every_lr: Ignore the learning-rate control: return the run's records at every learning rate.
+        """
         return self._matching([d for d in self.dimensions if not (every_lr and d == "lr0")])
 
     def _matching(self, dimensions: list[str]) -> pd.DataFrame:
@@ -438,10 +498,20 @@ class Explorer:
 def explore(records: pd.DataFrame | str | Path, **chosen: Any) -> Explorer:
     """Open an explorer over records: a frame, a records file or a folder of them (a sweep's output).
 
-    ``chosen`` picks what it shows first, by the columns of :data:`DIMENSIONS` (``sweep="03_lr_sweep"``,
-    ``optimizer="SGD"``, ``lr0=1e-2``). The result displays itself as a widget panel as a cell's last expression.
-    Example:
+    Args:
+        records: Records as :func:`load` takes them: a DataFrame, a records file or a folder of them.
+        **chosen: What to show first, by the columns of :data:`DIMENSIONS` (``sweep="03_lr_sweep"``,
+            ``optimizer="SGD"``, ``lr0=1e-2``).
 
+    Returns:
+        The :class:`Explorer`, which displays itself as a widget panel as a cell's last expression.
+
+    Raises:
+        ValueError: If the records lack the probe's columns or are empty, or ``chosen`` names a control or a value
+            they do not offer.
+        FileNotFoundError: If ``records`` names no records file or folder of them.
+
+    Example:
         >>> import pandas as pd
         >>> rows = [dict(step=s, epoch=s // 4, lr=lr, lr0=lr, alpha_star=2 * lr, ratio=2.0, flag="ok", loss=1.0,
         ...              optimizer="Adam") for lr in (1e-3, 1e-2) for s in range(8)]

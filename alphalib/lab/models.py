@@ -36,6 +36,15 @@ class SimpleNet(nn.Sequential):
 
     A plain ``nn.Sequential`` (same parameter names and initialisation as the seed's module), so the probe's
     fast path covers it.
+
+    Args:
+        d_in: The inputs' dimension.
+        hidden: The hidden layer's width.
+        d_out: The outputs' dimension.
+
+    Example:
+        >>> SimpleNet()(torch.zeros(4, 10)).shape
+        torch.Size([4, 1])
     """
 
     def __init__(self, d_in: int = 10, hidden: int = 5, d_out: int = 1):
@@ -44,6 +53,16 @@ class SimpleNet(nn.Sequential):
 
 def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
     """Return ``Linear(sizes[0], sizes[1]) → act → … → Linear(sizes[-2], sizes[-1])``, no activation at the end.
+
+    Args:
+        sizes: The layers' widths, input first, output last (at least two).
+        activation: The activation between the layers, a name in :data:`ACTIVATIONS`.
+
+    Returns:
+        The network, an ``nn.Sequential``.
+
+    Raises:
+        ValueError: If ``activation`` is unknown or ``sizes`` has fewer than two entries.
 
     Example:
         >>> mlp([64, 32, 10], "tanh")
@@ -68,10 +87,18 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
 class SmallCNN(nn.Sequential):
     """``Conv3x3 → ReLU → Conv3x3 → ReLU → MaxPool2 → Flatten → Linear`` for square images.
 
-    ``width`` channels after the first convolution, ``2 * width`` after the second; the convolutions keep
-    the spatial size (padding 1), so the head sees ``2 * width * (input_size // 2) ** 2`` features. Use
-    ``input_size=8`` for :func:`alphalib.lab.data.digits` (``flat=False``), ``in_channels=3, input_size=32`` for
-    CIFAR-sized images.
+    The convolutions keep the spatial size (padding 1), so the head sees ``2 * width * (input_size // 2) ** 2``
+    features.
+
+    Args:
+        in_channels: The images' channels.
+        n_classes: The number of outputs.
+        width: The channels after the first convolution; ``2 * width`` after the second.
+        input_size: The images' height and width: 8 for :func:`alphalib.lab.data.digits` (``flat=False``), 32 (with
+            ``in_channels=3``) for CIFAR-sized images.
+
+    Raises:
+        ValueError: If ``input_size`` is below 2.
     """
 
     def __init__(self, in_channels: int = 1, n_classes: int = 10, width: int = 16, input_size: int = 8):
@@ -109,8 +136,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A small torchvision-style ResNet: a 3×3 stem, one :class:`BasicBlock` per width (stride 2 after the first),
-    global average pooling and a linear head. ``ResNet((16, 32, 64))`` is a CIFAR-sized ResNet-8."""
+    """A small torchvision-style ResNet: a 3×3 stem, one :class:`BasicBlock` per width, pooling and a linear head.
+
+    The blocks after the first have stride 2; global average pooling comes before the head. ``ResNet((16, 32, 64))``
+    is a CIFAR-sized ResNet-8.
+
+    Args:
+        widths: The channels of the stem and each block.
+        in_channels: The images' channels.
+        n_classes: The number of outputs.
+    """
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64), in_channels: int = 3, n_classes: int = 10):
         super().__init__()
@@ -131,7 +166,17 @@ class ResNet(nn.Module):
 
 
 class EncoderClassifier(nn.Module):
-    """Token embedding → ``nn.TransformerEncoder`` (pre-norm, batch first) → mean over positions → linear head."""
+    """Token embedding → ``nn.TransformerEncoder`` (pre-norm, batch first) → mean over positions → linear head.
+
+    Args:
+        vocab_size: The number of token ids.
+        d_model: The embedding's width.
+        n_heads: The attention heads per layer.
+        n_layers: The encoder layers.
+        d_ff: The width of each layer's feed-forward block.
+        n_classes: The number of outputs.
+        dropout: The encoder layers' dropout probability.
+    """
 
     def __init__(
         self,
@@ -196,6 +241,17 @@ class CharTransformer(nn.Module):
     LayerNorm and a linear head. Train it with :func:`sequence_cross_entropy` on
     :func:`alphalib.lab.data.text`.
 
+    Args:
+        vocab_size: The number of token ids.
+        d_model: The embeddings' width.
+        n_heads: The attention heads per block (``d_model`` must be a multiple).
+        n_layers: The number of blocks.
+        block: The longest sequence it takes.
+        dropout: The dropout probability after the embeddings, in attention and after each residual branch.
+
+    Raises:
+        ValueError: If ``d_model`` is not a multiple of ``n_heads``.
+
     Example:
         >>> model = CharTransformer(vocab_size=20, d_model=16, n_heads=2, n_layers=1, block=8)
         >>> model(torch.zeros(3, 5, dtype=torch.int64)).shape
@@ -232,6 +288,13 @@ def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Return the cross-entropy of ``(B, T, V)`` logits against ``(B, T)`` targets, averaged over all positions.
 
     This is the ``loss_fn(model(inputs), targets)`` to pair with :class:`CharTransformer`.
+
+    Args:
+        logits: The model's outputs, ``(B, T, V)``.
+        targets: The next tokens' ids, ``(B, T)`` int64.
+
+    Returns:
+        The mean cross-entropy, a scalar.
     """
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
@@ -262,7 +325,9 @@ def _attention(sw: Sweep, m: CausalSelfAttention, t: Tensor | None) -> Tensor | 
         return tuple(h.view(b, n, m.n_heads, -1).transpose(1, 2) for h in z.split(d, dim=-1))
 
     err = sw.cap.errors_in[m.proj].view(b, n, m.n_heads, -1).transpose(1, 2) if sw.exact else None
-    t_out, term = attention(*heads(qkv), *heads(t_qkv), err, causal=True)
+    (q, k, v), (tq, tk, tv) = heads(qkv), heads(t_qkv)
+    t_out, term = attention(q, k, v, tq, tk, tv, err, causal=True)
+    assert t_out is not None  # the tangents of q, k and v are all given
     if term is not None:
         sw.add(term)
     return sw(m.proj, t_out.transpose(1, 2).reshape(b, n, d))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -82,11 +82,31 @@ def make_optimizer(
     loss_fn: LossFn | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Build the optimizer ``name`` over ``params`` with ``lr`` (``None``: the optimizer's own default) and ``kwargs``.
+    """Build the optimizer ``name`` over ``params`` with ``lr`` and ``kwargs``.
 
     ``"alpha_scaled"`` returns :class:`alphalib.AlphaScaled` around ``base`` (a name, ``"adam"`` by default) built
-    with ``lr`` and the keywords :class:`~alphalib.AlphaScaled` does not take; it needs ``model`` and ``loss_fn``.
+    with ``lr`` and the keywords :class:`~alphalib.AlphaScaled` does not take.
 
+    Args:
+        name: One of :data:`OPTIMIZERS`: a ``torch.optim`` class's name in any case, a learning-rate-free
+            optimizer's or ``"alpha_scaled"`` (see the module).
+        params: The parameters (or parameter groups) to optimize.
+        lr: The learning rate; ``None``: the optimizer's own default.
+        model: The model whose loss ``"alpha_scaled"`` measures α* on (needed for it, unused otherwise).
+        loss_fn: The loss ``"alpha_scaled"`` measures α* on (needed for it, unused otherwise).
+        **kwargs: More keywords for the optimizer's class; for ``"alpha_scaled"``, ``base`` and the keywords of
+            :class:`~alphalib.AlphaScaled` and of the base optimizer.
+
+    Returns:
+        The optimizer, or the :class:`~alphalib.AlphaScaled` around its base optimizer.
+
+    Raises:
+        TypeError: If ``name`` is not a string.
+        ValueError: If ``name`` is unknown, ``"alpha_scaled"`` lacks ``model`` or ``loss_fn``, or its ``base`` is
+            ``"alpha_scaled"``.
+        ImportError: If a learning-rate-free optimizer's package is not installed.
+
+    Example:
         >>> import torch
         >>> net = torch.nn.Linear(3, 1)
         >>> type(make_optimizer("adamw", net.parameters(), lr=1e-3, weight_decay=0.1)).__name__
@@ -109,5 +129,5 @@ def make_optimizer(
             raise ValueError("base must be an optimizer alphalib.direction knows, e.g. 'adam'; not 'alpha_scaled'.")
         wrapped = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
         return AlphaScaled(make_optimizer(base, params, lr=lr, **kwargs), model, loss_fn, **wrapped)
-    cls = _class(name)
+    cls: Callable[..., torch.optim.Optimizer] = _class(name)  # its own keywords, not Optimizer's (params, defaults)
     return cls(params, **({} if lr is None else {"lr": lr}), **kwargs)

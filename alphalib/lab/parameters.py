@@ -32,6 +32,22 @@ def check_parameters(namespace: Mapping[str, Any]) -> None:
     module, class or function, not IPython's own) can only have been injected by papermill. Annotations may be
     text with ``Optional`` and ``Union`` (papermill's parser takes no ``|``). An ``int`` passes for a ``float``;
     nothing else is converted.
+
+    Args:
+        namespace: The notebook's ``globals()``, its ``__annotations__`` included.
+
+    Raises:
+        ValueError: If the parameters cell annotates nothing, or the namespace holds a value under a name it does not
+            declare.
+        TypeError: If a declared parameter's value is not of its annotated type.
+
+    Example:
+        A learning rate passed as text (papermill's ``-r``); the module's example shows a misspelt name:
+
+        >>> check_parameters({"__annotations__": {"lr": float}, "lr": "1e-3"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: parameter 'lr' must be float, got str '1e-3' (papermill's -r passes text: ...).
     """
     declared = {k: _resolve(v) for k, v in namespace.get("__annotations__", {}).items()}
     if not declared:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.typing import ColorType
 
 #: how each kind of step is drawn in :func:`alpha_per_step`
 KINDS = {
@@ -37,13 +38,21 @@ def _kind(flag: str) -> str | None:
 
 
 def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    r"""Plot :math:`\alpha^*` per step on a log axis with its per-epoch median and the learning rate (or the step
-    size the optimizer chose, where that is not its lr).
+    r"""Plot :math:`\alpha^*` per step on a log axis with its per-epoch median and the learning rate.
 
-    Only descent steps with positive curvature have an :math:`\alpha^*` that is a step size; steps with
-    negative curvature or an ascent direction are marked as ticks along the bottom (counted in the legend), not
-    drawn as step sizes; steps where α* is undefined (zero step, non-finite values, a failed backend) are
-    counted in the title.
+    Where the optimizer chose its own step size (a ``step_size`` column that differs from ``lr``) that is drawn in
+    place of the lr. Only descent steps with positive curvature have an :math:`\alpha^*` that is a step size; steps
+    with negative curvature or an ascent direction are marked as ticks along the bottom (counted in the legend), not
+    drawn as step sizes; steps where α* is undefined (zero step, non-finite values, a failed backend) are counted in
+    the title.
+
+    Args:
+        records: The probe's records (:meth:`alphalib.AlphaProbe.to_frame`): ``step``, ``alpha_star``, ``flag``,
+            ``lr``, and ``epoch`` and ``step_size`` where there are.
+        ax: The axes to draw on; ``None`` makes a new figure.
+
+    Returns:
+        The axes drawn on.
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     kinds = records["flag"].map(_kind)
@@ -59,7 +68,8 @@ def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
                 alpha=0.35,
                 linewidths=0.8,
                 label=f"α*, {kind} ({len(sel)})",
-                **spec,
+                color=spec["color"],
+                marker=spec["marker"],
             )
         else:  # no step size: a tick at the bottom
             height = 0.03 if kind == "ascent" else 0.07
@@ -88,9 +98,16 @@ def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
 
 
 def ratio_per_epoch(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """Plot the per-epoch median :math:`\\alpha^*/\\mathrm{lr}` with its 10–90% band on a log axis, beside α* = lr.
+    r"""Plot the per-epoch median :math:`\alpha^*/\mathrm{lr}` with its 10–90% band on a log axis, beside α* = lr.
 
     Only steps flagged ``"ok"`` (positive curvature, descent) enter; the legend counts the steps left out.
+
+    Args:
+        records: The probe's records of one run: ``epoch``, ``ratio``, ``flag``.
+        ax: The axes to draw on; ``None`` makes a new figure.
+
+    Returns:
+        The axes drawn on.
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     _median_band(ax, records, (0.1, 0.9), "tab:blue", f"median, band 10–90% ({_left_out(records)})")
@@ -101,7 +118,7 @@ def ratio_per_epoch(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     return ax
 
 
-def _median_band(ax: Axes, records: pd.DataFrame, band: tuple[float, float], color: object, label: str) -> None:
+def _median_band(ax: Axes, records: pd.DataFrame, band: tuple[float, float], color: ColorType, label: str) -> None:
     """Draw the per-epoch median ratio of the ``"ok"`` steps at epoch + 1, with the quantile ``band`` around it."""
     ok = records[records["flag"] == "ok"]
     per = ok.groupby("epoch")["ratio"].quantile([0.5, *band]).unstack()
@@ -109,7 +126,14 @@ def _median_band(ax: Axes, records: pd.DataFrame, band: tuple[float, float], col
 
 
 def _line_band(
-    ax: Axes, epoch: object, mid: object, lo: object, hi: object, color: object, label: str, alpha: float = 0.2
+    ax: Axes,
+    epoch: pd.Index | pd.Series,
+    mid: pd.Series,
+    lo: pd.Series,
+    hi: pd.Series,
+    color: ColorType,
+    label: str,
+    alpha: float = 0.2,
 ) -> None:
     """Draw ``mid`` against 0-based ``epoch`` (at epoch + 1) with the band ``lo``–``hi`` around it."""
     ax.plot(epoch + 1, mid, color=color, label=label)
@@ -148,10 +172,18 @@ def _log_ratio_axis(ax: Axes) -> None:
 
 
 def ratio_by(records: pd.DataFrame, hue: str, *, ax: Axes | None = None) -> Axes:
-    """Plot the per-epoch median :math:`\\alpha^*/\\mathrm{lr}` with its 25–75% band, one line per ``hue``.
+    r"""Plot the per-epoch median :math:`\alpha^*/\mathrm{lr}` with its 25–75% band, one line per ``hue``.
 
     Only steps flagged ``"ok"`` (positive curvature, descent) enter; each legend entry gives the line's learning
     rate (when it has one) and how many of its steps were left out; :func:`odd_share` shows what they were.
+
+    Args:
+        records: Records of several runs: ``epoch``, ``ratio``, ``flag`` and the ``hue`` column.
+        hue: The column whose values tell the lines apart (``"optimizer"``, ``"lr0"``).
+        ax: The axes to draw on; ``None`` makes a new figure.
+
+    Returns:
+        The axes drawn on.
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     groups = records.groupby(hue, sort=False)
@@ -170,6 +202,14 @@ def odd_share(records: pd.DataFrame, by: str, *, ax: Axes | None = None) -> Axes
     """Bar-plot, per value of ``by``, the share of steps with negative curvature and with an ascent direction.
 
     Each tick names the group's learning rate (when it has one) and how many probed steps the shares are of.
+
+    Args:
+        records: Records of several runs: ``flag`` and the ``by`` column.
+        by: The column whose values make the groups of bars (``"optimizer"``).
+        ax: The axes to draw on; ``None`` makes a new figure.
+
+    Returns:
+        The axes drawn on.
     """
     ax = ax or plt.subplots(figsize=(8, 4))[1]
     flag = records["flag"]
@@ -195,10 +235,17 @@ def odd_share(records: pd.DataFrame, by: str, *, ax: Axes | None = None) -> Axes
 
 
 def alpha_vs_lr(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """Plot the per-epoch median :math:`\\alpha^*` against the learning rate on log-log axes, with α* = lr.
+    r"""Plot the per-epoch median :math:`\alpha^*` against the learning rate on log-log axes, with α* = lr.
 
     Each dot is one epoch of one run (colour: epoch, from 1); the line joins the last epoch's medians; the title
     gives the probed steps per epoch and how many steps (not flagged ``"ok"``) are left out of the medians.
+
+    Args:
+        records: Records of runs at several learning rates: ``lr``, ``epoch``, ``alpha_star``, ``flag``.
+        ax: The axes to draw on; ``None`` makes a new figure.
+
+    Returns:
+        The axes drawn on.
     """
     ax = ax or plt.subplots(figsize=(6, 5))[1]
     ok = records[records["flag"] == "ok"]
@@ -220,8 +267,15 @@ def alpha_vs_lr(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
 def ratio_bands(summary: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     r"""Plot per-epoch medians of :math:`\alpha^*/\mathrm{lr}` across runs with their interval, one line per scope.
 
-    ``summary`` has the columns of :func:`alphalib.seed_summary` (``epoch``, ``median``, ``lo``, ``hi``) and a
-    ``scope`` column (``"batch"``, ``"full data"``, ...); epochs are drawn from 1.
+    Epochs are drawn from 1.
+
+    Args:
+        summary: The columns of :func:`alphalib.seed_summary` (``epoch``, ``median``, ``lo``, ``hi``) and a
+            ``scope`` column (``"batch"``, ``"full data"``, ...).
+        ax: The axes to draw on; ``None`` makes a new figure.
+
+    Returns:
+        The axes drawn on.
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     colors = [f"C{i}" for i in (0, 3, 4, 1, 5)]  # blue, red, purple, ...: apart from the green α* = lr line
@@ -234,7 +288,18 @@ def ratio_bands(summary: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
 
 
 def losses_per_epoch(epochs: pd.DataFrame, *, baseline: float | None = None, ax: Axes | None = None) -> Axes:
-    """Plot training and held-out loss per epoch (median over runs, band: their range) beside a baseline."""
+    """Plot training and held-out loss per epoch (median over runs, band: their range) beside a baseline.
+
+    Args:
+        epochs: Per-epoch rows of one or more runs (:attr:`History.epochs <alphalib.lab.train.History.epochs>`):
+            ``epoch`` and ``train_loss`` or ``val_loss`` (each drawn where present).
+        baseline: A loss to draw as a horizontal line, the loss of predicting the targets' mean (their variance);
+            ``None`` for none.
+        ax: The axes to draw on; ``None`` makes a new figure.
+
+    Returns:
+        The axes drawn on.
+    """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     for column, color in (("train_loss", "black"), ("val_loss", "tab:purple")):
         if column in epochs:
@@ -249,7 +314,16 @@ def losses_per_epoch(epochs: pd.DataFrame, *, baseline: float | None = None, ax:
 
 
 def final_loss_vs_lr(epochs: pd.DataFrame, *, column: str = "train_loss", ax: Axes | None = None) -> Axes:
-    """Plot the last epoch's ``column`` (e.g. ``train_loss``, ``val_loss``) against the learning rate."""
+    """Plot the last epoch's ``column`` against the initial learning rate, one dot per run.
+
+    Args:
+        epochs: Per-epoch rows of runs at several learning rates: ``epoch``, ``lr0`` and ``column``.
+        column: The loss to plot (``"train_loss"``, ``"val_loss"``).
+        ax: The axes to draw on; ``None`` makes a new figure.
+
+    Returns:
+        The axes drawn on.
+    """
     ax = ax or plt.subplots(figsize=(6, 5))[1]
     last = epochs[epochs["epoch"] == epochs["epoch"].max()].sort_values("lr0")
     ax.plot(last["lr0"], last[column], marker="o", color="black")
@@ -263,7 +337,16 @@ def final_loss_vs_lr(epochs: pd.DataFrame, *, column: str = "train_loss", ax: Ax
 
 
 def loss_curve(steps: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """Plot the training loss per step and its per-epoch mean."""
+    """Plot the training loss per step and its per-epoch mean, on a log axis where every loss is positive.
+
+    Args:
+        steps: Per-step rows (:attr:`History.steps <alphalib.lab.train.History.steps>`): ``step``, ``epoch``,
+            ``loss``.
+        ax: The axes to draw on; ``None`` makes a new figure.
+
+    Returns:
+        The axes drawn on.
+    """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     ax.plot(steps["step"], steps["loss"], color="tab:gray", lw=0.6, alpha=0.5, label="mini-batch loss")
     per_epoch = steps.groupby("epoch").agg(step=("step", "mean"), loss=("loss", "mean"))
@@ -275,7 +358,14 @@ def loss_curve(steps: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
 
 
 def plain_log(ax: Axes) -> Axes:
-    """Label ``ax``'s log axes with plain numbers (0.001, 0.25, 2) instead of powers of ten, which also draw faster."""
+    """Label ``ax``'s log axes with plain numbers (0.001, 0.25, 2) instead of powers of ten, which also draw faster.
+
+    Args:
+        ax: The axes whose log-scaled axes get the plain labels (linear ones are left as they are).
+
+    Returns:
+        ``ax``.
+    """
     for axis in (ax.xaxis, ax.yaxis):
         if axis.get_scale() == "log":
             axis.set_major_formatter(_Plain(labelOnlyBase=False))
@@ -294,6 +384,12 @@ def save(fig: Figure, figures_dir: str | Path, name: str, *, svg: bool = False) 
     """Save ``fig`` as ``figures_dir/name.png`` (and ``.svg``), creating the folder.
 
     It returns nothing, so that a notebook cell ending in ``plot.save(...)`` shows the figure and no path.
+
+    Args:
+        fig: The figure to save.
+        figures_dir: The folder to save it in, created if missing.
+        name: The file name, without suffix.
+        svg: Also save an ``.svg`` beside the ``.png``.
     """
     path = Path(figures_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,14 @@ class Problem:
 
     ``alpha`` and ``val`` are disjoint from ``train`` and from each other: a method that measures α* on held-out
     data (:class:`alphalib.AlphaScaled`'s ``"heldout"`` source) takes it from ``alpha``, so ``val`` stays unseen.
+
+    Attributes:
+        name: The problem's name, one of :data:`PROBLEMS`.
+        model: Builds a fresh network (call it after seeding).
+        loss_fn: ``loss_fn(model(inputs), targets)``.
+        train: The training set.
+        alpha: The set for measuring α* on held-out data.
+        val: The set that judges runs.
     """
 
     name: str
@@ -33,7 +41,7 @@ class Problem:
 
 
 def problem(name: str, *, seed: int = 0) -> Problem:
-    """Return the reference problem ``name`` (one of :data:`PROBLEMS`) with its data drawn from ``seed``.
+    """Return the reference problem ``name`` with its data drawn from ``seed``.
 
     * ``"seed problem"``: the seed notebook's SimpleNet 10→5→1 on 1000 Gaussian samples (MSE; nothing to learn);
     * ``"digits MLP"``: a 64→64→10 ReLU MLP on scikit-learn's digits (cross-entropy);
@@ -41,6 +49,17 @@ def problem(name: str, *, seed: int = 0) -> Problem:
 
     For the last two the held-out 20% is halved into ``alpha`` and ``val``.
 
+    Args:
+        name: One of :data:`PROBLEMS`.
+        seed: Seeds the data: the samples drawn, or the split into training and held-out sets.
+
+    Returns:
+        The :class:`Problem`.
+
+    Raises:
+        ValueError: If ``name`` is not one of :data:`PROBLEMS`.
+
+    Example:
         >>> p = problem("seed problem", seed=0)
         >>> len(p.train), len(p.alpha), len(p.val)
         (1000, 500, 1000)

@@ -54,6 +54,13 @@ def axis(values: Any) -> list[Any]:
     So a notebook can declare ``lrs = [1e-3, 1e-2]`` and still run when a sweep passes one value per run
     (``--grid lrs=1e-3,1e-2`` sends ``lrs=0.001`` to one run, ``lrs=0.01`` to another).
 
+    Args:
+        values: A list or tuple of values, or one value.
+
+    Returns:
+        The values as a list.
+
+    Example:
         >>> axis([1e-3, 1e-2]), axis(1e-3)
         ([0.001, 0.01], [0.001])
     """
@@ -63,8 +70,18 @@ def axis(values: Any) -> list[Any]:
 def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
     """Return every combination of the axes' values as a list of dicts, the last axis varying fastest.
 
-    >>> grid(lr=[1e-3, 1e-2], seed=[0, 1])
-    [{'lr': 0.001, 'seed': 0}, {'lr': 0.001, 'seed': 1}, {'lr': 0.01, 'seed': 0}, {'lr': 0.01, 'seed': 1}]
+    Args:
+        **axes: Each parameter's values, a list (or another iterable that is not a string).
+
+    Returns:
+        The points of the grid, each a dict of one value per axis.
+
+    Raises:
+        TypeError: If an axis is a string or not iterable.
+
+    Example:
+        >>> grid(lr=[1e-3, 1e-2], seed=[0, 1])
+        [{'lr': 0.001, 'seed': 0}, {'lr': 0.001, 'seed': 1}, {'lr': 0.01, 'seed': 0}, {'lr': 0.01, 'seed': 1}]
     """
     for name, values in axes.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
@@ -77,7 +94,19 @@ def runs(points: Iterable[Mapping[str, Any]], **common: Any) -> History:
     """Call :func:`alphalib.run` with ``common`` updated by each point; return the histories concatenated.
 
     A point's ``problem`` names an :func:`alphalib.problem`, which gives the model, loss, training, α* and judging
-    sets for the point's ``seed``. Keys :func:`alphalib.run` does not take become tags (columns of every frame).
+    sets for the point's ``seed`` (keywords given as well take precedence). Keys :func:`alphalib.run` does not take
+    become tags (columns of every frame), as ``problem`` does.
+
+    Args:
+        points: The runs, each a mapping of keywords for :func:`alphalib.run` and tags (:func:`grid` builds them).
+        **common: Keywords for every run; a point's own values take precedence.
+
+    Returns:
+        One :class:`~alphalib.lab.train.History` with the runs' frames concatenated (``profiles`` ``None`` unless a
+        run had looks).
+
+    Raises:
+        ValueError: If ``points`` is empty.
     """
     import inspect
 
@@ -100,10 +129,10 @@ def runs(points: Iterable[Mapping[str, Any]], **common: Any) -> History:
     if not histories:
         raise ValueError("points is empty: give at least one point (alphalib.grid(...) builds them).")
     looked = [h.profiles for h in histories if h.profiles is not None]
-    return History(
-        *(pd.concat([getattr(h, f) for h in histories], ignore_index=True) for f in ("steps", "epochs", "records")),
-        profiles=pd.concat(looked, ignore_index=True) if looked else None,
+    steps, epochs, records = (
+        pd.concat([getattr(h, f) for h in histories], ignore_index=True) for f in ("steps", "epochs", "records")
     )
+    return History(steps, epochs, records, profiles=pd.concat(looked, ignore_index=True) if looked else None)
 
 
 def _name(params: Mapping[str, Any]) -> str:
@@ -197,9 +226,22 @@ def execute(
 ) -> dict[str, Any]:
     """Execute ``notebook`` with ``params`` into ``folder``; gather its records; write and return ``run.json``.
 
-    ``outputs``: the notebook's parameters that name folders (``records_dir``, ``figures_dir``), pointed at
-    ``folder``. ``kernel``: a name shared by the runs that may reuse one kernel of this process (a sweep's), or
-    None for a fresh kernel. Never raises: a failure is returned (and written) with its error.
+    Never raises: a failure is returned (and written) with its error. The records ``.csv`` files the run wrote in
+    ``folder`` are gathered into ``records.parquet``, with columns for the run's name and its parameters (those that
+    are neither lists nor dicts, nor columns already).
+
+    Args:
+        notebook: The parameterized notebook's path.
+        folder: The run's folder (made if missing), which gets the executed notebook.
+        params: The parameters papermill passes.
+        outputs: The notebook's parameters that name folders (``records_dir``, ``figures_dir``), pointed at
+            ``folder``.
+        kernel: A name shared by the runs that may reuse one kernel of this process (a sweep's), or ``None`` for a
+            fresh kernel.
+
+    Returns:
+        What ``run.json`` holds: ``run`` (the folder's name), ``params``, ``status`` (``"ok"`` or ``"failed"``),
+        ``error``, ``seconds``, and for a failure its ``traceback``.
     """
     import pandas as pd
     import papermill
@@ -232,7 +274,7 @@ def execute(
             )
             write(frame, out / "records.parquet")
     except Exception as exc:  # a failed run is reported, the others go on
-        if km is not None:  # and its kernel is not reused
+        if km is not None and kernel is not None:  # and its kernel is not reused (km is only made for a kernel name)
             _KERNELS.pop((kernel, cwd), None)
             _shutdown(km)
         info.update(status="failed", error=f"{type(exc).__name__}: {exc}"[-4000:], traceback=traceback.format_exc())
@@ -255,9 +297,29 @@ def sweep(
 ) -> pd.DataFrame:
     """Execute ``notebook`` once per point of the ``axes`` grid (× ``seed`` in ``range(seeds)``) as Dask tasks.
 
-    ``parameters`` are passed to every run unchanged; ``reuse_kernels=False`` starts a fresh kernel for every run
-    (see the module). Returns one row per run: ``run``, ``status`` (``ok``, ``failed`` or ``skipped``: done by an
-    earlier sweep), ``seconds``, ``error``. See the module for the folders.
+    See the module for the folders, the cluster and the runs that are skipped.
+
+    Args:
+        notebook: The parameterized notebook (its cell tagged ``parameters`` declares the names).
+        axes: Each swept parameter's values.
+        out: The sweep's folder: one subfolder per run.
+        seeds: Also sweep the notebook's ``seed`` over ``range(seeds)``; ``None`` leaves it alone.
+        parameters: Passed to every run unchanged.
+        scheduler: The address of an existing Dask scheduler; ``None`` starts a ``LocalCluster`` here.
+        workers: The ``LocalCluster``'s worker processes; ``None``: one per core.
+        reuse_kernels: Keep one kernel per worker for the sweep's runs, reset between them; ``False`` starts a fresh
+            kernel for every run.
+        progress: Show a progress bar over the runs and print a summary at the end.
+
+    Returns:
+        One row per run: ``run``, ``status`` (``ok``, ``failed`` or ``skipped``: done by an earlier sweep),
+        ``seconds``, ``error``.
+
+    Raises:
+        ImportError: If ``dask.distributed`` is not installed.
+        FileNotFoundError: If there is no notebook at ``notebook``.
+        ValueError: If ``seeds`` is not a positive integer, or ``axes`` or ``parameters`` name a parameter the
+            notebook does not declare.
     """
     import pandas as pd
     import papermill
@@ -289,8 +351,11 @@ def sweep(
     rows, todo = [], []
     for folder, params in plan:
         done = _status(folder)
-        same = done is not None and done.get("params") == json.loads(json.dumps(params, default=str))
-        if same and done.get("status") == "ok":
+        if (
+            done is not None
+            and done.get("params") == json.loads(json.dumps(params, default=str))
+            and done.get("status") == "ok"
+        ):
             rows.append({"run": folder.name, "status": "skipped", "seconds": done.get("seconds"), "error": ""})
         else:
             todo.append((folder, params))
@@ -337,7 +402,17 @@ def sweep(
 
 
 def load(folder: str | Path) -> pd.DataFrame:
-    """Return the records of every finished run of the sweep in ``folder`` as one DataFrame (a ``run`` column)."""
+    """Return the records of every finished run of the sweep in ``folder`` as one DataFrame (a ``run`` column).
+
+    Args:
+        folder: The sweep's folder (:func:`sweep`'s ``out``).
+
+    Returns:
+        The ``records.parquet`` of every run under ``folder``, concatenated.
+
+    Raises:
+        FileNotFoundError: If no run under ``folder`` has records.
+    """
     import pandas as pd
 
     found = sorted(Path(folder).glob("*/records.parquet"))

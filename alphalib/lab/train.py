@@ -6,11 +6,11 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .._checks import check_counts
@@ -30,23 +30,39 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class History:
-    """What a training run produced, as tidy frames that concatenate across runs."""
+    """What a training run produced, as tidy frames that concatenate across runs.
 
-    steps: pd.DataFrame  #: one row per step: ``epoch``, ``step``, ``loss`` (mini-batch loss before the step)
-    #: one row per epoch: ``train_loss`` (mean), ``seconds`` (training time so far, the probe's included, validation
-    #: not), ``val_loss``, ``val_accuracy`` if given
-    #: ``probe_seconds`` (the probe's share of ``seconds``: what observing cost; 0 without a probe and for the
-    #: α*-scaled steps, whose measurement is part of the method)
+    Attributes:
+        steps: One row per step: ``epoch``, ``step``, ``loss`` (the mini-batch loss before the step).
+        epochs: One row per epoch: ``epoch``, ``train_loss`` (mean), ``seconds`` (training time so far, the
+            probe's included, validation not), ``probe_seconds`` (the probe's share of ``seconds``: what observing
+            cost; 0 without a probe and for the α*-scaled steps, whose measurement is part of the method), and with
+            validation ``val_loss`` and, for class targets, ``val_accuracy``.
+        records: The probe's records (empty without a probe), or the α*-scaled steps' records.
+        profiles: Line profiles along the next step (``run(looks=...)``): ``alpha`` (a learning rate:
+            ``alpha == lr`` is the step taken), ``loss``, ``quadratic``, ``scope``, ``epoch`` (epochs done), ``lr``,
+            ``alpha_star``, ``trust``; ``None`` without looks.
+    """
+
+    steps: pd.DataFrame
     epochs: pd.DataFrame
-    records: pd.DataFrame  #: the probe's records (empty without a probe), or the α*-scaled steps' records
-    #: line profiles along the next step (``run(looks=...)``): ``alpha`` (a learning rate: ``alpha == lr`` is the
-    #: step taken), ``loss``, ``quadratic``, ``scope``, ``epoch`` (epochs done), ``lr``, ``alpha_star``, ``trust``
+    records: pd.DataFrame
     profiles: pd.DataFrame | None = field(default=None)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: LossFn, batches: Iterable) -> dict[str, float]:
-    """Return the mean loss over ``batches`` in eval mode, and the accuracy when targets are class indices."""
+    """Return the mean loss over ``batches`` in eval mode, and the accuracy when targets are class indices.
+
+    Args:
+        model: The network to evaluate; it is put in eval mode, then back in the mode it was in.
+        loss_fn: ``loss_fn(model(inputs), targets)``, a mean over the batch.
+        batches: ``(inputs, targets)`` pairs (a ``DataLoader``).
+
+    Returns:
+        ``val_loss``, the loss averaged over all samples, and ``val_accuracy``, the share of samples whose largest
+        output is the target, when the targets are not floating point.
+    """
     was_training = model.training
     model.eval()
     n = loss = correct = 0.0
@@ -82,37 +98,62 @@ def train(
 ) -> History:
     """Train for ``epochs`` passes over ``batches``, letting ``probe`` take the steps.
 
-    ``batches`` (and ``val``) yield ``(inputs, targets)`` pairs and are iterated once per epoch (a
-    ``DataLoader``). Validation runs after every epoch, in eval mode; then ``after_epoch(epochs_done)``. An
-    optimizer with train and eval points (Schedule-Free) steps in train mode, is validated in eval mode and is left
-    in eval mode, so that the model ends on the point it returns (see :mod:`alphalib.optim`). With
-    ``live`` the probe's records are drawn below the running cell where a notebook frontend shows them
-    (:func:`alphalib.lab.live.watch`: nothing under papermill, nbval or in a script). ``records_to``: stream the
-    probe's records to a ``.csv`` file or a folder of Parquet parts after every epoch (:class:`alphalib.records.Stream`:
-    a crash loses at most the epoch under way); ``tensorboard``: a log folder for TensorBoard scalars
-    (:class:`alphalib.records.TensorBoard`). Listeners attached here are detached when training ends or fails.
+    Validation runs after every epoch, in eval mode; then ``after_epoch(epochs_done)``. An optimizer with train and
+    eval points (Schedule-Free) steps in train mode, is validated in eval mode and is left in eval mode, so that the
+    model ends on the point it returns (see :mod:`alphalib.optim`). Listeners attached here are detached when
+    training ends or fails.
+
+    Args:
+        model: The network to train, put in train mode.
+        loss_fn: ``loss_fn(model(inputs), targets)``, the scalar loss that is backpropagated.
+        optimizer: The optimizer that steps ``model`` (with a ``probe``, the one the probe steps).
+        batches: ``(inputs, targets)`` pairs, iterated once per epoch (a ``DataLoader``).
+        epochs: How many passes over ``batches``.
+        probe: What takes each step, ``probe.step((inputs, targets), epoch=epoch)``, in place of
+            ``optimizer.step()``: an :class:`~alphalib.AlphaProbe` or :class:`~alphalib.AlphaScaled`; ``None``
+            steps the optimizer.
+        val: ``(inputs, targets)`` pairs to validate on after every epoch (:func:`evaluate`), iterated once per
+            epoch; ``None`` for no validation.
+        progress: Show a progress bar over the epochs.
+        after_epoch: Called with the number of epochs done, after each epoch's validation.
+        live: Draw the probe's records below the running cell where a notebook frontend shows them
+            (:func:`alphalib.lab.live.watch`: nothing under papermill, nbval or in a script).
+        records_to: Stream the probe's records to a ``.csv`` file or a folder of Parquet parts after every epoch
+            (:class:`alphalib.records.Stream`: a crash loses at most the epoch under way).
+        tensorboard: A log folder for TensorBoard scalars of the probe's records
+            (:class:`alphalib.records.TensorBoard`).
+
+    Returns:
+        The :class:`History` of the run: its steps, its epochs and the probe's records (``profiles`` is ``None``).
+
+    Raises:
+        ValueError: If ``epochs`` is not a positive integer, or ``live``, ``records_to`` or ``tensorboard`` is given
+            without a ``probe``.
     """
     import pandas as pd
 
     check_counts(epochs=epochs)
-    if probe is None and (live or records_to is not None or tensorboard is not None):
-        raise ValueError(
-            "live, records_to and tensorboard follow the probe's records: pass a probe, or leave them off."
-        )
     sinks: list[Stream | TensorBoard] = []
-    if records_to is not None:
-        sinks.append(Stream(records_to, tags=probe.frame_tags))
-    if tensorboard is not None:
-        sinks.append(TensorBoard(tensorboard))
     watching = None
-    if live:
-        from .live import watch
+    if probe is None:
+        if live or records_to is not None or tensorboard is not None:
+            raise ValueError(
+                "live, records_to and tensorboard follow the probe's records: pass a probe, or leave them off."
+            )
+    else:
+        if records_to is not None:
+            sinks.append(Stream(records_to, tags=probe.frame_tags))
+        if tensorboard is not None:
+            sinks.append(TensorBoard(tensorboard))
+        if live:
+            from .live import watch
 
-        lr = optimizer.param_groups[0]["lr"]
-        watching = watch(probe, title=f"{type(optimizer).__name__} (lr {lr:g}): α* as training runs")
-    if sinks:
-        probe.listeners.extend(sinks)
-    steps, per_epoch = [], []
+            lr = optimizer.param_groups[0]["lr"]
+            watching = watch(probe, title=f"{type(optimizer).__name__} (lr {lr:g}): α* as training runs")
+        if sinks:
+            probe.listeners.extend(sinks)
+    steps: list[tuple[int, int, float]] = []  # (epoch, step, loss)
+    per_epoch: list[dict[str, float]] = []
     model.train()
     train_mode(optimizer)
     bar = tqdm(range(epochs), desc="epochs", disable=not progress)
@@ -150,8 +191,8 @@ def train(
         eval_mode(optimizer)
         if watching is not None:
             watching.close()
-        for sink in sinks:
-            if sink in probe.listeners:
+        for sink in sinks:  # (there are sinks only with a probe)
+            if probe is not None and sink in probe.listeners:
                 probe.listeners.remove(sink)
             sink.close()
     records = probe.to_frame() if probe is not None else pd.DataFrame()
@@ -183,26 +224,57 @@ def run(
     records_to: str | Path | None = None,
     tensorboard: str | Path | None = None,
 ) -> History:
-    r"""Seed, build ``model()`` and the optimizer, train with a probe; tag every row with the run's settings.
+    r"""Run one seeded, probed training run: build ``model()`` and the optimizer, train, tag every row.
 
-    ``optimizer`` is any name :func:`alphalib.make_optimizer` knows, built with ``lr`` (``None``: the optimizer's
-    own default, e.g. 1e-3 for Adam, 1 for Prodigy) and ``optimizer_kwargs``. Every frame of the result carries
-    ``optimizer``, ``seed`` and ``lr0`` (the initial learning rate) plus
-    ``tags`` as columns, so runs concatenate into one tidy DataFrame. With ``full_every=k`` the probe also
-    records, every k-th step, α* of the full training set and of ``val_set`` along the same step (``full_*``
-    and ``heldout_*`` columns); with ``sharpness_every=k``, the batch Hessian's largest eigenvalue (and Adam's
-    preconditioned sharpness) every k-th step (``lambda_max``, ``precond_lambda_max``). ``looks``: after each of
-    these epochs (counted from 1), the loss along the step the optimizer would take next on a fresh random batch is
-    profiled on that batch and on the training set
-    (:func:`alphalib.next_step_profiles`, training untouched), into ``History.profiles``. ``live``: watch the
-    records as they come, in JupyterLab; ``records_to``, ``tensorboard``: stream them to disk as training runs
-    (see :func:`train`).
+    Seeds torch's global generator with ``seed``, then builds the model, the optimizer and an
+    :class:`~alphalib.AlphaProbe` that measures every ``every``-th step, and trains with :func:`train`.
 
     ``optimizer="alpha_scaled"`` steps the ``base`` optimizer of ``optimizer_kwargs`` (``"adam"`` by default) by
     :math:`\kappa\,\alpha^*` instead of probing it (the other keywords of :class:`alphalib.AlphaScaled`:
     ``kappa``, ``source``, ``smoothing``, ``bounds``, ``full_every``); its ``"heldout"`` source measures on batches
     of ``alpha_set`` (keep it apart from ``val_set``, which judges the run), its ``"full"`` source on the training
     set.
+
+    Args:
+        model: Builds the network, called once after seeding.
+        loss_fn: ``loss_fn(model(inputs), targets)``, the scalar training loss.
+        train_set: The training set, a map-style dataset of ``(inputs, targets)`` pairs (a ``TensorDataset`` when
+            ``looks`` are asked for).
+        optimizer: Any name :func:`alphalib.make_optimizer` knows.
+        lr: The initial learning rate; ``None``: the optimizer's own default (e.g. 1e-3 for Adam, 1 for Prodigy).
+        optimizer_kwargs: More keywords for the optimizer (for ``"alpha_scaled"``: ``base``, the keywords of
+            :class:`~alphalib.AlphaScaled` and the base optimizer's).
+        epochs: How many passes over ``train_set``.
+        batch_size: The training batches' size.
+        seed: Seeds torch's global generator before ``model()`` is built, the batches' order (with ``shuffle``),
+            the looks' batches and ``alpha_set``'s.
+        curvature: The probe's curvature backend (:data:`alphalib.BACKENDS`).
+        every: Probe every ``every``-th step.
+        shuffle: Draw the training batches in a new order every epoch (reproducible from ``seed``).
+        val_set: Held-out data, evaluated after every epoch (``val_loss``, ``val_accuracy``); with ``full_every``
+            also the probe's held-out scope.
+        full_every: Every ``full_every``-th step the probe also records α* of the full training set and of
+            ``val_set`` along the same step (``full_*`` and ``heldout_*`` columns).
+        sharpness_every: Every ``sharpness_every``-th step the probe also records the batch Hessian's largest
+            eigenvalue (and Adam's preconditioned sharpness): ``lambda_max``, ``precond_lambda_max``.
+        looks: After each of these epochs (counted from 1), profile the loss along the step the optimizer would
+            take next on a fresh random batch, on that batch and on the training set
+            (:func:`alphalib.next_step_profiles`, training untouched), into ``History.profiles``.
+        alpha_set: The data ``"alpha_scaled"``'s ``"heldout"`` source measures α* on.
+        tags: More columns for every frame of the result.
+        progress: Show a progress bar over the epochs.
+        live: Watch the records as they come, in JupyterLab (see :func:`train`).
+        records_to: Stream the records to a ``.csv`` file or a folder of Parquet parts as training runs (see
+            :func:`train`).
+        tensorboard: A log folder for TensorBoard scalars of the records (see :func:`train`).
+
+    Returns:
+        The run's :class:`History`. Every frame carries ``optimizer``, ``seed`` and ``lr0`` (the initial learning
+        rate) plus ``tags`` as columns, so runs concatenate into one tidy DataFrame.
+
+    Raises:
+        ValueError: If a count (``epochs``, ``batch_size``, ``every``, ``full_every``, ``sharpness_every``) is not a
+            positive integer, or the ``"heldout"`` source of ``"alpha_scaled"`` is asked for without ``alpha_set``.
     """
     import pandas as pd
 
@@ -231,10 +303,13 @@ def run(
     built = make_optimizer(optimizer, net.parameters(), lr=lr, model=net, loss_fn=loss_fn, **kwargs)
     opt = built.optimizer if isinstance(built, AlphaScaled) else built
     labels = {"optimizer": optimizer, "seed": seed, "lr0": opt.param_groups[0]["lr"], **dict(tags or {})}
+    probe: AlphaProbe | AlphaScaled
     if isinstance(built, AlphaScaled):
         probe, built.tags = built, {**built.tags, **labels}
     else:
-        scopes = dict(full_data=full, held_out=val, full_every=full_every) if full_every is not None else {}
+        scopes: dict[str, Any] = (
+            dict(full_data=full, held_out=val, full_every=full_every) if full_every is not None else {}
+        )
         probe = AlphaProbe(
             net, loss_fn, opt, curvature=curvature, every=every, tags=labels, sharpness_every=sharpness_every, **scopes
         )
@@ -244,8 +319,9 @@ def run(
 
     def look(done: int) -> None:
         if done in looks:
-            pick = torch.randperm(len(train_set), generator=draw)[:batch_size]
-            found = next_step_profiles(net, loss_fn, opt, tuple(train_set[pick]), full_data=full, curvature=curvature)
+            tensors = cast(TensorDataset, train_set)  # a look indexes the set with a tensor of indices
+            pick = torch.randperm(len(tensors), generator=draw)[:batch_size]
+            found = next_step_profiles(net, loss_fn, opt, tuple(tensors[pick]), full_data=full, curvature=curvature)
             for scope, prof in found.items():
                 profiles.append(
                     prof.to_frame().assign(

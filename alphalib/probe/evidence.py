@@ -59,7 +59,8 @@ class Step(NamedTuple):
     closure: bool  #: the optimizer takes a closure
 
 
-def _either(why: str, bad: Callable[[Step], bool]) -> Callable[[Step], str | None]:
+def _either(why: str, bad: Callable[[Step], object]) -> Callable[[Step], str | None]:
+    """Return a row that gives ``why`` where ``bad(step)`` is true (truthy), else ``None``."""
     return lambda s: why if bad(s) else None
 
 
@@ -148,7 +149,9 @@ def judge(
     v.reasons += [why for row in PASS if (why := row(step))]
     if v.reasons:
         return v
-    v.fast, v.scale, v.output = True, scales[0], forwards[0].output
+    scale = scales[0]
+    assert scale is not None  # PASS refuses a step whose scale was not found
+    v.fast, v.scale, v.output = True, scale, forwards[0].output
     parts = facts.parts or {}
     v.grad = [_sum(parts[p]) if p in parts else torch.zeros_like(p) for p in params]
     v.grad_norm = _ops.norm(v.grad) / abs(v.scale)

@@ -13,8 +13,8 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -42,16 +42,40 @@ if TYPE_CHECKING:
 class AlphaProbe:
     r"""Step ``optimizer`` and record :math:`\alpha^*` along the realized step on every ``every``-th call.
 
-    ``loss`` is the ``loss_fn(outputs, targets)`` training minimises on ``model(inputs)``, or an
-    :func:`alphalib.objective` ``fn(model, batch) -> scalar`` for anything else (penalties, models that return
-    their loss, dict batches). Use it as a context manager, or call :meth:`remove`, to detach its hooks.
-    ``full_data``/``held_out``: also record α* of those along the same step on probed steps whose index is a
-    multiple of ``full_every``; ``sharpness_every=k``: also record the batch Hessian's largest eigenvalue at
-    :math:`\theta_t` (and, for Adam, its preconditioned sharpness) on those whose index is a multiple of ``k``
-    (:func:`alphalib.top_eigenvalue`, by Lanczos: a few tens of Hessian-vector products each; the smallest
-    eigenvalue, which takes ten times as many, is left to a direct call).
-    ``model`` may be a ``DistributedDataParallel``: records are then of the global batch, the same on every rank
-    (:mod:`alphalib.distributed`; ``full_data``, ``held_out`` and ``sharpness_every`` are refused there).
+    Call :meth:`step` after ``loss.backward()`` in place of ``optimizer.step()``. Use the probe as a context
+    manager, or call :meth:`remove`, to detach its hooks. What it measures and promises: :mod:`alphalib.probe`.
+
+    Args:
+        model: The network training calls. It may be a ``DistributedDataParallel``: records are then of the global
+            batch, the same on every rank (:mod:`alphalib.distributed`; ``full_data``, ``held_out`` and
+            ``sharpness_every`` are refused there).
+        loss: The ``loss_fn(outputs, targets)`` training minimises on ``model(inputs)``, or an
+            :func:`alphalib.objective` ``fn(model, batch) -> scalar`` for anything else (penalties, models that
+            return their loss, dict batches).
+        optimizer: The optimizer that trains ``model``, built from its parameters; :meth:`step` steps it.
+        curvature: The backend that measures the curvature along the step (:mod:`alphalib.curvature`):
+            ``"hessian"``, ``"ggn"`` (a ``loss_fn`` only), ``"fd"``, ``"fd_onesided"`` or ``"secant"``.
+        every: Probe every ``every``-th call of :meth:`step` (counted from 0); the others only step.
+        path: ``"auto"`` takes the fast path where the evidence shows that what it reuses is this step's, and on
+            recorded operations keeps whichever path the first five probed steps time faster; ``"fast"`` does
+            the same without that timing (a ``loss_fn`` only); ``"generic"`` always evaluates the loss afresh.
+        tags: Constant columns for :meth:`to_frame`.
+        full_data: Batches (a list, a ``DataLoader``) whose mean loss is also measured along the same step, on
+            probed steps whose index is a multiple of ``full_every`` (the ``full_*`` columns).
+        held_out: Batches the step never sees (one batch, a list, a ``DataLoader``), measured likewise (the
+            ``heldout_*`` columns).
+        full_every: Measure ``full_data`` and ``held_out`` on probed steps whose index is a multiple of it.
+        sharpness_every: Also record, on probed steps whose index is a multiple of it, the batch Hessian's largest
+            eigenvalue at :math:`\theta_t` (and, for Adam, its preconditioned sharpness) by
+            :func:`alphalib.top_eigenvalue` (Lanczos: a few tens of Hessian-vector products each; the smallest
+            eigenvalue, which takes ten times as many, is left to a direct call).
+
+    Raises:
+        ValueError: If a count is not a positive integer, ``path`` or ``curvature`` is not one of those above, an
+            objective is given with ``curvature="ggn"`` or ``path="fast"``, the model has no trainable parameter,
+            the optimizer holds none of the model's parameters or also other tensors, or a DDP model comes with
+            what is not measured across ranks (``full_data``, ``held_out``, ``sharpness_every``, ``SyncBatchNorm``).
+        TypeError: If ``loss`` is not callable.
 
     Example:
         >>> import torch
@@ -119,15 +143,18 @@ class AlphaProbe:
             name: data for name, data in (("full", full_data), ("heldout", as_batches(held_out))) if data is not None
         }
         self.full_every, self.sharpness_every = full_every, sharpness_every
+        #: the records so far, one per probed step
         self.records: list[Record] = []
         #: called with each new record, after it is appended (the live view, :func:`alphalib.lab.live.watch`, is one);
         #: one that raises is dropped with a warning, so it can never stop training
         self.listeners: list[Callable[[Record], None]] = []
+        #: calls of :meth:`step` so far (probed or not): the index of the next step
         self.steps = 0
         #: seconds spent in :meth:`step` apart from the optimizer's own step: what observing costs (the hooks'
         #: small share of the forward and backward passes is not in it)
         self.seconds = 0.0
-        self._warned, self._validated = False, set()  # the batch signatures validated so far
+        self._warned = False
+        self._validated: set[object] = set()  # the batch signatures validated so far
         self._capture: Capture | OpCapture | None = None
         self._why = "path='generic' was asked for" if path == "generic" else ""
         if path != "generic" and not self.objective and self.curvature in ("hessian", "ggn"):
@@ -144,7 +171,8 @@ class AlphaProbe:
         self._trials = (
             Trials() if path == "auto" and isinstance(self._capture, OpCapture) and self._ranks is None else None
         )
-        self._clock, self._last = time.perf_counter, None
+        self._clock = time.perf_counter
+        self._last: float | None = None  # when the last probe.step call ended
 
     # ---- hooks and housekeeping ---------------------------------------------------------------------------
 
@@ -155,7 +183,7 @@ class AlphaProbe:
         self.remove()
 
     def remove(self) -> None:
-        """Detach the probe's hooks from the model (records stay)."""
+        """Detach the probe's hooks from the model (records stay); leaving the ``with`` block calls it."""
         self._recorder.remove()
         if self._capture is not None:
             self._capture.remove()
@@ -178,6 +206,7 @@ class AlphaProbe:
             return
         self._trials = None
         if best["generic"] < best["fast"]:
+            assert self._capture is not None  # trials time the recorded operations of a capture
             self._capture.remove()
             self._capture, self.path = None, "generic"
             self._recorder.tap = False
@@ -186,7 +215,7 @@ class AlphaProbe:
                 f"({1e3 * best['generic']:.3g} against {1e3 * best['fast']:.3g} ms a training iteration)"
             )
 
-    def _check_optimizer(self, everything: list[Tensor] | None = None) -> None:
+    def _check_optimizer(self, everything: Sequence[Tensor] | None = None) -> None:
         owned = {id(p) for p in (self.model.parameters() if everything is None else everything)}
         held = [p for group in self.optimizer.param_groups for p in group["params"]]
         stray = [p for p in held if id(p) not in owned]
@@ -225,11 +254,23 @@ class AlphaProbe:
     ) -> Record | None:
         """Take the optimizer step; on probed steps return its record, else ``None``.
 
-        Call after ``loss.backward()`` in place of ``optimizer.step()``. ``batch`` is what the loss was computed on:
-        the ``(inputs, targets)`` pair for a ``loss_fn``, the objective's batch, or a *list* of the micro-batches
-        whose backward passes accumulated into ``.grad`` (their union's loss is measured, weighted as training
-        weighted them). For optimizers that take a closure (LBFGS) pass it as ``closure``. What cannot be measured
-        raises a ``ValueError`` *before* the optimizer steps; after it, failures become records flagged ``error``.
+        Call after ``loss.backward()`` in place of ``optimizer.step()``. What cannot be measured raises *before* the
+        optimizer steps; after it, failures become records flagged ``error``.
+
+        Args:
+            batch: What the loss was computed on: the ``(inputs, targets)`` pair for a ``loss_fn``, the
+                objective's batch, or a *list* of the micro-batches whose backward passes accumulated into
+                ``.grad`` (their union's loss is measured, weighted as training weighted them).
+            epoch: The epoch, for the record.
+            closure: For optimizers that take a closure (LBFGS): the closure, passed on to ``optimizer.step``.
+
+        Returns:
+            The step's :class:`~alphalib.Record` on probed steps (every ``every``-th call), else ``None``.
+
+        Raises:
+            ValueError: Before the optimizer steps, if the step cannot be measured: a batch that is not an
+                ``(inputs, targets)`` pair for a ``loss_fn``, an optimizer in eval mode (Schedule-Free), one that
+                no longer holds the model's parameters, or a loss that cannot be evaluated on ``batch``.
         """
         start = self._clock()
         batches = self._split(batch)
@@ -245,14 +286,14 @@ class AlphaProbe:
             self._done(start, stepped)
             return None
         params, verdict, plan, fn = self._prepare(batches, closure)  # everything that may raise, before stepping
-        theta = [p.detach().clone() for p in params]
-        lr, size = float(self.optimizer.param_groups[0]["lr"]), step_size(self.optimizer)
+        before = [p.detach().clone() for p in params]
+        lr, size_of = float(self.optimizer.param_groups[0]["lr"]), step_size(self.optimizer)
         stepped = self._take(closure)
-        size = size()
+        size = size_of()
         with torch.no_grad():
             current = [p.detach() for p in params]
-            delta = _ops.rsub_(theta, current) if plan.sweep else _ops.sub(current, theta)  # the sweep needs no θ_t
-            theta = None if plan.sweep else theta
+            delta = _ops.rsub_(before, current) if plan.sweep else _ops.sub(current, before)  # the sweep needs no θ_t
+            theta = None if plan.sweep else before  # (the sweep overwrote θ_t with Δ)
             steps = _ops.norms(delta).tolist()  # (one synchronisation for both uses)
         blurred = unresolved(current, steps, self._capture) if plan.sweep else None
         if blurred:  # the sweep would lose the step to rounding: generic
@@ -313,6 +354,7 @@ class AlphaProbe:
         self._validate(batches, params)
         plan = route(self.model, verdict, self._capture, self._why, self._trials)
         if plan.recapture:  # module rules no longer stand for the forward: record operations from the next step on
+            assert self._capture is not None  # (the router asks for it only on module rules)
             self._capture.remove()
             self._capture = capture_for(self.model, exact=self.curvature == "hessian", follow="ops")
             if self._capture is not None:
@@ -338,7 +380,7 @@ class AlphaProbe:
         plan: Route,
         fn: BatchLoss,
         params: list[Tensor],
-        batches: list[object],
+        batches: list[Any],
         verdict: Verdict,
         current: list[Tensor],
         delta: list[Tensor],
@@ -353,6 +395,9 @@ class AlphaProbe:
         try:
             with torch.autocast(params[0].device.type, enabled=False):
                 if plan.sweep:
+                    capture, loss_fn = self._capture, self.loss
+                    # the router sweeps only a capture of loss_fn(model(x), y)'s training step
+                    assert capture is not None and not isinstance(loss_fn, Objective)
                     try:
                         with (
                             _trained.as_trained(self.model, verdict.modes),
@@ -360,8 +405,8 @@ class AlphaProbe:
                         ):
                             res = measure.sweep(
                                 self.model,
-                                self._capture,
-                                self.loss,
+                                capture,
+                                loss_fn,
                                 batches[0][1],
                                 params,
                                 delta,
@@ -395,11 +440,11 @@ class AlphaProbe:
                     plan.generic(imprecise)
                     res = self._measure(fn, theta_t(), delta, verdict, batches[0], precise=True)
                 if self._ranks is not None:  # DDP: the gradient of this rank's loss; else one more backward pass
-                    grad = (
-                        _ops.div(verdict.grad, verdict.scale)
-                        if plan.tapped
-                        else distributed.local_gradient(fn, theta_t())
-                    )
+                    if plan.tapped:
+                        assert verdict.grad is not None  # a tapped step's verdict is fast: it holds the gradient
+                        grad = _ops.div(verdict.grad, verdict.scale)
+                    else:
+                        grad = distributed.local_gradient(fn, theta_t())
         except Exception as exc:  # never raise after the optimizer has stepped: record it
             self._warn(exc)
             res, error = Directional(math.nan, math.nan, math.nan), True
@@ -422,7 +467,8 @@ class AlphaProbe:
             if closure is None:
                 self.optimizer.step()
             else:
-                self.optimizer.step(closure)
+                # (torch's stub wants a closure returning float; LBFGS's, like any, may return the loss tensor)
+                self.optimizer.step(cast(Callable[[], float], closure))
         finally:
             self.steps += 1
         return self._clock() - stepping
@@ -453,6 +499,8 @@ class AlphaProbe:
             ) from exc
 
     def _output_grad(self, out: Tensor, targets: Tensor) -> Tensor:
+        if isinstance(self.loss, Objective):
+            raise ValueError("an objective(model, batch) has no model output to differentiate the loss at.")
         return output_grad(self.loss, out, targets)
 
     def _validate(self, batches: list[object], params: list[Tensor]) -> None:
@@ -524,7 +572,12 @@ class AlphaProbe:
         return dict(self.tags)
 
     def to_frame(self) -> pd.DataFrame:
-        """Return the records as a DataFrame, one row per probed step, with the probe's ``tags`` as columns."""
+        """Return the records as a DataFrame.
+
+        Returns:
+            One row per probed step (the fields of :class:`~alphalib.Record`), with the probe's ``tags`` as
+            constant columns.
+        """
         return to_frame(self.records, self.frame_tags)
 
     def state_dict(self) -> dict[str, Any]:
@@ -532,11 +585,21 @@ class AlphaProbe:
 
         Save it with the model's and the optimizer's (``torch.save``); a new probe on the resumed run continues
         from it by :meth:`load_state_dict`.
+
+        Returns:
+            ``{"steps": <calls of step so far>, "records": <each record as a dict>}``.
         """
         return {"steps": self.steps, "records": [dataclasses.asdict(r) for r in self.records]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a :meth:`state_dict`: the step count (``every`` keeps its phase) and the earlier records."""
+        """Continue from a :meth:`state_dict`: the step count (``every`` keeps its phase) and the earlier records.
+
+        Args:
+            state: What :meth:`state_dict` returned; it replaces this probe's step count and records.
+
+        Raises:
+            ValueError: If ``state["steps"]`` is not a non-negative integer.
+        """
         steps, records = state["steps"], [Record(**r) for r in state["records"]]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"state['steps'] must be a step count, got {steps!r}.")

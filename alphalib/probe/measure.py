@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import _ops, fast
 from .._checks import check_loss, trainable
-from .._function import BatchLoss, LossFn, replay_rng
+from .._function import BatchLoss, LossFn, Objective, replay_rng
 from ..curvature import Backend, Directional, Known, directional
 from ..fast import Capture, OpCapture
 from ..sharpness import preconditioner, top_eigenvalue
@@ -49,7 +50,7 @@ def backend(
     delta: list[Tensor],
     *,
     verdict: Verdict | None = None,
-    loss: LossFn | None = None,
+    loss: LossFn | Objective | None = None,
     batch: Any = None,
     endpoint: list[Tensor] | None = None,
     precise: bool = False,
@@ -67,6 +68,10 @@ def backend(
         return directional(wide, [t.double() for t in theta], [d.double() for d in delta], curvature)
     if endpoint is None:
         return directional(fn, theta, delta, curvature)
+    # an endpoint comes with the fast verdict of a loss_fn's training step (the router's reuse), which holds the
+    # training forward's output and gradient
+    assert verdict is not None and verdict.output is not None and verdict.grad is not None
+    assert loss is not None and not isinstance(loss, Objective)
     with replay_rng(verdict.rngs_after[0], theta[0].device):
         value = check_loss(loss(verdict.output, batch[1])).item()
     known = Known(
@@ -81,8 +86,8 @@ def backend(
 
 def scopes(
     model: nn.Module,
-    loss: LossFn,
-    data: dict[str, object],
+    loss: LossFn | Objective,
+    data: Mapping[str, Iterable[object]],
     curvature: Backend,
     current: list[Tensor],
     delta: list[Tensor],
@@ -101,7 +106,7 @@ def scopes(
 
 def sharpness(
     model: nn.Module,
-    loss: LossFn,
+    loss: LossFn | Objective,
     optimizer: torch.optim.Optimizer,
     fn: BatchLoss,
     current: list[Tensor],
