@@ -4,13 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: install figures test lint browser bench lab clean FORCE
+.PHONY: install figures test test-oldest lint docs browser bench lab clean FORCE
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,data,models,lrfree,sweep,tensorboard,lightning,hf]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,docs,data,models,lrfree,sweep,tensorboard,lightning,hf]"
 	touch $@
 
 # Executed copies go to build/notebooks/, figures to figures/ and the runs' records to results/ (run alone, a
@@ -47,18 +47,36 @@ FORCE:
 # it makes never overwrite the committed figures and records. Both spread their files over one process per core
 # (pytest-xdist), each with one torch thread.
 TEST_PROCESSES ?= auto
-test: install browser lint
+test: install browser lint docs
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=10 tests alphalib
 	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks results build/nbval/
 	cd build/nbval && OMP_NUM_THREADS=1 ../../$(BIN)/python -m pytest --nbval-lax -n $(TEST_PROCESSES) --dist loadfile \
 		notebooks
 
-# The lint and format checks .pre-commit-config.yaml runs on each commit, and the two layers' import contract (all
-# in pyproject.toml).
+# The lint, format and type checks .pre-commit-config.yaml runs on each commit, and the two layers' import contract
+# (all configured in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# The docs site, warning-free, into build/docs/html: the pages in docs/, the docstrings, and the notebooks as
+# `make figures` executed them (as stored where it has not run; the docs build executes nothing).
+docs: install
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs build/docs/html
+
+# The core's tests against the oldest torch pyproject.toml claims (torch>=...), in a virtual environment of their
+# own, build/oldest. The index has CPU-only builds of the pinned torch alone, so this installs the index's default
+# build (it carries CUDA libraries: about 5 GB and a few minutes; it runs on the CPU). Not part of `make test`.
+OLDEST_TORCH = $(shell sed -n 's/^ *"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+CORE_TESTS = $(filter-out tests/test_notebooks.py tests/test_jupyterlab.py tests/test_examples.py \
+	tests/test_integrations.py tests/test_readme.py,$(wildcard tests/test_*.py))
+test-oldest:
+	$(PYTHON) -m venv build/oldest
+	build/oldest/bin/python -m pip install --quiet "torch==$(OLDEST_TORCH)" -e ".[test,lrfree,sweep]"
+	build/oldest/bin/python -c "import torch; print('torch', torch.__version__)"
+	OMP_NUM_THREADS=1 build/oldest/bin/python -m pytest -n $(TEST_PROCESSES) --dist loadfile $(CORE_TESTS)
 
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

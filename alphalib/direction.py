@@ -199,7 +199,8 @@ def direction(optimizer: torch.optim.Optimizer) -> ParamVector:
                 "in a param group. Set a positive lr for every group."
             )
         wd = float(group["weight_decay"])
-        decoupled = group.get("decoupled_weight_decay", False)
+        # AdamW decays decoupled; on older torch (2.5) its groups have no such key, nor has Adam the option
+        decoupled = group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
         for p in group["params"]:
             if p.grad is None:
                 out.append(torch.zeros_like(p))
