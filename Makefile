@@ -22,7 +22,7 @@ RECORDS := -p records_dir ../results
 PARAMS_01_adam_alpha_star := $(FIGURES) $(RECORDS) -p epochs 100 -p runs 5
 PARAMS_02_optimizers := $(FIGURES) $(RECORDS)
 PARAMS_03_lr_sweep := $(FIGURES) $(RECORDS)
-PARAMS_04_models_and_data := $(FIGURES) $(RECORDS)
+PARAMS_04_models_and_data := $(FIGURES) $(RECORDS) -p epochs 8
 PARAMS_05_mini_vs_epoch := $(FIGURES)
 PARAMS_06_objective_vs_batch := $(FIGURES) -p epochs 30 -p runs 5
 PARAMS_07_edge_of_stability := $(FIGURES) -p steps 1500 -p sharpness_every 25
@@ -47,7 +47,8 @@ FORCE:
 # it makes never overwrite the committed figures and records. Both spread their files over one process per core
 # (pytest-xdist), each with one torch thread.
 TEST_PROCESSES ?= auto
-test: install browser lint docs
+test: install browser
+	$(MAKE) --no-print-directory -j2 lint docs  # side by side: mypy and Sphinx each keep one core busy
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=10 tests alphalib
 	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks results build/nbval/
 	cd build/nbval && OMP_NUM_THREADS=1 ../../$(BIN)/python -m pytest --nbval-lax -n $(TEST_PROCESSES) --dist loadfile \
