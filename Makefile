@@ -23,10 +23,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # runs last.
 FIGURES := -p figures_dir ../figures
 RECORDS := -p records_dir ../results
-PARAMS_01_adam_alpha_star := $(FIGURES) $(RECORDS) -p epochs 100 -p runs 5
-PARAMS_02_optimizers := $(FIGURES) $(RECORDS)
-PARAMS_03_lr_sweep := $(FIGURES) $(RECORDS)
-PARAMS_04_models_and_data := $(FIGURES) $(RECORDS) -p epochs 8
+# Ten seeds per configuration, spread over two worker processes (alphalib.runs(..., workers=2)).
+SEEDS := -p runs 10 -p workers 2
+PARAMS_01_adam_alpha_star := $(FIGURES) $(RECORDS) $(SEEDS) -p epochs 100
+PARAMS_02_optimizers := $(FIGURES) $(RECORDS) $(SEEDS)
+PARAMS_03_lr_sweep := $(FIGURES) $(RECORDS) $(SEEDS)
+PARAMS_04_models_and_data := $(FIGURES) $(RECORDS) $(SEEDS) -p epochs 8
 PARAMS_05_mini_vs_epoch := $(FIGURES)
 PARAMS_06_objective_vs_batch := $(FIGURES) -p epochs 30 -p runs 5
 PARAMS_07_edge_of_stability := $(FIGURES) -p steps 1500 -p sharpness_every 25
@@ -38,6 +40,7 @@ PARAMS_09_closing_the_loop := $(FIGURES) -p epochs 8 -p runs 3 -y "kappas: [0.1,
 PARAMS_10_lr_free := $(FIGURES) -p epochs 8 -p runs 3
 
 figures: install $(filter-out %/00_explore.ipynb,$(NOTEBOOKS:notebooks/%=build/notebooks/%)) build/notebooks/00_explore.ipynb
+	$(BIN)/python -m alphalib.lab.findings results > figures/findings.md  # the numbers the README quotes
 
 build/notebooks/%.ipynb: notebooks/%.ipynb FORCE
 	@mkdir -p build/notebooks

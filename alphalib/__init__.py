@@ -12,7 +12,7 @@ from .curvature import BACKENDS, AlphaResult, Backend, alpha_star, hvp
 from .direction import direction
 from .optim import step_size
 from .probe import AlphaProbe
-from .records import FLAGS, Record, epoch_summary, key_numbers, seed_summary, to_frame
+from .records import FLAGS, Record, epoch_summary, key_numbers, to_frame
 from .records import read as read_records
 from .records import write as write_records
 from .scaled import AlphaScaled
@@ -25,14 +25,16 @@ __version__ = "0.1.0"
 #: of them, so ``import alphalib`` loads no training loop, data, models, plots or sweeps until asked.
 _LAB_NAMES = {
     "train": "train", "run": "train", "History": "train", "evaluate": "train",
-    "grid": "sweep", "runs": "sweep",
+    "grid": "sweep", "runs": "sweep", "seed_summary": "stats", "paired_difference": "stats",
     "gaussian_regression": "data", "loader": "data", "SimpleNet": "models",
     "problem": "problems", "Problem": "problems", "PROBLEMS": "problems",
     "make_optimizer": "optimizers", "OPTIMIZERS": "optimizers", "check_parameters": "parameters",
 }  # fmt: skip
 #: ... and its modules, as ``alphalib.data``, ``alphalib.plot``, ``alphalib.sweep``, ... (``alphalib.train`` is the
 #: function)
-_LAB_MODULES = ("data", "models", "problems", "optimizers", "parameters", "sweep", "plot", "live", "external")
+_LAB_MODULES = (
+    "data", "models", "problems", "optimizers", "parameters", "sweep", "stats", "plot", "live", "external"
+)  # fmt: skip
 
 
 def __getattr__(name: str) -> object:
@@ -68,7 +70,6 @@ __all__ = [
     "FLAGS",
     "to_frame",
     "epoch_summary",
-    "seed_summary",
     "key_numbers",
     "write_records",
     "read_records",
@@ -95,6 +96,9 @@ __all__ = [
     "grid",
     "runs",
     "sweep",
+    # intervals over seeds
+    "seed_summary",
+    "paired_difference",
     "History",
     "evaluate",
     "check_parameters",

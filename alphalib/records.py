@@ -404,61 +404,6 @@ def epoch_summary(frame: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def seed_summary(
-    frame: pd.DataFrame,
-    value: str = "lr_over_alpha",
-    *,
-    by: str | Sequence[str] = "epoch",
-    runs: str = "seed",
-    level: float = 0.9,
-    boot: int = 2000,
-    random_state: int = 0,
-) -> pd.DataFrame:
-    """Return, per ``by`` group, the median over runs of each run's median ``value``, with a bootstrap interval.
-
-    Each run is summarised by the median of ``value`` over its steps in the group (NaN steps dropped).
-
-    Args:
-        frame: Records of several runs as a DataFrame, with the ``by`` and ``runs`` columns.
-        value: The column to summarise.
-        by: The column or columns to group by.
-        runs: The column that tells runs apart (e.g. the seed).
-        level: The confidence level of the interval.
-        boot: The number of bootstrap resamples.
-        random_state: The seed of the resampling.
-
-    Returns:
-        A DataFrame with one row per group: the ``by`` columns, ``runs``, ``steps``, ``undefined`` (the NaN steps),
-        ``median`` (the median of the run medians) and ``lo``/``hi``, the ``level`` percentile-bootstrap interval
-        of it, resampling runs (equal to ``median`` with a single run).
-    """
-    import numpy as np
-
-    keys = [by] if isinstance(by, str) else list(by)
-    per_run = frame.groupby([*keys, runs])[value].agg(["median", "size", lambda s: int(s.isna().sum())])
-    per_run.columns = ["median", "steps", "undefined"]
-    rng = np.random.default_rng(random_state)
-    rows = []
-    for key, group in per_run.groupby(level=list(range(len(keys)))):
-        medians = group["median"].dropna().to_numpy()
-        row = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
-        row.update(runs=len(group), steps=int(group["steps"].sum()), undefined=int(group["undefined"].sum()))
-        if len(medians) == 0:
-            row.update(median=math.nan, lo=math.nan, hi=math.nan)
-        else:
-            draws = np.median(rng.choice(medians, size=(boot, len(medians))), axis=1)
-            tail = (1 - level) / 2
-            row.update(
-                median=float(np.median(medians)),
-                lo=float(np.quantile(draws, tail)),
-                hi=float(np.quantile(draws, 1 - tail)),
-            )
-        rows.append(row)
-    import pandas as pd
-
-    return pd.DataFrame(rows)
-
-
 def key_numbers(frame: pd.DataFrame, by: str | Sequence[str] = (), *, digits: int = 2) -> pd.DataFrame:
     r"""Return a run's key numbers per ``by`` group, each rounded to ``digits`` significant digits.
 

@@ -89,29 +89,6 @@ def test_gaussian_data_is_seeded():
     assert not torch.equal(a.tensors[0], alphalib.gaussian_regression(seed=2).tensors[0])
 
 
-def test_seed_summary_medians_and_bootstrap_interval():
-    import numpy as np
-    import pandas as pd
-
-    from alphalib import seed_summary
-
-    rows = []
-    for seed, level in enumerate([1.0, 2.0, 4.0]):
-        for epoch in range(2):
-            for step in range(5):  # run medians: level * (epoch + 1) * 3 (the middle of 1..5), one NaN each
-                value = math.nan if step == 0 else level * (epoch + 1) * (step + 1)
-                rows.append({"seed": seed, "epoch": epoch, "lr_over_alpha": value})
-    out = seed_summary(pd.DataFrame(rows), boot=500)
-    for epoch in range(2):
-        row = out[out.epoch == epoch].iloc[0]
-        run_medians = np.array([1.0, 2.0, 4.0]) * (epoch + 1) * 3.5  # medians of 2..5
-        assert row["median"] == pytest.approx(np.median(run_medians))
-        assert run_medians.min() <= row["lo"] <= row["median"] <= row["hi"] <= run_medians.max()
-        assert row["runs"] == 3 and row["steps"] == 15 and row["undefined"] == 3
-    single = seed_summary(pd.DataFrame(rows).query("seed == 0"))
-    assert (single["lo"] == single["median"]).all() and (single["hi"] == single["median"]).all()
-
-
 @pytest.mark.parametrize("name", ["records.csv", "records.csv.gz"])
 def test_written_records_read_back_exactly_and_the_bytes_repeat(tmp_path, name):
     model = torch.nn.Linear(3, 1).double()

@@ -48,7 +48,7 @@ READABLE: dict[RcKeyType, Any] = {
     "figure.titlesize": 12,
 }
 
-COLUMNS = ("step", "epoch", "lr", "alpha_star", "ratio", "flag", "loss")
+COLUMNS = ("step", "epoch", "lr", "alpha_star", "ratio", "lr_over_alpha", "flag", "loss")
 #: what the explorer lets you choose, in this order, and how its controls are labelled (``lr0``: a run's initial
 #: learning rate; records without it are told apart by ``lr``)
 DIMENSIONS = {
@@ -166,11 +166,11 @@ class LiveView:
         start = self._clock()
         records, fig = self.frame(), self.figure
         if not fig.axes:  # made once: new axes would make their ticks anew at every drawing, the slow part
-            for box in ((0.08, 0.56, 0.6, 0.34), (0.08, 0.075, 0.39, 0.36), (0.585, 0.075, 0.39, 0.36)):
-                fig.add_axes(box)  # α* per step (its legend to the right), α*/lr per epoch, the loss
+            for box in ((0.08, 0.6, 0.6, 0.31), (0.1, 0.075, 0.37, 0.32), (0.585, 0.075, 0.39, 0.32)):
+                fig.add_axes(box)  # α* per step (its legend to the right, the odd steps' strip below), α*/lr, loss
         alpha, ratio, loss = fig.axes
         for ax in fig.axes:
-            for artist in [*ax.lines, *ax.collections, *ax.texts, *filter(None, [ax.get_legend()])]:
+            for artist in [*ax.lines, *ax.collections, *ax.texts, *ax.child_axes, *filter(None, [ax.get_legend()])]:
                 artist.remove()
         plot.alpha_per_step(records, ax=alpha)
         if records["epoch"].notna().any():
@@ -363,7 +363,7 @@ class Explorer:
         import ipywidgets as w
 
         frame = load(records)
-        missing = [c for c in (*COLUMNS, "lr") if c not in frame]
+        missing = [c for c in COLUMNS if c not in frame and c != "lr_over_alpha"]  # (plot.inverse falls back)
         if missing:
             raise ValueError(
                 f"these records lack the columns {missing}: give the probe's records "
@@ -458,11 +458,11 @@ class Explorer:
         fig.clear()
         left, right = fig.subplots(1, 2, width_ratios=[1, 1.25])
         plot.alpha_vs_lr(sweep, ax=left)
-        ok = run[run["flag"] == "ok"]
-        if len(ok):
-            chosen = ok.groupby("epoch")["alpha_star"].median().iloc[-1]
+        last = run[run["epoch"] == run["epoch"].max()]
+        chosen = last["lr"].iloc[-1] / plot.inverse(last).median() if len(last) else math.nan
+        if math.isfinite(chosen) and chosen > 0:  # the last epoch's median α*, every step counted
             left.scatter(
-                [ok["lr"].iloc[-1]],
+                [last["lr"].iloc[-1]],
                 [chosen],
                 s=160,
                 facecolors="none",
@@ -482,7 +482,7 @@ class Explorer:
         self.image.value = buffer.getvalue()
         self.caption.value = (
             f"<b>{html.escape(chosen)}</b>: {len(run)} probed steps over {run['epoch'].nunique()} "
-            f"epochs, {int((run['flag'] != 'ok').sum())} left out of the α* medians"
+            f"epochs, {int((plot.inverse(run) <= 0).sum())} with α* ≤ 0, counted in the medians"
         )
         self.summary = _per_epoch(run)
         table = self.summary.reset_index().to_html(
@@ -526,25 +526,33 @@ def explore(records: pd.DataFrame | str | Path, **chosen: Any) -> Explorer:
 
 
 def _per_epoch(run: pd.DataFrame) -> pd.DataFrame:
-    """Return the explorer's table: per epoch (from 1), the medians of α* and α*/lr over the steps flagged ``"ok"``
-    (as in the figure), how many those are, the shares of steps with H < 0 along d and going uphill, the mean loss."""
-    flag = run["flag"]
-    ok = run.assign(alpha_star=run["alpha_star"].where(flag == "ok"), ratio=run["ratio"].where(flag == "ok"))
+    """Return the explorer's table: per epoch (from 1), the medians of α* and α*/lr over every step (as in the
+    figure: the reciprocals of the medians of lr/α*, NaN where most steps have α* ≤ 0), how many steps have α* ≤ 0,
+    the shares of steps with H < 0 along d and going uphill, the mean loss."""
+    flag, inv = run["flag"], plot.inverse(run)
     table = (
-        ok.assign(ok=flag == "ok", negative=flag.str.contains("negative_curvature"), ascent=flag.str.contains("ascent"))
+        run.assign(
+            inverse=inv,
+            inverse_alpha=inv / run["lr"],
+            odd=inv <= 0,
+            negative=flag.str.contains("negative_curvature"),
+            ascent=flag.str.contains("ascent"),
+        )
         .groupby("epoch")
         .agg(
             **{
                 "steps": ("step", "size"),
-                "ok steps": ("ok", "sum"),
-                "median α*": ("alpha_star", "median"),
-                "median α*/lr": ("ratio", "median"),
+                "α* ≤ 0": ("odd", "sum"),
+                "median α*": ("inverse_alpha", "median"),
+                "median α*/lr": ("inverse", "median"),
                 "H<0 share": ("negative", "mean"),
                 "ascent share": ("ascent", "mean"),
                 "mean loss": ("loss", "mean"),
             }
         )
     )
+    for column in ("median α*", "median α*/lr"):
+        table[column] = 1 / table[column].where(table[column] > 0)
     table.index = (table.index + 1).rename("epoch")
     return table
 

@@ -42,24 +42,27 @@ def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
 
     Where the optimizer chose its own step size (a ``step_size`` column that differs from ``lr``) that is drawn in
     place of the lr. Only descent steps with positive curvature have an :math:`\alpha^*` that is a step size; steps
-    with negative curvature or an ascent direction are marked as ticks along the bottom (counted in the legend), not
-    drawn as step sizes; steps where α* is undefined (zero step, non-finite values, a failed backend) are counted in
-    the title.
+    with negative curvature or an ascent direction (:math:`\alpha^* \le 0`: the model has no minimum ahead) are
+    marked in a strip below the axes (which carries the step axis), counted in the title and the legend, not drawn
+    as step sizes. The per-epoch
+    median counts every step: it is :math:`1/\operatorname{median}(1/\alpha^*)`, with :math:`1/\alpha^* =
+    -d^\top H d / d^\top g` continuous through the odd steps (a median of them is drawn only while fewer than half
+    are odd). Steps where α* is undefined (zero step, non-finite values, a failed backend) are counted in the title.
 
     Args:
         records: The probe's records (:meth:`alphalib.AlphaProbe.to_frame`): ``step``, ``alpha_star``, ``flag``,
-            ``lr``, and ``epoch`` and ``step_size`` where there are.
+            ``lr``, ``lr_over_alpha``, and ``epoch`` and ``step_size`` where there are.
         ax: The axes to draw on; ``None`` makes a new figure.
 
     Returns:
-        The axes drawn on.
+        The axes drawn on (the strip is an inset of it).
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     kinds = records["flag"].map(_kind)
+    strip = ax.inset_axes((0.0, -0.15, 1.0, 0.11), sharex=ax)  # below, carrying the step axis
+    odd_rows = [kind for kind in KINDS if not kind.startswith("descent")]
     for kind, spec in KINDS.items():
         sel = records[kinds == kind]
-        if not len(sel):
-            continue
         if kind.startswith("descent"):
             ax.scatter(
                 sel["step"],
@@ -71,46 +74,75 @@ def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
                 color=spec["color"],
                 marker=spec["marker"],
             )
-        else:  # no step size: a tick at the bottom
-            height = 0.03 if kind == "ascent" else 0.07
-            ax.scatter(
+        else:  # no step size: a tick in the strip
+            strip.scatter(
                 sel["step"],
-                np.full(len(sel), height),
-                transform=ax.get_xaxis_transform(),
+                np.zeros(len(sel)),
                 s=40,
                 marker="|",
                 color=spec["color"],
                 linewidths=1.2,
-                label=f"step with {kind} ({len(sel)})",
+                label=f"step with {kind}, α* ≤ 0 ({len(sel)})",
             )
-    if "epoch" in records and records["epoch"].notna().any():
-        ok = records[kinds == "descent, H>0"].groupby("epoch").agg(step=("step", "mean"), a=("alpha_star", "median"))
-        ax.plot(ok["step"], ok["a"], color="black", lw=1.8, label="per-epoch median α*")
+    strip.set_ylim(-1, 1)
+    strip.set_yticks([0], ["odd"])
+    strip.tick_params(axis="y", length=0)
+    strip.grid(False, axis="y")
+    ax.tick_params(labelbottom=False)
     size = records["step_size"] if "step_size" in records else records["lr"]  # α* is in units of the step size
+    if "epoch" in records and records["epoch"].notna().any():
+        per = records.assign(inverse=inverse(records) / size)  # 1/α*, every step with a nonzero slope
+        per = per.groupby("epoch").agg(step=("step", "mean"), inverse=("inverse", "median"))
+        ax.plot(per["step"], _ratio(per["inverse"]), color="black", lw=1.8, label="per-epoch median α* (every step)")
     own = not size.equals(records["lr"])  # chosen by a learning-rate-free optimizer
     ax.plot(records["step"], size, color="tab:green", ls="--", lw=1.8, label="step size" if own else "lr")
     ax.set_yscale("log")
-    ax.set(xlabel="optimizer step", ylabel="α*")
-    undefined = int(kinds.isna().sum())
-    ax.set_title(f"α* along the realized step ({undefined} of {len(records)} steps undefined)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", markerscale=1.5)
+    ax.set_ylabel("α*")
+    strip.set_xlabel("optimizer step")
+    odd, undefined = int(kinds.isin(odd_rows).sum()), int(kinds.isna().sum())
+    ax.set_title(f"α* along the realized step ({odd} of {len(records)} steps odd: strip below; {undefined} undefined)")
+    handles = [h for a in (ax, strip) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", markerscale=1.5)
     return ax
+
+
+def inverse(records: pd.DataFrame) -> pd.Series:
+    r"""Return each step's :math:`\mathrm{lr}/\alpha^*`: ``lr_over_alpha``, or ``1/ratio`` for records without it.
+
+    Defined on odd steps too (negative where :math:`\alpha^* < 0`), so medians of it count every step.
+    """
+    if "lr_over_alpha" in records:
+        return records["lr_over_alpha"]
+    return 1 / records["ratio"]
+
+
+def _ratio(inverse: pd.Series | np.ndarray) -> np.ndarray:
+    """Return α*/lr (or α*) from a median or quantile of its reciprocal: 1/x where x > 0, +inf where x ≤ 0.
+
+    The reciprocal (``lr_over_alpha``) is defined on every step with a nonzero slope; a value ≤ 0 there (most steps
+    odd) means no finite step size is the model's minimum: drawn as off the top.
+    """
+    x = np.asarray(inverse, dtype=float)
+    with np.errstate(divide="ignore"):
+        return np.where(x > 0, 1 / np.where(x > 0, x, 1.0), np.where(np.isnan(x), np.nan, np.inf))
 
 
 def ratio_per_epoch(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     r"""Plot the per-epoch median :math:`\alpha^*/\mathrm{lr}` with its 10–90% band on a log axis, beside α* = lr.
 
-    Only steps flagged ``"ok"`` (positive curvature, descent) enter; the legend counts the steps left out.
+    Every step counts: medians and quantiles are taken of :math:`\mathrm{lr}/\alpha^*` (``lr_over_alpha``,
+    defined on odd steps too) and inverted, so a step with :math:`\alpha^* \le 0` sits beyond any ratio (a band
+    that reaches them runs off the top); the legend counts them.
 
     Args:
-        records: The probe's records of one run: ``epoch``, ``ratio``, ``flag``.
+        records: The probe's records of one run: ``epoch``, ``lr_over_alpha``, ``flag``.
         ax: The axes to draw on; ``None`` makes a new figure.
 
     Returns:
         The axes drawn on.
     """
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
-    _median_band(ax, records, (0.1, 0.9), "tab:blue", f"median, band 10–90% ({_left_out(records)})")
+    _median_band(ax, records, (0.1, 0.9), "tab:blue", f"median, band 10–90%\n({_odd(records)})")
     _log_ratio_axis(ax)
     _epoch_axis(ax)
     ax.set_title(f"α*/lr per epoch ({_per_epoch(records, ['epoch'])} probed steps per epoch)")
@@ -119,25 +151,37 @@ def ratio_per_epoch(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
 
 
 def _median_band(ax: Axes, records: pd.DataFrame, band: tuple[float, float], color: ColorType, label: str) -> None:
-    """Draw the per-epoch median ratio of the ``"ok"`` steps at epoch + 1, with the quantile ``band`` around it."""
-    ok = records[records["flag"] == "ok"]
-    per = ok.groupby("epoch")["ratio"].quantile([0.5, *band]).unstack()
-    _line_band(ax, per.index, per[0.5], per[band[0]], per[band[1]], color, label)
+    """Draw the per-epoch median α*/lr of every step at epoch + 1, with the quantile ``band`` around it."""
+    qs = [0.5, 1 - band[0], 1 - band[1]]  # quantiles of lr/α*: the reciprocal reverses the order
+    per = inverse(records).groupby(records["epoch"]).quantile(qs).unstack()
+    _line_band(ax, per.index, _ratio(per[0.5]), _ratio(per[qs[1]]), _ratio(per[qs[2]]), color, label)
 
 
 def _line_band(
     ax: Axes,
     epoch: pd.Index | pd.Series,
-    mid: pd.Series,
-    lo: pd.Series,
-    hi: pd.Series,
+    mid: pd.Series | np.ndarray,
+    lo: pd.Series | np.ndarray,
+    hi: pd.Series | np.ndarray,
     color: ColorType,
     label: str,
     alpha: float = 0.2,
 ) -> None:
-    """Draw ``mid`` against 0-based ``epoch`` (at epoch + 1) with the band ``lo``–``hi`` around it."""
-    ax.plot(epoch + 1, mid, color=color, label=label)
-    ax.fill_between(epoch + 1, lo, hi, color=color, alpha=alpha, linewidth=0)
+    """Draw ``mid`` against 0-based ``epoch`` (at epoch + 1) with the band ``lo``–``hi`` around it.
+
+    A band edge at +inf (steps beyond any ratio) runs off the top of the axes, which keep to the finite values.
+    """
+    x = np.asarray(epoch) + 1
+    ax.plot(x, mid, color=color, label=label)
+    limits = ax.dataLim.frozen()
+    lo, hi = (np.where(np.isposinf(v), 1e30, v) for v in (np.asarray(lo, float), np.asarray(hi, float)))
+    ax.fill_between(x, lo, hi, color=color, alpha=alpha, linewidth=0)
+    ax.dataLim.set(limits)  # the band's finite edges only, below
+    edges = np.concatenate([lo, hi])
+    edges = edges[np.isfinite(edges) & (edges < 1e30)]
+    if len(edges):
+        ax.update_datalim(np.column_stack([np.full(len(edges), x[0]), edges]), updatex=False)
+    ax.autoscale_view()
 
 
 def _epoch_axis(ax: Axes) -> None:
@@ -146,9 +190,11 @@ def _epoch_axis(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(10, integer=True, steps=[1, 2, 5, 10]))
 
 
-def _left_out(records: pd.DataFrame) -> str:
-    """Say how many of the steps are not flagged ``"ok"`` and so left out of the α* medians."""
-    return f"{int((records['flag'] != 'ok').sum())} of {len(records)} steps left out"
+def _odd(records: pd.DataFrame) -> str:
+    """Say how many steps have α* ≤ 0 (counted in the medians, beyond any ratio) and how many are undefined."""
+    values = inverse(records)
+    odd, undefined = int((values <= 0).sum()), int(values.isna().sum())
+    return f"{odd} of {len(records)} steps with α* ≤ 0, counted" + (f"; {undefined} undefined" if undefined else "")
 
 
 def _per_epoch(records: pd.DataFrame, keys: list[str]) -> str:
@@ -174,11 +220,11 @@ def _log_ratio_axis(ax: Axes) -> None:
 def ratio_by(records: pd.DataFrame, hue: str, *, ax: Axes | None = None) -> Axes:
     r"""Plot the per-epoch median :math:`\alpha^*/\mathrm{lr}` with its 25–75% band, one line per ``hue``.
 
-    Only steps flagged ``"ok"`` (positive curvature, descent) enter; each legend entry gives the line's learning
-    rate (when it has one) and how many of its steps were left out; :func:`odd_share` shows what they were.
+    Every step counts (as in :func:`ratio_per_epoch`); each legend entry gives the line's learning rate (when it
+    has one) and how many of its steps had :math:`\alpha^* \le 0`; :func:`odd_share` shows what they were.
 
     Args:
-        records: Records of several runs: ``epoch``, ``ratio``, ``flag`` and the ``hue`` column.
+        records: Records of several runs: ``epoch``, ``lr_over_alpha`` and the ``hue`` column.
         hue: The column whose values tell the lines apart (``"optimizer"``, ``"lr0"``).
         ax: The axes to draw on; ``None`` makes a new figure.
 
@@ -189,7 +235,7 @@ def ratio_by(records: pd.DataFrame, hue: str, *, ax: Axes | None = None) -> Axes
     groups = records.groupby(hue, sort=False)
     for (name, rows), color in zip(groups, sns.color_palette(n_colors=groups.ngroups), strict=True):
         lr = _lr_text(rows)
-        _median_band(ax, rows, (0.25, 0.75), color, f"{name}{f' ({lr})' if lr else ''}, {_left_out(rows)}")
+        _median_band(ax, rows, (0.25, 0.75), color, f"{name}{f' ({lr})' if lr else ''}, {_odd(rows)}")
     _log_ratio_axis(ax)
     _epoch_axis(ax)
     per_epoch = _per_epoch(records, [hue, "epoch"])
@@ -238,18 +284,22 @@ def alpha_vs_lr(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     r"""Plot the per-epoch median :math:`\alpha^*` against the learning rate on log-log axes, with α* = lr.
 
     Each dot is one epoch of one run (colour: epoch, from 1); the line joins the last epoch's medians; the title
-    gives the probed steps per epoch and how many steps (not flagged ``"ok"``) are left out of the medians.
+    gives the probed steps per epoch and how many had :math:`\alpha^* \le 0`. Every step counts: the median is
+    :math:`\mathrm{lr}/\operatorname{median}(\mathrm{lr}/\alpha^*)` (an epoch where most steps are odd has no
+    finite median and no dot).
 
     Args:
-        records: Records of runs at several learning rates: ``lr``, ``epoch``, ``alpha_star``, ``flag``.
+        records: Records of runs at several learning rates: ``lr``, ``epoch``, ``lr_over_alpha``.
         ax: The axes to draw on; ``None`` makes a new figure.
 
     Returns:
         The axes drawn on.
     """
     ax = ax or plt.subplots(figsize=(6, 5))[1]
-    ok = records[records["flag"] == "ok"]
-    med = ok.groupby(["lr", "epoch"], as_index=False)["alpha_star"].median().assign(epoch=lambda m: m["epoch"] + 1)
+    med = records.assign(lr_over_alpha=inverse(records)).groupby(["lr", "epoch"], as_index=False)["lr_over_alpha"]
+    med = med.median()
+    med = med.assign(epoch=med["epoch"] + 1, alpha_star=med["lr"] * _ratio(med["lr_over_alpha"]))
+    med = med[np.isfinite(med["alpha_star"])]
     sns.scatterplot(data=med, x="lr", y="alpha_star", hue="epoch", palette="viridis", s=25, ax=ax, legend="brief")
     last = med[med["epoch"] == med.groupby("lr")["epoch"].transform("max")]
     ax.plot(last["lr"], last["alpha_star"], color="black", lw=1.5, marker="o", label="last epoch")
@@ -258,7 +308,7 @@ def alpha_vs_lr(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.update_datalim([(lo, lo), (hi, hi)])
     ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="median α* per epoch")
     ax.set_title(
-        f"dots: medians of {_per_epoch(records, ['lr', 'epoch'])} probed steps; {_left_out(records)}", fontsize="small"
+        f"dots: medians of {_per_epoch(records, ['lr', 'epoch'])} probed steps; {_odd(records)}", fontsize="small"
     )
     ax.legend(title="epoch", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return ax
@@ -267,11 +317,13 @@ def alpha_vs_lr(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
 def ratio_bands(summary: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     r"""Plot per-epoch medians of :math:`\alpha^*/\mathrm{lr}` across runs with their interval, one line per scope.
 
-    Epochs are drawn from 1.
+    ``summary`` summarises :math:`\mathrm{lr}/\alpha^*` (defined on every step, odd ones included), so the line is
+    its reciprocal and the band the reciprocal of its interval; the legend says over how many runs. Epochs are drawn
+    from 1.
 
     Args:
-        summary: The columns of :func:`alphalib.seed_summary` (``epoch``, ``median``, ``lo``, ``hi``) and a
-            ``scope`` column (``"batch"``, ``"full data"``, ...).
+        summary: :func:`alphalib.seed_summary` of ``lr_over_alpha`` (``epoch``, ``runs``, ``median``, ``lo``,
+            ``hi``) with a ``scope`` column (``"batch"``, ``"full data"``, ...).
         ax: The axes to draw on; ``None`` makes a new figure.
 
     Returns:
@@ -280,10 +332,12 @@ def ratio_bands(summary: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax = ax or plt.subplots(figsize=(8, 4.5))[1]
     colors = [f"C{i}" for i in (0, 3, 4, 1, 5)]  # blue, red, purple, ...: apart from the green α* = lr line
     for (scope, rows), color in zip(summary.groupby("scope", sort=False), colors, strict=False):
-        _line_band(ax, rows["epoch"], rows["median"], rows["lo"], rows["hi"], color, scope)
+        n = f"{rows['runs'].min()}" if rows["runs"].nunique() == 1 else f"{rows['runs'].min()}–{rows['runs'].max()}"
+        label = f"{scope} (over {n} seeds)"
+        _line_band(ax, rows["epoch"], _ratio(rows["median"]), _ratio(rows["hi"]), _ratio(rows["lo"]), color, label)
     _log_ratio_axis(ax)
     _epoch_axis(ax)
-    ax.legend(loc="best", fontsize="small", ncols=4)
+    ax.legend(loc="best", fontsize="small", ncols=2)
     return ax
 
 

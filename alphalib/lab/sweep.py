@@ -90,15 +90,19 @@ def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(list(axes[n]) for n in names))]
 
 
-def runs(points: Iterable[Mapping[str, Any]], **common: Any) -> History:
+def runs(points: Iterable[Mapping[str, Any]], *, workers: int = 1, **common: Any) -> History:
     """Call :func:`alphalib.run` with ``common`` updated by each point; return the histories concatenated.
 
     A point's ``problem`` names an :func:`alphalib.problem`, which gives the model, loss, training, α* and judging
     sets for the point's ``seed`` (keywords given as well take precedence). Keys :func:`alphalib.run` does not take
-    become tags (columns of every frame), as ``problem`` does.
+    become tags (columns of every frame), as ``problem`` does. With ``workers`` > 1 the runs are Dask tasks on a
+    ``LocalCluster`` of that many single-threaded worker processes (the ``sweep`` extra): each run is seeded, so the
+    histories are those of the runs made one by one, in the order of ``points`` (Dask starts its workers with one
+    thread each: ``OMP_NUM_THREADS=1``).
 
     Args:
         points: The runs, each a mapping of keywords for :func:`alphalib.run` and tags (:func:`grid` builds them).
+        workers: Worker processes to spread the runs over; 1 runs them here, one after the other.
         **common: Keywords for every run; a point's own values take precedence.
 
     Returns:
@@ -106,33 +110,55 @@ def runs(points: Iterable[Mapping[str, Any]], **common: Any) -> History:
         run had looks).
 
     Raises:
-        ValueError: If ``points`` is empty.
+        ValueError: If ``points`` is empty or ``workers`` is not a positive integer.
+        ImportError: If ``workers`` > 1 and ``dask.distributed`` is not installed.
     """
-    import inspect
-
     import pandas as pd
 
-    from .problems import problem
-    from .train import History, run
+    from .train import History
 
-    accepted = set(inspect.signature(run).parameters)
-    histories = []
-    for point in points:
-        kw = {**common, **point}
-        tags = dict(kw.pop("tags", None) or {})
-        if "problem" in kw:
-            p = problem(kw["problem"], seed=kw.get("seed", 0))
-            tags["problem"] = kw.pop("problem")
-            kw = dict(model=p.model, loss_fn=p.loss_fn, train_set=p.train, val_set=p.val, alpha_set=p.alpha) | kw
-        tags |= {k: kw.pop(k) for k in list(kw) if k not in accepted}
-        histories.append(run(**kw, tags=tags))
-    if not histories:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer (worker processes), got {workers!r}.")
+    jobs = [{**common, **point} for point in points]
+    if not jobs:
         raise ValueError("points is empty: give at least one point (alphalib.grid(...) builds them).")
+    if workers == 1 or len(jobs) == 1:
+        histories = [_run_one(kw) for kw in jobs]
+    else:
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError as exc:
+            raise ImportError('runs(workers=...) needs dask.distributed: pip install "alphalib-probe[sweep]".') from exc
+        with (
+            LocalCluster(
+                n_workers=min(workers, len(jobs)), threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            histories = client.gather(client.map(_run_one, jobs, pure=False))
     looked = [h.profiles for h in histories if h.profiles is not None]
     steps, epochs, records = (
         pd.concat([getattr(h, f) for h in histories], ignore_index=True) for f in ("steps", "epochs", "records")
     )
     return History(steps, epochs, records, profiles=pd.concat(looked, ignore_index=True) if looked else None)
+
+
+def _run_one(kw: dict[str, Any]) -> History:
+    """Make one run of :func:`runs`: a point's keywords, its ``problem`` looked up, the rest as tags."""
+    import inspect
+
+    from .problems import problem
+    from .train import run
+
+    accepted = set(inspect.signature(run).parameters)
+    kw = dict(kw)
+    tags = dict(kw.pop("tags", None) or {})
+    if "problem" in kw:
+        p = problem(kw["problem"], seed=kw.get("seed", 0))
+        tags["problem"] = kw.pop("problem")
+        kw = dict(model=p.model, loss_fn=p.loss_fn, train_set=p.train, val_set=p.val, alpha_set=p.alpha) | kw
+    tags |= {k: kw.pop(k) for k in list(kw) if k not in accepted}
+    return run(**kw, tags=tags)
 
 
 def _name(params: Mapping[str, Any]) -> str:

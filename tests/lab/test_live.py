@@ -112,16 +112,17 @@ def test_live_view_draws_the_records():
     assert view.png.startswith(b"\x89PNG") and view.draws >= 1
 
     # α* per step: the descent steps with H > 0 as dots at (step, α*), the lr as a line, log axis
-    assert alpha.get_yscale() == "log" and alpha.get_ylabel() == "α*" and alpha.get_xlabel() == "optimizer step"
+    (strip,) = alpha.child_axes  # the odd steps' strip below, which carries the step axis
+    assert alpha.get_yscale() == "log" and alpha.get_ylabel() == "α*" and strip.get_xlabel() == "optimizer step"
     ok = [(r.step, r.alpha_star) for r in recs if r.flag == "ok"]
     dots = np.concatenate([c.get_offsets() for c in alpha.collections if len(c.get_offsets()) == len(ok)])
     np.testing.assert_allclose(dots, np.array(ok, dtype=float))
     lr_line = next(line for line in alpha.lines if line.get_label() == "lr")
     np.testing.assert_array_equal(lr_line.get_ydata(), [r.lr for r in recs])
 
-    # α*/lr per epoch: the median of each epoch's ok steps, at epoch + 1
+    # α*/lr per epoch: the median of each epoch's steps (every step: 1 / median lr/α*), at epoch + 1
     assert ratio.get_yscale() == "log" and ratio.get_ylabel() == "α* / lr" and ratio.get_xlabel() == "epoch"
-    medians = [statistics.median(r.ratio for r in recs if r.epoch == e and r.flag == "ok") for e in range(3)]
+    medians = [1 / statistics.median(r.lr_over_alpha for r in recs if r.epoch == e) for e in range(3)]
     median_line = next(line for line in ratio.lines if line.get_label().startswith("median"))
     np.testing.assert_allclose(median_line.get_xdata(), [1, 2, 3])
     np.testing.assert_allclose(median_line.get_ydata(), medians)
@@ -262,26 +263,24 @@ def test_explorer_draws_the_chosen_run_and_its_sweep(sweep):
     every_lr = sweep[(sweep.optimizer == "Adam") & (sweep.seed == 1)]
     left, right = ex.figure.axes[:2]
 
-    # left: one dot per (lr, epoch) at the median α* of its ok steps, on log-log axes
+    # left: one dot per (lr, epoch) at the median α* of its steps (every step: lr / median lr/α*), log-log axes
     assert (left.get_xscale(), left.get_yscale()) == ("log", "log") and left.get_xlabel() == "learning rate"
-    expected = sorted(
-        (lr, float(np.median(g.alpha_star[g.flag == "ok"]))) for (lr, _), g in every_lr.groupby(["lr", "epoch"])
-    )
+    expected = sorted((lr, lr / float(np.median(g.lr_over_alpha))) for (lr, _), g in every_lr.groupby(["lr", "epoch"]))
     dots = sorted(map(tuple, left.collections[0].get_offsets()))
     np.testing.assert_allclose(dots, expected)
     chosen = left.collections[-1].get_offsets()[0]  # the ring: the chosen run's last epoch
-    last = run[(run.epoch == 2) & (run.flag == "ok")]
-    np.testing.assert_allclose(chosen, [1e-2, np.median(last.alpha_star)])
+    last = run[run.epoch == 2]
+    np.testing.assert_allclose(chosen, [1e-2, 1e-2 / np.median(last.lr_over_alpha)])
 
     # right: the chosen run's per-epoch median α*/lr
-    medians = [np.median(run.ratio[(run.epoch == e) & (run.flag == "ok")]) for e in range(3)]
+    medians = [1 / np.median(run.lr_over_alpha[run.epoch == e]) for e in range(3)]
     np.testing.assert_allclose(right.lines[0].get_ydata(), medians)
     assert "optimizer Adam, lr 0.01, seed 1" in ex.figure.get_suptitle()
 
-    # the table: one row per epoch (from 1) with the same medians over ok steps, the shares of odd steps, as HTML
+    # the table: one row per epoch (from 1) with the same medians over every step, the odd steps, as HTML
     assert ex.summary.index.tolist() == [1, 2, 3]
     np.testing.assert_allclose(ex.summary["median α*/lr"], medians)
-    np.testing.assert_allclose(ex.summary["ok steps"], [(run.flag[run.epoch == e] == "ok").sum() for e in range(3)])
+    np.testing.assert_allclose(ex.summary["α* ≤ 0"], [(run.lr_over_alpha[run.epoch == e] <= 0).sum() for e in range(3)])
     np.testing.assert_allclose(
         ex.summary["H<0 share"], [run.flag[run.epoch == e].str.contains("negative").mean() for e in range(3)]
     )
@@ -308,8 +307,9 @@ def test_explorer_and_live_view_are_readable_at_100_percent_zoom(sweep, tmp_path
     assert "font-size: 14px" in ex.table.value and "overflow-y:scroll" in ex.table.value
 
 
-def test_explorer_table_leaves_odd_steps_out_of_the_medians():
-    """Steps with H < 0 along d have a negative α*: the table's medians, like the figure's, leave them out."""
+def test_explorer_table_counts_odd_steps_in_the_medians():
+    """Steps with H < 0 along d have a negative α*: the table's medians, like the figure's, count them (through
+    lr/α*, continuous across them), as steps beyond any positive α*."""
     rows = [
         dict(step=s, epoch=0, lr=1e-3, alpha_star=a, ratio=a / 1e-3, flag=f, loss=1.0, optimizer="Adam")
         for s, (a, f) in enumerate(
@@ -318,7 +318,9 @@ def test_explorer_table_leaves_odd_steps_out_of_the_medians():
     ]
     ex = live.explore(pd.DataFrame(rows))
     row = ex.summary.loc[1]
-    assert (row["steps"], row["ok steps"], row["median α*"], row["H<0 share"]) == (5, 3, 0.03, 0.4)
+    # 1/α*: -2, -2.5, 50, 25, 33.3: the median is 25, so the median α* is 0.04 (0.03 with the odd steps dropped)
+    assert (row["steps"], row["α* ≤ 0"], row["H<0 share"]) == (5, 2, 0.4)
+    assert row["median α*"] == pytest.approx(0.04) and row["median α*/lr"] == pytest.approx(40.0)
 
 
 def test_explorer_reads_a_folder_of_records_files(sweep, tmp_path):

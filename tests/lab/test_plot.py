@@ -26,6 +26,7 @@ def records() -> pd.DataFrame:
             "lr": lr,
             "ratio": ratio,
             "alpha_star": [r * lr for r in ratio],
+            "lr_over_alpha": [1 / r for r in ratio],  # continuous through the odd steps, NaN where undefined
             "optimizer": ["A", "B"] * 5,
         }
     )
@@ -33,18 +34,21 @@ def records() -> pd.DataFrame:
 
 def test_alpha_per_step_accounts_for_every_step(records):
     ax = plot.alpha_per_step(records)
-    sizes = {c.get_label().split("(")[0].strip(): len(c.get_offsets()) for c in ax.collections}
-    assert sizes == {"α*, descent, H>0": 6, "step with negative curvature": 2, "step with ascent": 1}
-    assert "1 of 10 steps undefined" in ax.get_title()
+    (strip,) = ax.child_axes
+    sizes = {c.get_label().split("(")[0].strip(): len(c.get_offsets()) for c in [*ax.collections, *strip.collections]}
+    assert sizes == {"α*, descent, H>0": 6, "step with negative curvature, α* ≤ 0": 2, "step with ascent, α* ≤ 0": 1}
+    assert "3 of 10 steps odd" in ax.get_title() and "1 undefined" in ax.get_title()
     (lr_line,) = [line for line in ax.lines if line.get_label() == "lr"]
     assert np.all(np.asarray(lr_line.get_ydata()) == 0.01)
-    assert ax.get_yscale() == "log" and ax.get_xlabel() and ax.get_ylabel()
-    # negative-curvature and ascent steps are ticks at the bottom (axes coordinates), not step sizes
-    for kind in ("negative", "ascent"):
-        (odd,) = [c for c in ax.collections if kind in c.get_label()]
-        assert np.all(odd.get_offsets()[:, 1] < 0.1) and odd.get_transform() is not ax.transData
+    assert ax.get_yscale() == "log" and strip.get_xlabel() == "optimizer step" and ax.get_ylabel() == "α*"
+    # negative-curvature and ascent steps are ticks in the strip below, not step sizes on the α* axis
+    assert not [c for c in ax.collections if "ascent" in c.get_label() or "negative" in c.get_label()]
     (descent,) = [c for c in ax.collections if "descent" in c.get_label()]
     assert np.all(descent.get_offsets()[:, 1] > 0)
+    # the per-epoch median counts every step: 1 / median(1/α*); epoch 2 has more odd steps than not: no finite median
+    median = _line(ax, "per-epoch median")
+    assert median.get_ydata()[0] == pytest.approx(1 / np.median([50, 25, 12.5, 100 / 3, 20]))
+    assert np.isinf(median.get_ydata()[1])
 
 
 def test_alpha_per_step_draws_the_step_size_a_learning_rate_free_optimizer_chose(records):
@@ -56,17 +60,22 @@ def test_alpha_per_step_draws_the_step_size_a_learning_rate_free_optimizer_chose
 
 
 def test_ratio_bands_and_losses_draw_each_scope_and_the_references():
-    summary = pd.DataFrame(
+    summary = pd.DataFrame(  # of lr / alpha*: the lines are the reciprocals
         {
             "epoch": [0, 1] * 2,
-            "median": [3.0, 4.0, 30.0, 40.0],
-            "lo": [2.0, 3.0, 20.0, 30.0],
-            "hi": [4.0, 5.0, 40.0, 50.0],
+            "runs": 5,
+            "median": [0.25, 0.5, 0.025, 0.05],
+            "lo": [0.2, 0.4, 0.02, 0.04],
+            "hi": [0.5, 1.0, 0.05, 0.1],
             "scope": ["full data"] * 2 + ["batch"] * 2,
         }
     )
     ax = plot.ratio_bands(summary)
-    assert ax.get_yscale() == "log" and {"full data", "batch"} <= {line.get_label() for line in ax.lines}
+    assert ax.get_yscale() == "log"
+    full, batch = _line(ax, "full data (over 5 seeds)"), _line(ax, "batch (over 5 seeds)")
+    assert list(full.get_ydata()) == [4.0, 2.0] and list(batch.get_ydata()) == [40.0, 20.0]
+    ((band,), _) = [c.get_paths() for c in ax.collections]
+    assert band.vertices[:, 1].min() == pytest.approx(1.0) and band.vertices[:, 1].max() == pytest.approx(5.0)
     assert len(ax.collections) == 2 and any(np.all(np.asarray(line.get_ydata()) == 1.0) for line in ax.lines)
     epochs = pd.DataFrame({"epoch": [0, 1, 0, 1], "train_loss": [1.0, 0.9, 1.1, 0.8], "val_loss": [1.0, 1.1, 1.2, 1.3]})
     ax = plot.losses_per_epoch(epochs, baseline=1.05)
@@ -84,29 +93,33 @@ def _line(ax, start):
 def test_ratio_per_epoch_draws_the_median_and_its_band_from_epoch_1(records):
     ax = plot.ratio_per_epoch(records)
     median = _line(ax, "median")
-    assert list(median.get_xdata()) == [1, 2] and list(median.get_ydata()) == [4.0, 7.0]  # ok steps only
-    assert "10–90%" in median.get_label() and "4 of 10 steps left out" in median.get_label()
+    # every step counts: epoch 1's lr/α* are 1/2, 1/4, 1/8, 1/3, 1/5 (median 1/4); epoch 2's median is negative
+    assert list(median.get_xdata()) == [1, 2] and list(median.get_ydata()) == [4.0, np.inf]
+    assert "10–90%" in median.get_label() and "2 of 10 steps with α* ≤ 0, counted; 1 undefined" in median.get_label()
     ((band,),) = [c.get_paths() for c in ax.collections]
-    assert band.vertices[:, 1].min() == pytest.approx(2.4) and band.vertices[:, 1].max() == pytest.approx(7.0)
+    lo = 1 / np.quantile([1 / 2, 1 / 4, 1 / 8, 1 / 3, 1 / 5], 0.9)
+    assert band.vertices[:, 1].min() == pytest.approx(lo) and band.vertices[:, 1].max() > 1e20  # off the top
+    assert ax.get_ylim()[1] < 100, "the view keeps to the finite values"
     assert np.all(np.asarray(_line(ax, "α* = lr").get_ydata()) == 1.0) and ax.get_yscale() == "log"
     assert "5 probed steps per epoch" in ax.get_title()
     assert not ax.patches  # no boxes
 
 
-def test_ratio_by_names_each_lines_lr_and_left_out_steps(records):
+def test_ratio_by_names_each_lines_lr_and_odd_steps(records):
     ax = plot.ratio_by(records.assign(lr0=records.optimizer.map({"A": 1e-3, "B": 3e-2})), "optimizer")
     a, b = _line(ax, "A"), _line(ax, "B")
-    assert a.get_label() == "A (lr 1e-3), 2 of 5 steps left out"
-    assert b.get_label() == "B (lr 3e-2), 2 of 5 steps left out"
-    assert list(a.get_xdata()) == [1] and list(a.get_ydata()) == [5.0]  # epoch 1 of A has no ok step
-    assert list(b.get_xdata()) == [1, 2] and list(b.get_ydata()) == [3.5, 7.0]
+    assert a.get_label() == "A (lr 1e-3), 1 of 5 steps with α* ≤ 0, counted; 1 undefined"
+    assert b.get_label() == "B (lr 3e-2), 1 of 5 steps with α* ≤ 0, counted"
+    assert list(a.get_ydata()) == [5.0, np.inf]  # epoch 2 of A: one step with α* < 0, one undefined
+    assert list(b.get_xdata()) == [1, 2] and list(b.get_ydata()) == pytest.approx([1 / np.median([1 / 4, 1 / 3]), 7.0])
     assert a.get_color() != b.get_color() and len(ax.collections) == 2
     assert np.all(np.asarray(_line(ax, "α* = lr").get_ydata()) == 1.0) and ax.get_yscale() == "log"
     assert "25–75%" in ax.get_title() and "2–3 probed steps" in ax.get_title()
     # without lr0 the current lr names the line; a line that mixes learning rates gets none
     assert _line(plot.ratio_by(records, "optimizer"), "A").get_label().startswith("A (lr 1e-2), ")
     mixed = records.assign(lr=[0.1, 0.2] * 5, run="both")
-    assert _line(plot.ratio_by(mixed, "run"), "both").get_label() == "both, 4 of 10 steps left out"
+    label = _line(plot.ratio_by(mixed, "run"), "both").get_label()
+    assert label == "both, 2 of 10 steps with α* ≤ 0, counted; 1 undefined"
 
 
 def test_odd_share_counts_each_group_and_names_its_lr(records):
@@ -121,14 +134,14 @@ def test_alpha_vs_lr_has_the_diagonal_epochs_from_1_and_counts(records):
     ax = plot.alpha_vs_lr(pd.concat([records, records.assign(lr=0.1, alpha_star=records.ratio * 0.1)]))
     diag = _line(ax, "α* = lr")
     (x1, y1), (x2, y2) = diag.get_xy1(), diag.get_xy2()
-    assert x1 == y1 == pytest.approx(0.01) and x2 == y2 == pytest.approx(0.7)  # the least lr, the largest median α*
+    assert x1 == y1 == pytest.approx(0.01) and x2 == y2 == pytest.approx(0.4)  # the least lr, the largest median α*
     assert ax.get_ylim()[0] <= y1 and ax.get_xlim()[1] >= x2  # the diagonal's span stays in view
     assert ax.get_xscale() == ax.get_yscale() == "log" and ax.get_ylabel() == "median α* per epoch"
     entries = {t.get_text() for t in ax.get_legend().get_texts()}
-    assert {"1", "2"} <= entries and "0" not in entries
-    assert "medians of 5 probed steps" in ax.get_title() and "8 of 20 steps left out" in ax.get_title()
+    assert "1" in entries and not {"0", "2"} & entries  # epoch 2: more odd steps than not, no finite median
+    assert "medians of 5 probed steps" in ax.get_title() and "4 of 20 steps with α* ≤ 0" in ax.get_title()
     last = _line(ax, "last epoch")
-    assert list(last.get_xdata()) == [0.01, 0.1] and list(last.get_ydata()) == pytest.approx([0.07, 0.7])
+    assert list(last.get_xdata()) == [0.01, 0.1] and list(last.get_ydata()) == pytest.approx([0.04, 0.4])
 
 
 def test_no_axis_is_labelled_in_lr_units(records):

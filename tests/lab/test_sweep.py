@@ -106,6 +106,19 @@ def test_runs_equal_the_runs_made_one_by_one_and_tag_what_run_does_not_take():
     pd.testing.assert_frame_equal(by_name.records, direct.records)
     with pytest.raises(ValueError, match="points is empty"):
         alphalib.runs([])
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        alphalib.runs(points, workers=0)
+
+
+def test_runs_on_two_worker_processes_equal_the_runs_made_here():
+    points = alphalib.grid(problem=["seed problem"], lr=[1e-3, 1e-2], seed=[0, 1])
+    here = alphalib.runs(points, epochs=1, every=3, progress=False)
+    there = alphalib.runs(points, epochs=1, every=3, progress=False, workers=2)
+    pd.testing.assert_frame_equal(there.records, here.records, rtol=1e-6)  # (float64: one thread each side)
+    pd.testing.assert_frame_equal(there.steps, here.steps, rtol=1e-6)
+    assert there.epochs.drop(columns=["seconds", "probe_seconds"]).equals(
+        here.epochs.drop(columns=["seconds", "probe_seconds"])
+    )
 
 
 def test_sweep_on_a_local_cluster_reports_a_failure_finishes_the_rest_and_resumes(tiny, tmp_path):

@@ -1,0 +1,256 @@
+r"""The findings table: the key numbers of notebooks 01–04, computed from their records files alone.
+
+:func:`findings` reads ``01_adam_alpha_star.csv.gz``, ``02_optimizers.csv.gz``, ``03_lr_sweep.csv.gz`` and
+``04_models_and_data.csv.gz`` from a folder and returns Markdown tables of what the README quotes: per phase, setup
+and learning rate, the median over seeds of each seed's median :math:`\alpha^*/\mathrm{lr} = 1/\operatorname{median}
+(\mathrm{lr}/\alpha^*)`, counting every step (:func:`alphalib.lab.stats.seed_summary`, inverted), with its 95% BCa
+interval over seeds, and the share of steps with :math:`\alpha^* \le 0`. Every number goes through :func:`number`
+(three significant digits), so the README can copy them; the bootstrap's fixed seed makes two runs give the same
+bytes. A missing file skips its section, said in one line. The command line writes the same text::
+
+    python -m alphalib.lab.findings results > figures/findings.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..records import read as read_records
+from .stats import seed_summary
+
+__all__ = ["findings", "number", "main", "FILES", "LEVEL"]
+
+#: The records files, by section, as the notebooks write them.
+FILES = {
+    "01": "01_adam_alpha_star.csv.gz",
+    "02": "02_optimizers.csv.gz",
+    "03": "03_lr_sweep.csv.gz",
+    "04": "04_models_and_data.csv.gz",
+}
+#: The confidence level of every interval.
+LEVEL = 0.95
+BEYOND = "beyond any ratio (most steps had α* ≤ 0)"
+RULE = (
+    "α*/lr = 1 / median(lr/α*): every step counted; α* ≤ 0 sits beyond any ratio (a median ≤ 0 of lr/α* is "
+    f"reported as '{BEYOND}'). Per group: the median over seeds of each seed's median, with its "
+    f"{LEVEL:.0%} BCa bootstrap interval over seeds; α* ≤ 0: steps with lr/α* ≤ 0 among those where it is defined, "
+    "all seeds pooled. Epochs are numbered from 1."
+)
+
+
+def number(x: float) -> str:
+    """Return ``x`` rounded to three significant digits, written without an exponent; ``"n/a"`` if not finite.
+
+    Example:
+        >>> [number(x) for x in (1234.5, 117.6, 8.804, 0.012345, 2.0, float("nan"))]
+        ['1230', '118', '8.8', '0.0123', '2', 'n/a']
+    """
+    if not math.isfinite(x):
+        return "n/a"
+    rounded = float(f"{x:.3g}")
+    return "0" if rounded == 0 else str(np.format_float_positional(rounded, trim="-"))
+
+
+def findings(results_dir: str | Path) -> str:
+    """Return the Markdown findings of the records files in ``results_dir`` (see the module).
+
+    Args:
+        results_dir: The folder holding the records files named in :data:`FILES`.
+
+    Returns:
+        The document: the sources and the rule, then one section per file (one line for a missing file).
+    """
+    folder = Path(results_dir)
+    frames = {key: _load(folder / name) for key, name in FILES.items()}
+    sections = {"01": _seed_problem, "02": _optimizers, "03": _lr_sweep, "04": _models_and_data}
+    titles = {"01": "seed problem", "02": "optimizers", "03": "lr sweep", "04": "models and data"}
+    parts = [f"# Findings: the records in `{folder.name}/`", _sources(frames), RULE]
+    for key, section in sections.items():
+        frame = frames[key]
+        body = (
+            f"`{FILES[key]}` is not in `{folder.name}/`: section skipped."
+            if frame is None
+            else section(frame)
+            if len(frame)
+            else f"`{FILES[key]}` holds no records: section skipped."
+        )
+        parts.append(f"## {key} · {titles[key]}\n\n{body}")
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print :func:`findings` of the folder named on the command line; return the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m alphalib.lab.findings", description="Print the findings table of a folder of records."
+    )
+    parser.add_argument("results_dir", nargs="?", default="results", help="the folder of records (default: results)")
+    args = parser.parse_args(argv)
+    sys.stdout.write(findings(args.results_dir))
+    return 0
+
+
+def _load(path: Path) -> pd.DataFrame | None:
+    """Read a records file (``None`` if it is missing); one run without a ``seed`` column counts as seed 0."""
+    if not path.exists():
+        return None
+    frame = read_records(path)
+    if "seed" not in frame:
+        frame["seed"] = 0
+    if "lr0" not in frame:
+        frame["lr0"] = frame["lr"]  # the lr a run was given
+    return frame
+
+
+def _sources(frames: dict[str, pd.DataFrame | None]) -> str:
+    """Return the table of the files read: seeds, probed steps and epochs of each, or that it is missing."""
+    rows = [
+        [f"`{FILES[key]}`", "missing", "", ""]
+        if frame is None
+        else [f"`{FILES[key]}`", str(frame["seed"].nunique()), str(len(frame)), _epochs(frame["epoch"])]
+        for key, frame in frames.items()
+    ]
+    return _table(["file", "seeds", "probed steps", "epochs"], rows)
+
+
+def _seed_problem(frame: pd.DataFrame) -> str:
+    scopes = {"mini-batch": frame["lr_over_alpha"]}
+    for name, column in (("full training data", "full_ratio"), ("held-out data", "heldout_ratio")):
+        if column in frame and frame[column].notna().any():
+            scopes[name] = (1 / frame[column]).replace([np.inf, -np.inf], np.nan)  # lr/α* of the sampled steps
+    epoch = frame["epoch"]
+    first, last = int(epoch.min()), int(epoch.max())
+    half = first + (last - first + 1) // 2
+    phases = {
+        f"epoch {first + 1} (first)": epoch == first,
+        f"epoch {last + 1} (last)": epoch == last,
+        f"{_span(half, last)} (second half)": epoch >= half,
+        f"{_span(first, last)} (all)": epoch.notna(),
+    }
+    rows = [
+        [phase, scope, _ratio(frame[mask], values[mask]), _share(values[mask])]
+        for phase, mask in phases.items()
+        for scope, values in scopes.items()
+    ]
+    return _setting(frame) + "\n\n" + _table(["phase", "scope", "α*/lr", "steps with α* ≤ 0"], rows)
+
+
+def _optimizers(frame: pd.DataFrame) -> str:
+    rows: list[list[str]] = []
+    for (optimizer, lr), runs in frame.groupby(["optimizer", "lr0"], sort=False):
+        first, last = runs["epoch"] == runs["epoch"].min(), runs["epoch"] == runs["epoch"].max()
+        values = runs["lr_over_alpha"]
+        rows.append(
+            [str(optimizer), _lr(lr), _epochs(runs["epoch"])]
+            + [_ratio(runs[first], values[first]), _ratio(runs[last], values[last]), _share(values)]
+        )
+    header = ["optimizer", "lr", "epochs", "α*/lr, first epoch", "α*/lr, last epoch", "steps with α* ≤ 0 (all epochs)"]
+    return _setting(frame, ["problem"]) + "\n\n" + _table(header, rows)
+
+
+def _lr_sweep(frame: pd.DataFrame) -> str:
+    rows: list[list[str]] = []
+    closest: dict[float, pd.Series] = {}  # per lr: |log(α*/lr)| of each seed's last epoch
+    for lr, runs in frame.groupby("lr0", sort=True):
+        last = runs[runs["epoch"] == runs["epoch"].max()]
+        rows.append([_lr(lr), str(int(last["epoch"].iloc[0]) + 1), _ratio(last), _share(last["lr_over_alpha"])])
+        per_seed = last.groupby("seed")["lr_over_alpha"].median()
+        closest[lr] = np.abs(np.log(per_seed.where(per_seed > 0)))  # |log(α*/lr)|; NaN where beyond any ratio
+    distance = pd.DataFrame(closest)  # seeds x lrs
+    chosen = distance.dropna(how="all").idxmin(axis=1)
+    counts = chosen.value_counts()
+    seeds = len(chosen)
+    for row, lr in zip(rows, closest, strict=True):
+        row.append(f"{int(counts.get(lr, 0))} of {_seeds(seeds)}")
+    header = ["lr", "last epoch", "α*/lr, last epoch", "steps with α* ≤ 0, last epoch", "α*/lr closest to 1 (log)"]
+    if seeds:
+        best = [_lr(lr) for lr in sorted(counts.index) if counts[lr] == counts.max()]
+        line = f"α*/lr of the last epoch closest to 1 in log, per seed: lr {' and '.join(best)}, "
+        line += f"in {int(counts.max())} of {_seeds(seeds)}" + (" each" if len(best) > 1 else "") + "."
+    else:
+        line = "α*/lr of the last epoch closest to 1 in log, per seed: no seed has a positive median α*."
+    return _setting(frame, ["problem", "optimizer"]) + "\n\n" + _table(header, rows) + "\n\n" + line
+
+
+def _models_and_data(frame: pd.DataFrame) -> str:
+    rows: list[list[str]] = []
+    for problem, setup in frame.groupby("problem", sort=False):
+        for lr, runs in setup.groupby("lr0", sort=True):
+            last = runs[runs["epoch"] == runs["epoch"].max()]
+            epoch = str(int(last["epoch"].iloc[0]) + 1)
+            rows.append([str(problem), _lr(lr), epoch, _ratio(last), _share(last["lr_over_alpha"])])
+    header = ["problem", "lr", "last epoch", "α*/lr, last epoch", "steps with α* ≤ 0, last epoch"]
+    return _setting(frame, ["optimizer"]) + "\n\n" + _table(header, rows)
+
+
+def _ratio(rows: pd.DataFrame, values: pd.Series | None = None) -> str:
+    """Return the median over seeds of each seed's median α*/lr (every step counted) with its interval over seeds."""
+    data = rows.assign(_value=rows["lr_over_alpha"] if values is None else values, _group=0)
+    summary = seed_summary(data, "_value", by="_group", level=LEVEL)
+    if summary.empty or not summary["runs"].iloc[0]:
+        return "n/a (no defined steps)"
+    median, lo, hi, runs = (summary[c].iloc[0] for c in ("median", "lo", "hi", "runs"))
+    head = number(1 / median) if median > 0 else BEYOND
+    if runs == 1:
+        return f"{head} (1 seed: no interval)"
+    if math.isnan(lo):
+        return f"{head} (no interval: all {runs} seeds agree)"
+    if hi <= 0:
+        bounds = "[both ends beyond any ratio]"
+    else:  # lr/α* from lo to hi is α*/lr from 1/hi up, through infinity when lo ≤ 0
+        bounds = f"[{number(1 / hi)}, {number(1 / lo) if lo > 0 else 'beyond any ratio'}]"
+    return f"{head} {bounds} ({LEVEL:.0%} BCa, over {runs} seeds)"
+
+
+def _share(values: pd.Series) -> str:
+    """Return the share of the defined values that are ≤ 0 (steps with α* ≤ 0), and the counts."""
+    defined = values.dropna()
+    if defined.empty:
+        return "n/a (no defined steps)"
+    odd = int((defined <= 0).sum())
+    return f"{number(100 * odd / len(defined))}% ({odd} of {len(defined)})"
+
+
+def _setting(frame: pd.DataFrame, columns: Sequence[str] = ("problem", "optimizer", "lr0")) -> str:
+    """Return one line naming the values that ``columns`` take in the file."""
+    named = {"problem": "problem", "optimizer": "optimizer", "lr0": "lr"}
+    parts = []
+    for column in (c for c in columns if c in frame):
+        values = list(dict.fromkeys(frame[column].dropna()))
+        shown = [_lr(v) for v in values] if column == "lr0" else [str(v) for v in values]
+        parts.append(f"{named[column]}: {', '.join(shown)}")
+    return "; ".join(parts) + "."
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+def _epochs(epoch: pd.Series) -> str:
+    return _span(int(epoch.min()), int(epoch.max())).removeprefix("epochs ").removeprefix("epoch ")
+
+
+def _span(first: int, last: int) -> str:
+    """Name the epochs ``first`` to ``last`` (counted from 0) as ``epochs 11–20``, or ``epoch 20``."""
+    return f"epochs {first + 1}–{last + 1}" if last > first else f"epoch {first + 1}"
+
+
+def _lr(lr: float) -> str:
+    """Write a learning rate as ``1e-3``, ``3e-4``, ``2.5e-2``."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{np.format_float_positional(float(mantissa), trim='-')}e{int(exponent)}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
