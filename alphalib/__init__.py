@@ -8,6 +8,7 @@ on that minimum.
 
 from ._checks import ParamVector
 from ._function import Objective, objective
+from .blocks import BlockAlpha, block_alpha
 from .curvature import BACKENDS, AlphaResult, Backend, alpha_star, hvp
 from .direction import direction
 from .optim import step_size
@@ -59,6 +60,9 @@ __all__ = [
     "AlphaResult",
     "Backend",
     "BACKENDS",
+    # ... and per group of parameters (a diagonal block of the Hessian each)
+    "block_alpha",
+    "BlockAlpha",
     # the optimizer's direction
     "direction",
     "ParamVector",

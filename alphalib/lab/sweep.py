@@ -106,8 +106,8 @@ def runs(points: Iterable[Mapping[str, Any]], *, workers: int = 1, **common: Any
         **common: Keywords for every run; a point's own values take precedence.
 
     Returns:
-        One :class:`~alphalib.lab.train.History` with the runs' frames concatenated (``profiles`` ``None`` unless a
-        run had looks).
+        One :class:`~alphalib.lab.train.History` with the runs' frames concatenated (``profiles`` and ``blocks``
+        ``None`` unless a run had looks or blocks).
 
     Raises:
         ValueError: If ``points`` is empty or ``workers`` is not a positive integer.
@@ -136,11 +136,14 @@ def runs(points: Iterable[Mapping[str, Any]], *, workers: int = 1, **common: Any
             Client(cluster) as client,
         ):
             histories = client.gather(client.map(_run_one, jobs, pure=False))
-    looked = [h.profiles for h in histories if h.profiles is not None]
     steps, epochs, records = (
         pd.concat([getattr(h, f) for h in histories], ignore_index=True) for f in ("steps", "epochs", "records")
     )
-    return History(steps, epochs, records, profiles=pd.concat(looked, ignore_index=True) if looked else None)
+    optional = {}
+    for name in ("profiles", "blocks"):  # present where a run had looks, or blocks
+        frames = [getattr(h, name) for h in histories if getattr(h, name) is not None]
+        optional[name] = pd.concat(frames, ignore_index=True) if frames else None
+    return History(steps, epochs, records, **optional)
 
 
 def _run_one(kw: dict[str, Any]) -> History:

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from .._checks import check_counts
+from .._checks import check_counts, trainable
 from .._function import LossFn
+from ..blocks import BlockAlpha, block_alpha, resolve_groups
 from ..curvature import Backend
 from ..optim import eval_mode, train_mode
 from ..probe import AlphaProbe
-from ..records import Stream, TensorBoard
+from ..records import Record, Stream, TensorBoard
 from ..scaled import AlphaScaled
 from ..spectrum import next_step_profiles
 from .data import loader
@@ -33,21 +36,50 @@ class History:
     """What a training run produced, as tidy frames that concatenate across runs.
 
     Attributes:
-        steps: One row per step: ``epoch``, ``step``, ``loss`` (the mini-batch loss before the step).
-        epochs: One row per epoch: ``epoch``, ``train_loss`` (mean), ``seconds`` (training time so far, the
-            probe's included, validation not), ``probe_seconds`` (the probe's share of ``seconds``: what observing
-            cost; 0 without a probe and for the α*-scaled steps, whose measurement is part of the method), and with
+        steps: One row per step: ``epoch``, ``step``, ``loss`` (the mini-batch loss before the step), ``lr`` (the
+            first param group's learning rate the step was taken with).
+        epochs: One row per epoch: ``epoch``, ``train_loss`` (the mean over the epoch's samples: each batch's loss
+            weighted by its size, the number of its targets), ``seconds`` (training time so far, the probe's
+            included, validation not), ``probe_seconds`` (the probe's share of ``seconds``: what observing cost; 0
+            without a probe and for the α*-scaled steps, whose measurement is part of the method), and with
             validation ``val_loss`` and, for class targets, ``val_accuracy``.
         records: The probe's records (empty without a probe), or the α*-scaled steps' records.
         profiles: Line profiles along the next step (``run(looks=...)``): ``alpha`` (a learning rate:
             ``alpha == lr`` is the step taken), ``loss``, ``quadratic``, ``scope``, ``epoch`` (epochs done), ``lr``,
             ``alpha_star``, ``trust``; ``None`` without looks.
+        blocks: α* per group of parameters on the probed steps (``run(blocks=...)``): one row per step and group,
+            ``step``, ``epoch``, ``group``, ``lr`` and the fields of :class:`alphalib.BlockAlpha` (``slope``,
+            ``curvature``, ``alpha_star``, ``ratio``, ``lr_over_alpha``, ``flag``, ``step_norm``, ``size``);
+            ``None`` without blocks.
     """
 
     steps: pd.DataFrame
     epochs: pd.DataFrame
     records: pd.DataFrame
     profiles: pd.DataFrame | None = field(default=None)
+    blocks: pd.DataFrame | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step :func:`train` took, as its ``after_step`` sees it: after the step, before the scheduler's.
+
+    Attributes:
+        index: The step's index, counted from 0 over the run (the probe's ``step``).
+        epoch: The epoch it belongs to, counted from 0.
+        batch: The ``(inputs, targets)`` pair it was taken on.
+        lr: The first param group's learning rate it was taken with.
+        before: :math:`\\theta_t`, copies of the model's trainable parameters before the step, in the order of
+            ``[p for p in model.parameters() if p.requires_grad]`` (the model holds :math:`\\theta_{t+1}`).
+        record: The probe's record of the step on probed steps, else ``None``.
+    """
+
+    index: int
+    epoch: int
+    batch: Any
+    lr: float
+    before: list[torch.Tensor]
+    record: Record | None
 
 
 @torch.no_grad()
@@ -95,13 +127,16 @@ def train(
     live: bool = False,
     records_to: str | Path | None = None,
     tensorboard: str | Path | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
+    after_step: Callable[[Step], None] | None = None,
 ) -> History:
     """Train for ``epochs`` passes over ``batches``, letting ``probe`` take the steps.
 
-    Validation runs after every epoch, in eval mode; then ``after_epoch(epochs_done)``. An optimizer with train and
-    eval points (Schedule-Free) steps in train mode, is validated in eval mode and is left in eval mode, so that the
-    model ends on the point it returns (see :mod:`alphalib.optim`). Listeners attached here are detached when
-    training ends or fails.
+    After every optimizer step: ``after_step`` (with the parameters before the step), then the learning-rate
+    scheduler's step. Validation runs after every epoch, in eval mode; then ``after_epoch(epochs_done)``. An optimizer
+    with train and eval points (Schedule-Free) steps in train mode, is validated in eval mode and is left in eval mode,
+    so that the model ends on the point it returns (see :mod:`alphalib.optim`). Listeners attached here are detached
+    when training ends or fails.
 
     Args:
         model: The network to train, put in train mode.
@@ -122,9 +157,17 @@ def train(
             (:class:`alphalib.records.Stream`: a crash loses at most the epoch under way).
         tensorboard: A log folder for TensorBoard scalars of the probe's records
             (:class:`alphalib.records.TensorBoard`).
+        scheduler: Builds the learning-rate schedule from the optimizer (called once, before the first step), e.g.
+            ``lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1, (t + 1) / 100))``; it is stepped
+            after every optimizer step, so step ``t`` is taken at the schedule's ``t``-th learning rate (each step's
+            is in ``History.steps``, and in the probe's records).
+        after_step: Called after every optimizer step with its :class:`Step` (the batch, the learning rate,
+            :math:`\\theta_t`, the probe's record), before the scheduler steps; e.g. to measure more along the step
+            taken (what ``run(blocks=...)`` does). It must leave the parameters as they are.
 
     Returns:
-        The :class:`History` of the run: its steps, its epochs and the probe's records (``profiles`` is ``None``).
+        The :class:`History` of the run: its steps, its epochs and the probe's records (``profiles`` and ``blocks``
+        are ``None``).
 
     Raises:
         ValueError: If ``epochs`` is not a positive integer, or ``live``, ``records_to`` or ``tensorboard`` is given
@@ -152,30 +195,40 @@ def train(
             watching = watch(probe, title=f"{type(optimizer).__name__} (lr {lr:g}): α* as training runs")
         if sinks:
             probe.listeners.extend(sinks)
-    steps: list[tuple[int, int, float]] = []  # (epoch, step, loss)
+    steps: list[tuple[int, int, float, float]] = []  # (epoch, step, loss, lr)
     per_epoch: list[dict[str, float]] = []
     model.train()
     train_mode(optimizer)
+    schedule = scheduler(optimizer) if scheduler is not None else None
     bar = tqdm(range(epochs), desc="epochs", disable=not progress)
     seconds = 0.0  # training time so far: the steps (the probe's included), not validation
     try:
         for epoch in bar:
-            first, start = len(steps), time.perf_counter()
+            start = time.perf_counter()
+            total, samples = 0.0, 0  # the epoch's loss summed over its samples, and their number
             for x, y in batches:
                 optimizer.zero_grad()
                 loss = loss_fn(model(x), y)
                 loss.backward()
+                lr = float(optimizer.param_groups[0]["lr"])
+                before = [p.detach().clone() for p in trainable(model)] if after_step is not None else []
+                rec = None
                 if probe is None:
                     optimizer.step()
                 else:
-                    probe.step((x, y), epoch=epoch)
-                steps.append((epoch, len(steps), loss.item()))
+                    rec = probe.step((x, y), epoch=epoch)
+                steps.append((epoch, len(steps), loss.item(), lr))
+                total, samples = total + steps[-1][2] * len(y), samples + len(y)
+                if after_step is not None:
+                    after_step(Step(len(steps) - 1, epoch, (x, y), lr, before, rec))
+                if schedule is not None:
+                    schedule.step()
             seconds += time.perf_counter() - start
             for sink in sinks:
                 sink.flush()
             row = {
                 "epoch": epoch,
-                "train_loss": sum(s[2] for s in steps[first:]) / max(len(steps) - first, 1),
+                "train_loss": total / samples if samples else math.nan,
                 "seconds": seconds,
                 "probe_seconds": getattr(probe, "seconds", 0.0),
             }
@@ -196,7 +249,7 @@ def train(
                 probe.listeners.remove(sink)
             sink.close()
     records = probe.to_frame() if probe is not None else pd.DataFrame()
-    return History(pd.DataFrame(steps, columns=["epoch", "step", "loss"]), pd.DataFrame(per_epoch), records)
+    return History(pd.DataFrame(steps, columns=["epoch", "step", "loss", "lr"]), pd.DataFrame(per_epoch), records)
 
 
 def run(
@@ -223,6 +276,9 @@ def run(
     live: bool = False,
     records_to: str | Path | None = None,
     tensorboard: str | Path | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
+    held_out_set: Dataset | None = None,
+    blocks: Mapping[str, Sequence[str]] | None = None,
 ) -> History:
     r"""Run one seeded, probed training run: build ``model()`` and the optimizer, train, tag every row.
 
@@ -267,6 +323,18 @@ def run(
         records_to: Stream the records to a ``.csv`` file or a folder of Parquet parts as training runs (see
             :func:`train`).
         tensorboard: A log folder for TensorBoard scalars of the records (see :func:`train`).
+        scheduler: Builds the learning-rate schedule from the optimizer; stepped after every step (see
+            :func:`train`). ``lr0`` stays the learning rate the optimizer was built with.
+        held_out_set: Data the run never trains on, for the probe's held-out scope: on the probed steps whose index
+            is a multiple of ``full_every`` (every probed step without ``full_every``) the probe also measures α*
+            along the same step on a fresh random batch of ``batch_size`` drawn from it (the ``heldout_*``
+            columns; drawn from its own generator, seeded by ``seed``), in place of the whole ``val_set``. The
+            full-data scope still comes with ``full_every`` only.
+        blocks: Groups of parameters (group name -> parameter or module names, as :func:`alphalib.block_alpha`
+            takes them): on every probed step, α* of each group along the step, at :math:`\theta_t` on the step's
+            batch, into ``History.blocks`` (one Hessian-vector product per group, on top of the probe's, counted in
+            the epochs' ``seconds``, not in ``probe_seconds``; in the model's train mode: with dropout, a mask of its
+            own).
 
     Returns:
         The run's :class:`History`. Every frame carries ``optimizer``, ``seed`` and ``lr0`` (the initial learning
@@ -274,7 +342,8 @@ def run(
 
     Raises:
         ValueError: If a count (``epochs``, ``batch_size``, ``every``, ``full_every``, ``sharpness_every``) is not a
-            positive integer, or the ``"heldout"`` source of ``"alpha_scaled"`` is asked for without ``alpha_set``.
+            positive integer, the ``"heldout"`` source of ``"alpha_scaled"`` is asked for without ``alpha_set``, or
+            ``blocks`` do not name the model's parameters in groups that do not overlap (before training).
     """
     import pandas as pd
 
@@ -283,6 +352,8 @@ def run(
     )
     torch.manual_seed(seed)
     net = model()
+    if blocks is not None:
+        resolve_groups(net, blocks)  # bad groups raise before training
     full = loader(train_set, 1024) if full_every is not None or looks else None
     val = loader(val_set, 512) if val_set is not None else None
     kwargs = dict(optimizer_kwargs or {})
@@ -310,6 +381,8 @@ def run(
         scopes: dict[str, Any] = (
             dict(full_data=full, held_out=val, full_every=full_every) if full_every is not None else {}
         )
+        if held_out_set is not None:
+            scopes |= dict(held_out=_fresh_batches(held_out_set, batch_size, seed + 3), full_every=full_every or every)
         probe = AlphaProbe(
             net, loss_fn, opt, curvature=curvature, every=every, tags=labels, sharpness_every=sharpness_every, **scopes
         )
@@ -333,6 +406,17 @@ def run(
                     )
                 )
 
+    rows: list[dict[str, Any]] = []  # per group of parameters, on the probed steps
+
+    def measure_blocks(step: Step) -> None:
+        if blocks is not None and step.record is not None:
+            found = block_alpha(net, loss_fn, step.batch, blocks, theta=step.before, lr=step.lr)
+            rows.extend(
+                {"step": step.index, "epoch": step.epoch, "group": name, "lr": step.lr}
+                | {f: getattr(res, f) for f in BLOCK_COLUMNS}
+                for name, res in found.items()
+            )
+
     history = train(
         net,
         loss_fn,
@@ -346,10 +430,32 @@ def run(
         live=live,
         records_to=records_to,
         tensorboard=tensorboard,
+        scheduler=scheduler,
+        after_step=measure_blocks if blocks is not None else None,
     )
     probe.remove()
     looked = pd.concat(profiles, ignore_index=True) if profiles else None
-    for frame in (history.steps, history.epochs, *([looked] if profiles else [])):
+    per_group = (
+        pd.DataFrame(rows, columns=["step", "epoch", "group", "lr", *BLOCK_COLUMNS]) if blocks is not None else None
+    )
+    for frame in (
+        history.steps,
+        history.epochs,
+        *([looked] if profiles else []),
+        *([per_group] if per_group is not None else []),
+    ):
         for key, value in labels.items():
             frame[key] = value
-    return History(history.steps, history.epochs, history.records, profiles=looked)
+    return History(history.steps, history.epochs, history.records, profiles=looked, blocks=per_group)
+
+
+#: the fields of :class:`alphalib.BlockAlpha` that ``History.blocks`` holds (all but the parameters' names)
+BLOCK_COLUMNS = tuple(f for f in BlockAlpha.__dataclass_fields__ if f != "names")
+
+
+def _fresh_batches(data: Dataset, batch_size: int, seed: int) -> DataLoader:
+    """Return a loader that yields one fresh random batch of ``data`` each time it is iterated (its own generator:
+    the global RNG is not drawn from)."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = RandomSampler(cast(Sized, data), num_samples=min(batch_size, len(cast(Sized, data))), generator=gen)
+    return DataLoader(data, batch_size=batch_size, sampler=pick, generator=gen)

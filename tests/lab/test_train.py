@@ -94,3 +94,98 @@ def test_run_records_the_objective_and_looks_without_changing_training():
     assert sorted(looks.index) == [(1, "batch"), (1, "full data"), (3, "batch"), (3, "full data")]
     assert looks.notna().all() and (seen.profiles["optimizer"] == "Adam").all()
     assert plain.profiles is None
+
+
+def test_train_loss_weighs_each_batch_by_its_size():
+    """10 samples in batches of 4, 4 and 2: the epoch's train_loss is the mean over samples, not over batches."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    data = _classification(n=10)
+    x, y = data.tensors
+    y[8:] = model(x[8:]).argmin(1)  # the last, small batch has a loss far from the others'
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # no step: every batch's loss is that of the same model
+    history = alphalib.train(model, F.cross_entropy, opt, alphalib.loader(data, 4), epochs=1, progress=False)
+    with torch.no_grad():
+        per_sample = F.cross_entropy(model(x), y, reduction="none")
+    batch_means = [per_sample[i : i + 4].mean().item() for i in (0, 4, 8)]
+    assert history.epochs["train_loss"].item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    assert history.epochs["train_loss"].item() != pytest.approx(sum(batch_means) / 3, rel=1e-3)  # the old mean
+    assert history.steps["loss"].tolist() == pytest.approx(batch_means, rel=1e-6)
+
+
+def test_scheduler_steps_after_every_step_and_each_step_records_its_lr():
+    def warmup(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 4))
+
+    kw = dict(lr=0.1, optimizer="SGD", epochs=2, batch_size=8, every=2, progress=False)
+    history = alphalib.run(lambda: nn.Linear(4, 3), F.cross_entropy, _classification(), scheduler=warmup, **kw)
+    expected = [0.1 * min(1.0, (t + 1) / 4) for t in range(10)]
+    assert history.steps["lr"].tolist() == pytest.approx(expected)
+    assert history.records["lr"].tolist() == pytest.approx(expected[::2])  # the probe saw the same lr
+    assert history.records["ratio"].to_numpy() == pytest.approx(
+        (history.records["alpha_star"] / history.records["lr"]).to_numpy()
+    )
+    assert (history.steps["lr0"] == 0.1).all()
+    plain = alphalib.run(lambda: nn.Linear(4, 3), F.cross_entropy, _classification(), **kw)
+    assert plain.steps["lr"].tolist() == [0.1] * 10
+
+
+def test_after_step_sees_the_parameters_before_the_step_and_the_probes_record():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+
+    def after(step):
+        for p, b in zip(model.parameters(), step.before, strict=True):  # plain SGD: theta_t+1 = theta_t - lr g
+            assert torch.allclose(p.detach(), b - step.lr * p.grad)
+        seen.append((step.index, step.epoch, step.record is not None, len(step.batch[1])))
+
+    with alphalib.AlphaProbe(model, F.cross_entropy, opt, every=2) as probe:
+        alphalib.train(
+            model, F.cross_entropy, opt, alphalib.loader(_classification(n=20), 8), epochs=2, probe=probe,
+            progress=False, after_step=after,
+        )  # fmt: skip
+    assert seen == [(0, 0, True, 8), (1, 0, False, 8), (2, 0, True, 4), (3, 1, False, 8), (4, 1, True, 8),
+                    (5, 1, False, 4)]  # fmt: skip
+
+
+def test_run_measures_blocks_and_fresh_held_out_batches_without_changing_training():
+    def net():
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    kw = dict(lr=0.01, epochs=2, batch_size=8, every=2, progress=False)
+    plain = alphalib.run(net, F.cross_entropy, _classification(), **kw)
+    groups = {"first": ["0"], "last": ["2.weight", "2.bias"]}
+    seen = alphalib.run(net, F.cross_entropy, _classification(), blocks=groups, held_out_set=_classification(seed=2),
+                        tags={"setup": "toy"}, **kw)  # fmt: skip
+    assert seen.steps["loss"].tolist() == plain.steps["loss"].tolist()
+    assert seen.records["ratio"].tolist() == plain.records["ratio"].tolist()
+    assert plain.blocks is None and plain.records["heldout_ratio"].isna().all()
+    # a fresh held-out batch on every probed step (a different loss each time); no full-data scope without full_every
+    assert seen.records["heldout_ratio"].notna().all() and seen.records["heldout_loss"].nunique() == len(seen.records)
+    assert seen.records["full_ratio"].isna().all()
+    blocks = seen.blocks
+    assert blocks["step"].tolist() == [s for s in seen.records["step"] for _ in groups]
+    assert blocks["group"].tolist() == list(groups) * len(seen.records)
+    assert (blocks["setup"] == "toy").all() and (blocks["seed"] == 0).all()
+    assert blocks["ratio"].to_numpy() == pytest.approx((blocks["alpha_star"] / blocks["lr"]).to_numpy())
+    assert blocks.groupby("step").slope.sum().to_numpy() == pytest.approx(seen.records["slope"].to_numpy(), rel=1e-4)
+    # one group holding every parameter: the whole step's alpha*, as the probe recorded it
+    whole = alphalib.run(net, F.cross_entropy, _classification(), blocks={"all": [""]}, **kw)
+    assert whole.blocks["alpha_star"].to_numpy() == pytest.approx(whole.records["alpha_star"].to_numpy(), rel=1e-4)
+    # with dropout, training draws from the global RNG: the blocks and the held-out draws leave it as it was
+
+    def dropped():
+        return nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 3))
+
+    plain = alphalib.run(dropped, F.cross_entropy, _classification(), **kw)
+    extra = dict(blocks={"all": [""]}, held_out_set=_classification(seed=3))
+    seen = alphalib.run(dropped, F.cross_entropy, _classification(), **extra, **kw)
+    assert seen.steps["loss"].tolist() == plain.steps["loss"].tolist()
+
+
+def test_bad_blocks_are_refused_before_training():
+    with pytest.raises(ValueError, match="group 'head' names 'head', which is neither a parameter nor a module"):
+        alphalib.run(lambda: nn.Linear(4, 3), F.cross_entropy, _classification(), blocks={"head": ["head"]},
+                     progress=False)  # fmt: skip
