@@ -32,3 +32,25 @@ def test_the_pages_have_examples():
         if p.name in {"probe.md", "backends.md"}
     }
     assert all(attempted.values()), attempted
+
+
+def _numbers(text: str) -> list[str]:
+    """The numbers a text states (1e-3, 0.92, 21.2%, 1230), notebook references like (01) or (01–04) left out."""
+    import re
+
+    text = re.sub(r"\((?:\d\d(?:–\d\d)?(?:, )?)+\)", "", text)
+    return re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e-\d+)?%?", text)
+
+
+def test_the_readme_findings_are_copied_from_the_generated_findings_table():
+    """Every number the README's findings state is in figures/findings.md, which the committed records give."""
+    pytest.importorskip("scipy")
+    from alphalib.lab.findings import findings
+
+    table = (ROOT / "figures" / "findings.md").read_text()
+    assert table == findings(ROOT / "results"), "figures/findings.md is what results/ gives: make figures"
+    section = (ROOT / "README.md").read_text().split("## What the notebooks found", 1)[1].split("\n## ", 1)[0]
+    quoted = _numbers(section)
+    assert len(quoted) >= 8, "the findings quote the table's numbers"
+    available = set(_numbers(table))
+    assert [n for n in quoted if n not in available] == []

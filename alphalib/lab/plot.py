@@ -368,7 +368,7 @@ def losses_per_epoch(epochs: pd.DataFrame, *, baseline: float | None = None, ax:
 
 
 def final_loss_vs_lr(epochs: pd.DataFrame, *, column: str = "train_loss", ax: Axes | None = None) -> Axes:
-    """Plot the last epoch's ``column`` against the initial learning rate, one dot per run.
+    """Plot the last epoch's ``column`` against the initial learning rate: a dot per run, a line through the medians.
 
     Args:
         epochs: Per-epoch rows of runs at several learning rates: ``epoch``, ``lr0`` and ``column``.
@@ -379,13 +379,17 @@ def final_loss_vs_lr(epochs: pd.DataFrame, *, column: str = "train_loss", ax: Ax
         The axes drawn on.
     """
     ax = ax or plt.subplots(figsize=(6, 5))[1]
-    last = epochs[epochs["epoch"] == epochs["epoch"].max()].sort_values("lr0")
-    ax.plot(last["lr0"], last[column], marker="o", color="black")
+    last = epochs[epochs["epoch"] == epochs["epoch"].max()]
+    median = last.groupby("lr0")[column].median()
+    ax.scatter(last["lr0"], last[column], s=12, color="black", alpha=0.35, linewidths=0)
+    ax.plot(median.index, median.to_numpy(), marker="o", color="black")
+    runs = last.groupby("lr0").size()
+    each = f"{runs.min()}" if runs.min() == runs.max() else f"{runs.min()}–{runs.max()}"
     ax.set(
         xscale="log",
         xlabel="learning rate",
         ylabel=f"final {column.replace('_', ' ')}",
-        title=f"after epoch {int(last['epoch'].iloc[0]) + 1}, one dot per run",
+        title=f"after epoch {int(last['epoch'].iloc[0]) + 1}: median of {each} runs, a dot per run",
     )
     return ax
 

@@ -155,6 +155,9 @@ def test_final_loss_vs_lr_takes_the_last_epoch_sorted_by_lr():
     (line,) = ax.lines
     assert list(line.get_xdata()) == [0.01, 0.1] and list(line.get_ydata()) == [1.5, 1.0]
     assert ax.get_xscale() == "log" and ax.get_title().startswith("after epoch 2")
+    two = pd.concat([epochs, epochs.assign(train_loss=epochs.train_loss * 3)])  # a second run per lr
+    ax = plot.final_loss_vs_lr(two)
+    assert list(ax.lines[0].get_ydata()) == [3.0, 2.0] and len(ax.collections[0].get_offsets()) == 4  # medians
 
 
 def test_save_writes_png_and_svg(tmp_path, records):
