@@ -38,6 +38,9 @@ PARAMS_08_sweep_summary := $(FIGURES) -y "axes: {lr: [0.0003, 0.001, 0.003, 0.01
 	-y "fixed: {runs: 1, epochs: 20}" -p sweep_dir ../build/sweeps/08_figures
 PARAMS_09_closing_the_loop := $(FIGURES) -p epochs 8 -p runs 3 -y "kappas: [0.1, 0.25, 0.5, 1.0]"
 PARAMS_10_lr_free := $(FIGURES) -p epochs 8 -p runs 3
+# 11: a 1.04 M-parameter GPT, 2000 AdamW steps (warm-up 200, cosine decay), probed every 50th, 3 seeds on 2 workers
+PARAMS_11_gpt_at_scale := $(FIGURES) $(RECORDS) -p steps 2000 -p d_model 144 -p layers 4 -p block 64 -p batch 32 \
+	-p seeds 3 -p workers 2 -p every 50 -p warmup 200 -p heldout_windows 1024
 
 figures: install $(filter-out %/00_explore.ipynb,$(NOTEBOOKS:notebooks/%=build/notebooks/%)) build/notebooks/00_explore.ipynb
 	$(BIN)/python -m alphalib.lab.findings results > figures/findings.md  # the numbers the README quotes

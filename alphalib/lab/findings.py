@@ -33,6 +33,7 @@ FILES = {
     "02": "02_optimizers.csv.gz",
     "03": "03_lr_sweep.csv.gz",
     "04": "04_models_and_data.csv.gz",
+    "11": "11_gpt_at_scale.csv.gz",
 }
 #: The confidence level of every interval.
 LEVEL = 0.95
@@ -69,8 +70,8 @@ def findings(results_dir: str | Path) -> str:
     """
     folder = Path(results_dir)
     frames = {key: _load(folder / name) for key, name in FILES.items()}
-    sections = {"01": _seed_problem, "02": _optimizers, "03": _lr_sweep, "04": _models_and_data}
-    titles = {"01": "seed problem", "02": "optimizers", "03": "lr sweep", "04": "models and data"}
+    sections = {"01": _seed_problem, "02": _optimizers, "03": _lr_sweep, "04": _models_and_data, "11": _gpt}
+    titles = {"01": "seed problem", "02": "optimizers", "03": "lr sweep", "04": "models and data", "11": "GPT at scale"}
     parts = [f"# Findings: the records in `{folder.name}/`", _sources(frames), RULE]
     for key, section in sections.items():
         frame = frames[key]
@@ -187,6 +188,29 @@ def _models_and_data(frame: pd.DataFrame) -> str:
             rows.append([str(problem), _lr(lr), epoch, _ratio(last), _share(last["lr_over_alpha"])])
     header = ["problem", "lr", "last epoch", "α*/lr, last epoch", "steps with α* ≤ 0, last epoch"]
     return _setting(frame, ["optimizer"]) + "\n\n" + _table(header, rows)
+
+
+def _gpt(frame: pd.DataFrame) -> str:
+    """Per phase of the schedule: α*/lr on the step's batch and on a held-out batch along the same step; the gap."""
+    heldout = (1 / frame["heldout_ratio"]).replace([np.inf, -np.inf], np.nan)  # lr/α* on the held-out batch
+    phase = frame["phase"] if "phase" in frame else pd.Series("all steps", index=frame.index)
+    rows = [
+        [str(name), str(int(mask.sum())), _ratio(frame[mask]), _share(frame["lr_over_alpha"][mask]),
+         _ratio(frame[mask], heldout[mask]), _share(heldout[mask])]
+        for name, mask in ((name, phase == name) for name in dict.fromkeys(phase))
+    ]  # fmt: skip
+    header = ["phase", "probed steps", "α*/lr, step's batch", "α* ≤ 0", "α*/lr, held-out batch", "α* ≤ 0 (held out)"]
+    both = (frame["ratio"] > 0) & (frame["heldout_ratio"] > 0)
+    gap = np.log(frame["ratio"][both] / frame["heldout_ratio"][both])
+    measured = frame["heldout_ratio"].notna() | frame["heldout_slope"].notna()
+    flipped = (frame["ratio"] > 0) & ~(frame["heldout_ratio"] > 0) & measured
+    noise = (
+        f"Along the same step, the step's batch α* over the held-out batch's (steps where both are > 0, "
+        f"{int(both.sum())} of {int(measured.sum())}): median factor {number(float(np.exp(gap.median())))}, median "
+        f"|ln| {number(float(gap.abs().median()))}; held-out α* ≤ 0 where the batch's is > 0 on "
+        f"{number(100 * flipped.sum() / max(int(measured.sum()), 1))}% of the steps."
+    )
+    return _setting(frame, ["optimizer"]) + "\n\n" + _table(header, rows) + "\n\n" + noise
 
 
 def _ratio(rows: pd.DataFrame, values: pd.Series | None = None) -> str:

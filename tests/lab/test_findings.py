@@ -206,3 +206,27 @@ def test_two_calls_give_the_same_text_and_the_command_line_prints_it(tmp_path, c
     assert findings(str(tmp_path)) == text
     assert main([str(tmp_path)]) == 0
     assert capsys.readouterr().out == text
+
+
+def test_the_gpt_section_compares_the_step_s_batch_with_a_held_out_batch_along_the_same_step(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = []
+    for seed in range(3):
+        for i in range(8):
+            batch = float(np.exp(rng.normal(2.0, 0.3)))  # alpha*/lr on the step's batch
+            held = -1.0 if i == 0 else batch / float(np.exp(rng.normal(1.0, 0.2)))  # one held-out step with alpha* < 0
+            rows.append(dict(step=i, epoch=0, seed=seed, phase="warm-up" if i < 4 else "decay", optimizer="AdamW",
+                             lr=1e-3, ratio=batch, lr_over_alpha=1 / batch, heldout_ratio=held, heldout_slope=-1.0,
+                             flag="ok"))  # fmt: skip
+    _write(tmp_path, "11", rows)
+    frame = pd.DataFrame(rows)
+    text = findings(tmp_path)
+    for phase in ("warm-up", "decay"):
+        part = frame[frame.phase == phase]
+        per_seed = part.groupby("seed").lr_over_alpha.median()
+        cells = _cells(text, phase)
+        assert cells[0] == "12" and cells[1].startswith(number(1 / float(np.median(per_seed)))), cells
+    both = frame[frame.heldout_ratio > 0]
+    factor = float(np.exp(np.median(np.log(both.ratio / both.heldout_ratio))))
+    assert f"median factor {number(factor)}" in text and "(steps where both are > 0, 21 of 24)" in text
+    assert "on 12.5% of the steps" in text  # 3 of 24 held-out steps with alpha* <= 0 while the batch's is > 0
