@@ -10,6 +10,8 @@ import numpy as np
 import seaborn as sns
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 
+from .stats import ratio
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
@@ -93,7 +95,7 @@ def alpha_per_step(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     if "epoch" in records and records["epoch"].notna().any():
         per = records.assign(inverse=inverse(records) / size)  # 1/α*, every step with a nonzero slope
         per = per.groupby("epoch").agg(step=("step", "mean"), inverse=("inverse", "median"))
-        ax.plot(per["step"], _ratio(per["inverse"]), color="black", lw=1.8, label="per-epoch median α* (every step)")
+        ax.plot(per["step"], ratio(per["inverse"]), color="black", lw=1.8, label="per-epoch median α* (every step)")
     own = not size.equals(records["lr"])  # chosen by a learning-rate-free optimizer
     ax.plot(records["step"], size, color="tab:green", ls="--", lw=1.8, label="step size" if own else "lr")
     ax.set_yscale("log")
@@ -114,17 +116,6 @@ def inverse(records: pd.DataFrame) -> pd.Series:
     if "lr_over_alpha" in records:
         return records["lr_over_alpha"]
     return 1 / records["ratio"]
-
-
-def _ratio(inverse: pd.Series | np.ndarray) -> np.ndarray:
-    """Return α*/lr (or α*) from a median or quantile of its reciprocal: 1/x where x > 0, +inf where x ≤ 0.
-
-    The reciprocal (``lr_over_alpha``) is defined on every step with a nonzero slope; a value ≤ 0 there (most steps
-    odd) means no finite step size is the model's minimum: drawn as off the top.
-    """
-    x = np.asarray(inverse, dtype=float)
-    with np.errstate(divide="ignore"):
-        return np.where(x > 0, 1 / np.where(x > 0, x, 1.0), np.where(np.isnan(x), np.nan, np.inf))
 
 
 def ratio_per_epoch(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
@@ -154,7 +145,7 @@ def _median_band(ax: Axes, records: pd.DataFrame, band: tuple[float, float], col
     """Draw the per-epoch median α*/lr of every step at epoch + 1, with the quantile ``band`` around it."""
     qs = [0.5, 1 - band[0], 1 - band[1]]  # quantiles of lr/α*: the reciprocal reverses the order
     per = inverse(records).groupby(records["epoch"]).quantile(qs).unstack()
-    _line_band(ax, per.index, _ratio(per[0.5]), _ratio(per[qs[1]]), _ratio(per[qs[2]]), color, label)
+    _line_band(ax, per.index, ratio(per[0.5]), ratio(per[qs[1]]), ratio(per[qs[2]]), color, label)
 
 
 def _line_band(
@@ -298,7 +289,7 @@ def alpha_vs_lr(records: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax = ax or plt.subplots(figsize=(6, 5))[1]
     med = records.assign(lr_over_alpha=inverse(records)).groupby(["lr", "epoch"], as_index=False)["lr_over_alpha"]
     med = med.median()
-    med = med.assign(epoch=med["epoch"] + 1, alpha_star=med["lr"] * _ratio(med["lr_over_alpha"]))
+    med = med.assign(epoch=med["epoch"] + 1, alpha_star=med["lr"] * ratio(med["lr_over_alpha"]))
     med = med[np.isfinite(med["alpha_star"])]
     sns.scatterplot(data=med, x="lr", y="alpha_star", hue="epoch", palette="viridis", s=25, ax=ax, legend="brief")
     last = med[med["epoch"] == med.groupby("lr")["epoch"].transform("max")]
@@ -334,7 +325,7 @@ def ratio_bands(summary: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     for (scope, rows), color in zip(summary.groupby("scope", sort=False), colors, strict=False):
         n = f"{rows['runs'].min()}" if rows["runs"].nunique() == 1 else f"{rows['runs'].min()}–{rows['runs'].max()}"
         label = f"{scope} (over {n} seeds)"
-        _line_band(ax, rows["epoch"], _ratio(rows["median"]), _ratio(rows["hi"]), _ratio(rows["lo"]), color, label)
+        _line_band(ax, rows["epoch"], ratio(rows["median"]), ratio(rows["hi"]), ratio(rows["lo"]), color, label)
     _log_ratio_axis(ax)
     _epoch_axis(ax)
     ax.legend(loc="best", fontsize="small", ncols=2)

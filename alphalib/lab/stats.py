@@ -18,7 +18,7 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["interval", "seed_summary", "paired_difference"]
+__all__ = ["interval", "seed_summary", "paired_difference", "ratio"]
 
 Method = Literal["BCa", "percentile", "basic"]
 
@@ -203,3 +203,19 @@ def paired_difference(
             row["lower"] = float((a < b).mean()) if len(delta) else math.nan
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def ratio(inverse: float | Sequence[float] | np.ndarray) -> np.ndarray:
+    r"""Return :math:`\alpha^*/\mathrm{lr}` from a median or quantile of :math:`\mathrm{lr}/\alpha^*`: ``1/x`` where
+    ``x > 0``, ``+inf`` where ``x <= 0``, NaN where ``x`` is NaN.
+
+    ``lr_over_alpha`` is defined on every step with a nonzero slope; a median of it that is ≤ 0 (most steps had
+    :math:`\alpha^* \le 0`) means no finite step is the model's minimum: beyond any ratio.
+
+    Example:
+        >>> ratio([0.25, -1.0, float("nan")]).tolist(), float(ratio(0.5))
+        ([4.0, inf, nan], 2.0)
+    """
+    x = np.asarray(inverse, dtype=float)
+    with np.errstate(divide="ignore"):
+        return np.where(x > 0, 1 / np.where(x > 0, x, 1.0), np.where(np.isnan(x), np.nan, np.inf))
