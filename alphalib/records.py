@@ -370,28 +370,44 @@ class TensorBoard:
         self.writer.close()
 
 
-def epoch_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Return per-epoch medians of α*, α*/lr and lr/α*, and the shares of odd steps, one row per epoch.
+def epoch_summary(frame: pd.DataFrame, *, by: str | Sequence[str] = ()) -> pd.DataFrame:
+    """Return per-epoch medians of α*, α*/lr and lr/α*, and the shares of odd steps, one row per epoch (and group).
 
     Args:
         frame: Records as a DataFrame (:func:`to_frame`), with an ``epoch`` column.
+        by: Columns that tell runs apart (``["method", "seed"]``), summarised separately; none: one run.
 
     Returns:
-        A DataFrame indexed by epoch with ``steps``, ``undefined`` (the steps whose α* is NaN, dropped by the α*
-        medians), ``median_alpha_star``, ``median_ratio``, ``median_lr_over_alpha`` (where ``frame`` has
-        ``lr_over_alpha``: defined on every step with a nonzero slope, so it keeps the odd steps that the α*
-        medians drop), ``negative_curvature`` and ``ascent`` (shares of the steps so flagged) and ``loss`` (the
-        mean).
+        A DataFrame indexed by ``by`` and epoch with ``steps``, ``undefined`` (the steps whose α* is NaN, dropped by
+        the α* medians), ``median_alpha_star``, ``median_ratio``; where ``frame`` has them, ``median_lr_over_alpha``
+        (defined on every step with a nonzero slope, so it keeps the odd steps that the α* medians drop) with
+        ``alpha_le_0`` (the share of those steps with lr/α* ≤ 0), ``median_lr`` and ``median_step_size``; then
+        ``negative_curvature`` and ``ascent`` (shares of the steps so flagged) and ``loss`` (the mean).
+
+    Example:
+        >>> import pandas as pd
+        >>> frame = pd.DataFrame({"seed": [0, 0, 1], "epoch": 0, "step": [0, 1, 0], "alpha_star": [1.0, -1.0, 2.0],
+        ...                       "ratio": [1e3, -1e3, 2e3], "lr_over_alpha": [1e-3, -1e-3, 5e-4], "loss": 1.0,
+        ...                       "flag": ["ok", "negative_curvature", "ok"]})
+        >>> summary = epoch_summary(frame, by="seed")  # seed 0: one step of two has α* ≤ 0
+        >>> summary.index.tolist(), summary.median_lr_over_alpha.tolist(), summary.alpha_le_0.tolist()
+        ([(0, 0), (1, 0)], [0.0, 0.0005], [0.5, 0.0])
     """
+    keys = [by] if isinstance(by, str) else list(by)
     flag = frame["flag"]
-    columns = {"lr_over_alpha": frame["lr_over_alpha"]} if "lr_over_alpha" in frame else {}
+    extra: dict[str, tuple[str, str]] = {}
+    columns = {}
+    if "lr_over_alpha" in frame:
+        inverse = frame["lr_over_alpha"]
+        columns["alpha_le_0"] = (inverse <= 0).astype(float).where(inverse.notna())
+        extra |= {"median_lr_over_alpha": ("lr_over_alpha", "median"), "alpha_le_0": ("alpha_le_0", "mean")}
+    extra |= {f"median_{name}": (name, "median") for name in ("lr", "step_size") if name in frame}
     summary = frame.assign(
         negative_curvature=flag.str.contains("negative_curvature"),
         ascent=flag.str.contains("ascent"),
         undefined=frame["ratio"].isna(),
         **columns,
-    ).groupby("epoch")
-    extra = {"median_lr_over_alpha": ("lr_over_alpha", "median")} if columns else {}
+    ).groupby([*keys, "epoch"])
     return summary.agg(
         steps=("step", "size"),
         undefined=("undefined", "sum"),
@@ -402,6 +418,11 @@ def epoch_summary(frame: pd.DataFrame) -> pd.DataFrame:
         ascent=("ascent", "mean"),
         loss=("loss", "mean"),
     )
+
+
+def _beyond(inverse: float) -> float:
+    """Return 1/x for a median x of lr/α*: +inf where x ≤ 0 (most steps had α* ≤ 0: beyond any ratio), NaN for NaN."""
+    return 1 / inverse if inverse > 0 else math.inf if inverse <= 0 else math.nan
 
 
 def key_numbers(frame: pd.DataFrame, by: str | Sequence[str] = (), *, digits: int = 2) -> pd.DataFrame:
@@ -419,7 +440,8 @@ def key_numbers(frame: pd.DataFrame, by: str | Sequence[str] = (), *, digits: in
     Returns:
         A DataFrame, indexed by the ``by`` groups, with the columns ``steps`` (probed steps), ``ok`` (the share
         flagged ``ok``), ``alpha_over_lr`` (:math:`1/\operatorname{median}(\mathrm{lr}/\alpha^*)`: the median
-        :math:`\alpha^*/s` counting every step, odd ones included), ``loss_first`` and ``loss_last`` (the mean
+        :math:`\alpha^*/s` counting every step, odd ones included; +inf where that median is ≤ 0, most steps having
+        :math:`\alpha^* \le 0`), ``loss_first`` and ``loss_last`` (the mean
         batch loss of the first and the last epoch probed).
 
     Example:
@@ -439,7 +461,7 @@ def key_numbers(frame: pd.DataFrame, by: str | Sequence[str] = (), *, digits: in
         return {
             "steps": len(rows),
             "ok": rounded((rows["flag"] == "ok").mean()),
-            "alpha_over_lr": rounded(1 / rows["lr_over_alpha"].median()),
+            "alpha_over_lr": rounded(_beyond(rows["lr_over_alpha"].median())),
             "loss_first": rounded(rows["loss"][epochs == epochs.min()].mean()),
             "loss_last": rounded(rows["loss"][epochs == epochs.max()].mean()),
         }

@@ -198,3 +198,41 @@ def test_tensorboard_scalars_are_the_records(tmp_path):
         scalars = events.Scalars(f"alphalib/{name}")
         assert [s.step for s in scalars] == history.records.step.tolist()
         np.testing.assert_allclose([s.value for s in scalars], history.records[name], rtol=1e-6)  # stored as float32
+
+
+def test_epoch_summary_by_run_counts_every_step_by_hand():
+    frame = pd.DataFrame(
+        {
+            "seed": [0, 0, 0, 1, 1],
+            "epoch": [0, 0, 0, 0, 1],
+            "step": [0, 1, 2, 0, 1],
+            "lr": [0.1, 0.3, 0.2, 0.1, 0.1],
+            "alpha_star": [1.0, -2.0, float("nan"), 0.5, 4.0],
+            "ratio": [10.0, -20.0, float("nan"), 5.0, 40.0],
+            "lr_over_alpha": [0.1, -0.05, float("nan"), 0.2, 0.025],  # step 2: zero slope, lr/α* undefined
+            "loss": [1.0, 2.0, 3.0, 4.0, 6.0],
+            "flag": ["ok", "negative_curvature", "zero_curvature", "ok", "ok"],
+        }
+    )
+    summary = alphalib.epoch_summary(frame, by="seed")
+    assert list(summary.index) == [(0, 0), (1, 0), (1, 1)]
+    assert list(summary["steps"]) == [3, 1, 1] and list(summary["undefined"]) == [1, 0, 0]
+    assert list(summary["median_lr_over_alpha"]) == pytest.approx([(0.1 - 0.05) / 2, 0.2, 0.025])
+    assert list(summary["alpha_le_0"]) == pytest.approx([0.5, 0.0, 0.0])  # of the steps where lr/α* is defined
+    assert list(summary["median_lr"]) == pytest.approx([0.2, 0.1, 0.1])
+    assert "median_step_size" not in summary
+
+
+def test_key_numbers_put_a_median_of_mostly_odd_steps_beyond_any_ratio():
+    frame = pd.DataFrame(
+        {
+            "run": ["a", "a", "a", "b", "b", "b"],
+            "step": [0, 1, 2, 0, 1, 2],
+            "epoch": 0,
+            "loss": 1.0,
+            "flag": ["ok", "negative_curvature", "negative_curvature", "ok", "ok", "ok"],
+            "lr_over_alpha": [0.5, -0.1, -0.2, 0.5, 0.25, 0.2],
+        }
+    )
+    # run a: median lr/α* = -0.1, no finite step is the minimum; run b: 1 / 0.25
+    assert alphalib.key_numbers(frame, "run")["alpha_over_lr"].tolist() == [math.inf, 4.0]

@@ -1,12 +1,14 @@
-r"""The findings table: the key numbers of notebooks 01–04, computed from their records files alone.
+r"""The findings table: the key numbers of the notebooks, computed from their records files alone.
 
-:func:`findings` reads ``01_adam_alpha_star.csv.gz``, ``02_optimizers.csv.gz``, ``03_lr_sweep.csv.gz`` and
-``04_models_and_data.csv.gz`` from a folder and returns Markdown tables of what the README quotes: per phase, setup
-and learning rate, the median over seeds of each seed's median :math:`\alpha^*/\mathrm{lr} = 1/\operatorname{median}
-(\mathrm{lr}/\alpha^*)`, counting every step (:func:`alphalib.lab.stats.seed_summary`, inverted), with its 95% BCa
-interval over seeds, and the share of steps with :math:`\alpha^* \le 0`. Every number goes through :func:`number`
-(three significant digits), so the README can copy them; the bootstrap's fixed seed makes two runs give the same
-bytes. A missing file skips its section, said in one line. The command line writes the same text::
+:func:`findings` reads the files named in :data:`FILES` from a folder and returns Markdown tables of what the README
+quotes: per phase, setup and learning rate, the median over seeds of each seed's median :math:`\alpha^*/\mathrm{lr}
+= 1/\operatorname{median}(\mathrm{lr}/\alpha^*)`, counting every step (:func:`alphalib.lab.stats.seed_summary`,
+inverted), with its 95% BCa interval over seeds, and the share of steps with :math:`\alpha^* \le 0`; for 09 and 10
+(per-epoch summaries of each run), the final held-out loss and its paired difference from Adam at its best fixed
+lr on the same seeds (:func:`alphalib.lab.stats.paired_difference`), with what 09 chose on its tune seeds, reported
+on its test seeds. Every number goes through :func:`number` (three significant digits), so the README can copy
+them; the bootstrap's fixed seed makes two runs give the same bytes. A missing file skips its section, said in one
+line. The command line writes the same text::
 
     python -m alphalib.lab.findings results > figures/findings.md
 """
@@ -23,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..records import read as read_records
-from .stats import seed_summary
+from .stats import interval, paired_difference, seed_summary
 
 __all__ = ["findings", "number", "main", "FILES", "LEVEL"]
 
@@ -33,6 +35,8 @@ FILES = {
     "02": "02_optimizers.csv.gz",
     "03": "03_lr_sweep.csv.gz",
     "04": "04_models_and_data.csv.gz",
+    "09": "09_closing_the_loop.csv.gz",
+    "10": "10_lr_free.csv.gz",
     "11": "11_gpt_at_scale.csv.gz",
 }
 #: The confidence level of every interval.
@@ -47,15 +51,17 @@ RULE = (
 
 
 def number(x: float) -> str:
-    """Return ``x`` rounded to three significant digits, written without an exponent; ``"n/a"`` if not finite.
+    """Return ``x`` rounded to three significant digits, without an exponent below a million; ``"n/a"`` if not finite.
 
     Example:
-        >>> [number(x) for x in (1234.5, 117.6, 8.804, 0.012345, 2.0, float("nan"))]
-        ['1230', '118', '8.8', '0.0123', '2', 'n/a']
+        >>> [number(x) for x in (1234.5, 117.6, 8.804, 0.012345, 2.0, float("nan"), -2.54e17)]
+        ['1230', '118', '8.8', '0.0123', '2', 'n/a', '-2.54e+17']
     """
     if not math.isfinite(x):
         return "n/a"
     rounded = float(f"{x:.3g}")
+    if abs(rounded) >= 1e6:  # a diverged run's loss: its size, not its digits
+        return f"{rounded:.3g}"
     return "0" if rounded == 0 else str(np.format_float_positional(rounded, trim="-"))
 
 
@@ -70,8 +76,10 @@ def findings(results_dir: str | Path) -> str:
     """
     folder = Path(results_dir)
     frames = {key: _load(folder / name) for key, name in FILES.items()}
-    sections = {"01": _seed_problem, "02": _optimizers, "03": _lr_sweep, "04": _models_and_data, "11": _gpt}
-    titles = {"01": "seed problem", "02": "optimizers", "03": "lr sweep", "04": "models and data", "11": "GPT at scale"}
+    sections = {"01": _seed_problem, "02": _optimizers, "03": _lr_sweep, "04": _models_and_data,
+                "09": _closing_the_loop, "10": _lr_free, "11": _gpt}  # fmt: skip
+    titles = {"01": "seed problem", "02": "optimizers", "03": "lr sweep", "04": "models and data",
+              "09": "closing the loop", "10": "learning-rate-free optimizers", "11": "GPT at scale"}  # fmt: skip
     parts = [f"# Findings: the records in `{folder.name}/`", _sources(frames), RULE]
     for key, section in sections.items():
         frame = frames[key]
@@ -104,7 +112,7 @@ def _load(path: Path) -> pd.DataFrame | None:
     frame = read_records(path)
     if "seed" not in frame:
         frame["seed"] = 0
-    if "lr0" not in frame:
+    if "lr0" not in frame and "lr" in frame:
         frame["lr0"] = frame["lr"]  # the lr a run was given
     return frame
 
@@ -114,7 +122,7 @@ def _sources(frames: dict[str, pd.DataFrame | None]) -> str:
     rows = [
         [f"`{FILES[key]}`", "missing", "", ""]
         if frame is None
-        else [f"`{FILES[key]}`", str(frame["seed"].nunique()), str(len(frame)), _epochs(frame["epoch"])]
+        else [f"`{FILES[key]}`", str(frame["seed"].nunique()), str(_probed(frame)), _epochs(frame["epoch"])]
         for key, frame in frames.items()
     ]
     return _table(["file", "seeds", "probed steps", "epochs"], rows)
@@ -211,6 +219,91 @@ def _gpt(frame: pd.DataFrame) -> str:
         f"{number(100 * flipped.sum() / max(int(measured.sum()), 1))}% of the steps."
     )
     return _setting(frame, ["optimizer"]) + "\n\n" + _table(header, rows) + "\n\n" + noise
+
+
+def _closing_the_loop(frame: pd.DataFrame) -> str:
+    """09: what the tune seeds chose per role, and how it did against the best fixed lr on the test seeds."""
+    tune, test = (frame[frame["split"] == split] for split in ("tune", "test"))
+    grid = [_lr(lr) for lr in sorted(tune.loc[tune["family"] == "Adam, fixed lr", "lr0"].unique())]
+    last, diff = _final(test, "role", "Adam, best fixed lr")
+    rows = [
+        [str(problem), str(role), str(runs["method"].iloc[0]), _median(runs["val_loss"]),
+         _difference(diff, problem, role), _ratio(runs, runs["median_lr_over_alpha"])]
+        for (problem, role), runs in last.groupby(["problem", "role"], sort=False)
+    ]  # fmt: skip
+    header = ["problem", "role", "chosen on the tune seeds", "final held-out loss", "against the best fixed lr",
+              "α*/lr (α*/lr_t where α*-scaled), last epoch"]  # fmt: skip
+    setting = (
+        f"Chosen on {_seeds(tune['seed'].nunique())} (tune: {_seed_range(tune)}) by the lowest median final held-out "
+        f"loss: Adam's lr from {len(grid)} values ({', '.join(grid)}), κ per α* source from "
+        f"{', '.join(f'{k:g}' for k in sorted(tune['kappa'].dropna().unique()))}; reported on "
+        f"{_seeds(test['seed'].nunique())} (test: {_seed_range(test)}). Against the best fixed lr: the mean paired "
+        f"relative difference in final held-out loss on the same seeds, with its {LEVEL:.0%} BCa interval, and the "
+        "seeds where it ends lower."
+    )
+    return _setting(frame, ["problem"]) + " " + setting + "\n\n" + _table(header, rows)
+
+
+def _lr_free(frame: pd.DataFrame) -> str:
+    """10: where each optimizer's self-chosen step lands on the model, and its loss against Adam's best fixed lr."""
+    last, diff = _final(frame, "method", "Adam (best fixed lr)")
+    rows = [
+        [str(problem), str(method), _ratio(runs, runs["median_lr_over_alpha"]),
+         f"{number(100 * runs['alpha_le_0'].mean())}%", _median(runs["val_loss"]),
+         _difference(diff, problem, method)]
+        for (problem, method), runs in last.groupby(["problem", "method"], sort=False)
+    ]  # fmt: skip
+    header = ["problem", "method", "α*/s, last epoch", "steps with α* ≤ 0 (mean over seeds)", "final held-out loss",
+              "against Adam's best fixed lr"]  # fmt: skip
+    setting = (
+        f"Epoch {int(last['epoch'].iloc[0]) + 1}, seeds {_seed_range(frame)}: none of them chose 09's lr or κ·α*; "
+        "s is the step size each optimizer used (α*/s = 1: on the model's minimum)."
+    )
+    return _setting(frame, ["problem"]) + " " + setting + "\n\n" + _table(header, rows)
+
+
+def _final(frame: pd.DataFrame, method_column: str, baseline: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return the last epoch's rows (a diverged run's NaN loss as +inf) and their paired differences from
+    ``baseline``, indexed by problem and method."""
+    last = frame[frame["epoch"] == frame["epoch"].max()].assign(val_loss=lambda f: f["val_loss"].fillna(np.inf))
+    diff = paired_difference(last, "val_loss", method_column=method_column, baseline=baseline, by="problem")
+    return last, diff.set_index(["problem", method_column])
+
+
+def _median(values: pd.Series) -> str:
+    """Return the median over seeds of one value per seed with its BCa interval."""
+    lo, hi = interval(values.to_numpy(float), level=LEVEL)
+    head = number(float(values.median()))
+    if len(values) < 2 or math.isnan(lo):
+        return f"{head} (over {_seeds(len(values))}: no interval)"
+    return f"{head} [{number(lo)}, {number(hi)}]"
+
+
+def _difference(diff: pd.DataFrame, *key: str) -> str:
+    """Return a paired difference as ``+3.1% [−1.2%, +7.4%], lower on 4 of 10 seeds``; ``baseline`` for its own."""
+    if key not in diff.index:
+        return "baseline"
+    row = diff.loc[key]
+    pairs, lower = int(row["pairs"]), int(round(row["lower"] * row["pairs"]))
+    won = f"lower on {lower} of {_seeds(pairs)}"
+    if not math.isfinite(row["mean"]):
+        return f"a run diverged; {won}"
+    bounds = "no interval" if math.isnan(row["lo"]) else f"[{_percent(row['lo'])}, {_percent(row['hi'])}]"
+    return f"{_percent(row['mean'])} {bounds}, {won}"
+
+
+def _percent(x: float) -> str:
+    return ("+" if x > 0 else "") + number(100 * x) + "%"
+
+
+def _seed_range(frame: pd.DataFrame) -> str:
+    seeds = sorted(int(s) for s in frame["seed"].unique())
+    return f"{seeds[0]}–{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+
+
+def _probed(frame: pd.DataFrame) -> int:
+    """Return the probed steps a file holds: its rows, or the steps its per-epoch summaries count (09, 10)."""
+    return int(frame["steps"].sum()) if "median_lr_over_alpha" in frame else len(frame)
 
 
 def _ratio(rows: pd.DataFrame, values: pd.Series | None = None) -> str:

@@ -303,7 +303,8 @@ def load(source: pd.DataFrame | str | Path) -> pd.DataFrame:
     """Return records from a DataFrame, a records file, or a folder of them (searched recursively).
 
     Files are read by :func:`alphalib.records.read`; in a folder each file's rows get a ``sweep`` column naming the
-    file (its path in the folder, without suffixes) unless they have one.
+    file (its path in the folder, without suffixes) unless they have one, and files without per-step records (no
+    ``step`` column: the per-epoch summaries of notebooks 09 and 10) are left out.
 
     Args:
         source: A DataFrame (returned as it is), a records file (``.csv``, ``.csv.gz`` or ``.parquet``) or a folder.
@@ -329,9 +330,13 @@ def load(source: pd.DataFrame | str | Path) -> pd.DataFrame:
     frames = []
     for file in files:
         frame = read(file)
+        if "step" not in frame:  # per-epoch summaries, not the probe's records
+            continue
         if "sweep" not in frame:
             frame.insert(0, "sweep", str(file.relative_to(path))[: -len(_suffix(file))])
         frames.append(frame)
+    if not frames:
+        raise FileNotFoundError(f"{path} holds no per-step records (files with a 'step' column).")
     return pd.concat(frames, ignore_index=True)
 
 

@@ -10,6 +10,7 @@ seeds" beside every interval: the ``runs`` / ``pairs`` columns hold N.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,28 +44,32 @@ def interval(
         random_state: Seeds the resampling, so the interval repeats.
 
     Returns:
-        ``(lo, hi)``; ``(nan, nan)`` with fewer than two values or when all values are equal.
+        ``(lo, hi)``; ``(nan, nan)`` with fewer than two values, when all values are equal, or when one is infinite
+        (a diverged run: the BCa interval is undefined, said rather than guessed).
 
     Example:
         >>> lo, hi = interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], np.mean)
-        >>> bool(lo < 5.5 < hi), interval([1.0])
-        (True, (nan, nan))
+        >>> bool(lo < 5.5 < hi), interval([1.0]), interval([1.0, 2.0, float("inf")])
+        (True, (nan, nan), (nan, nan))
     """
     from scipy import stats
 
     data = np.asarray(values, dtype=float)
     data = data[~np.isnan(data)]
-    if len(data) < 2 or np.all(data == data[0]):
+    if len(data) < 2 or np.all(data == data[0]) or not np.isfinite(data).all():
         return math.nan, math.nan
-    res = stats.bootstrap(
-        (data,),
-        statistic,
-        confidence_level=level,
-        method=method,
-        n_resamples=n_resamples,
-        random_state=np.random.default_rng(random_state),
-        vectorized=True,
-    )
+    with warnings.catch_warnings():  # a degenerate resample leaves BCa undefined: NaN, said in the result
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap(
+            (data,),
+            statistic,
+            confidence_level=level,
+            method=method,
+            n_resamples=n_resamples,
+            random_state=np.random.default_rng(random_state),
+            vectorized=True,
+        )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 

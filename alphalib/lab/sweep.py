@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import itertools
 import json
+import logging
 import os
 import time
 import traceback
@@ -131,7 +132,11 @@ def runs(points: Iterable[Mapping[str, Any]], *, workers: int = 1, **common: Any
             raise ImportError('runs(workers=...) needs dask.distributed: pip install "alphalib-probe[sweep]".') from exc
         with (
             LocalCluster(
-                n_workers=min(workers, len(jobs)), threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=min(workers, len(jobs)),
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,  # not the nanny's warnings as the workers shut down
             ) as cluster,
             Client(cluster) as client,
         ):

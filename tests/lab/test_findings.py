@@ -230,3 +230,83 @@ def test_the_gpt_section_compares_the_step_s_batch_with_a_held_out_batch_along_t
     factor = float(np.exp(np.median(np.log(both.ratio / both.heldout_ratio))))
     assert f"median factor {number(factor)}" in text and "(steps where both are > 0, 21 of 24)" in text
     assert "on 12.5% of the steps" in text  # 3 of 24 held-out steps with alpha* <= 0 while the batch's is > 0
+
+
+def _bca(values, statistic):
+    ci = scipy_stats.bootstrap(
+        (np.asarray(values, float),), statistic, confidence_level=0.95, method="BCa", n_resamples=9999,
+        random_state=np.random.default_rng(0), vectorized=True,
+    ).confidence_interval  # fmt: skip
+    return ci.low, ci.high
+
+
+def _percent(x):
+    return ("+" if x > 0 else "") + number(100 * x) + "%"
+
+
+def _epoch_rows(problem, seed, split, role, method, losses, inverse, **tags):
+    """09/10's per-run epoch table: one row per epoch, its held-out loss and its median lr/α*."""
+    return [
+        dict(problem=problem, seed=seed, split=split, role=role, method=method, epoch=e, val_loss=loss, steps=4,
+             median_lr_over_alpha=inverse, alpha_le_0=0.25, **tags)
+        for e, loss in enumerate(losses)
+    ]  # fmt: skip
+
+
+def test_the_closing_the_loop_section_reports_the_tune_choices_on_the_test_seeds_with_paired_intervals(tmp_path):
+    rng = np.random.default_rng(5)
+    rows = []
+    for seed in range(2):  # tune: two fixed lrs, two kappas of one source
+        for lr in (1e-3, 1e-2):
+            rows += _epoch_rows("digits MLP", seed, "tune", "", f"Adam, lr {lr:g}", [1.0, 0.5], 0.1,
+                                family="Adam, fixed lr", lr0=lr)  # fmt: skip
+        for k in (0.5, 1.0):
+            rows += _epoch_rows("digits MLP", seed, "tune", "", f"Adam × {k:g} α* (batch)", [1.0, 0.6], 0.5,
+                                family="Adam × κα*", kappa=k, lr0=1e-3)  # fmt: skip
+    base = rng.uniform(0.4, 0.6, 10)
+    scaled = base * rng.uniform(0.9, 1.2, 10)
+    for i, seed in enumerate(range(2, 12)):
+        rows += _epoch_rows("digits MLP", seed, "test", "Adam, best fixed lr", "Adam, lr 0.01", [1.0, base[i]],
+                            0.2 + 0.01 * i, family="Adam, fixed lr", lr0=1e-2)  # fmt: skip
+        rows += _epoch_rows("digits MLP", seed, "test", "Adam × κα*, best", "Adam × 0.5 α* (batch)", [1.0, scaled[i]],
+                            0.5, family="Adam × κα*", kappa=0.5, lr0=1e-3)  # fmt: skip
+        diverged = [1.0, math.nan if i == 0 else 5.0]  # seed 2 diverges
+        rows += _epoch_rows("digits MLP", seed, "test", "greedy (unchosen)", "Adam × 1 α* (batch)", diverged, 1.0,
+                            family="Adam × κα*", kappa=1.0, lr0=1e-3)  # fmt: skip
+    _write(tmp_path, "09", rows)
+    text = findings(tmp_path).split("## 09")[1].split("## ")[0]
+    assert "Chosen on 2 seeds (tune: 0–1)" in text and "from 2 values (1e-3, 1e-2)" in text
+    assert "κ per α* source from 0.5, 1" in text and "reported on 10 seeds (test: 2–11)" in text
+    cells = _cells(text, "digits MLP", "Adam × κα*, best")
+    assert cells[0] == "Adam × 0.5 α* (batch)"
+    lo, hi = _bca(scaled, np.median)
+    assert cells[1] == f"{number(float(np.median(scaled)))} [{number(lo)}, {number(hi)}]"
+    delta = scaled / base - 1
+    lo, hi = _bca(delta, np.mean)
+    won = int((scaled < base).sum())
+    assert cells[2] == f"{_percent(delta.mean())} [{_percent(lo)}, {_percent(hi)}], lower on {won} of 10 seeds"
+    assert cells[3] == "2 (no interval: all 10 seeds agree)"  # 1 / median of lr/α* = 0.5 on every seed
+    base_cells = _cells(text, "digits MLP", "Adam, best fixed lr")
+    assert base_cells[2] == "baseline"
+    assert base_cells[3] == _expected([np.array([0.2 + 0.01 * i]) for i in range(10)])
+    assert _cells(text, "digits MLP", "greedy (unchosen)")[2] == "a run diverged; lower on 0 of 10 seeds"
+
+
+def test_the_lr_free_section_gives_alpha_over_s_and_the_paired_difference_from_adam(tmp_path):
+    rows = []
+    losses = {"Adam (best fixed lr)": [0.5, 0.6, 0.7, 0.55], "Prodigy": [0.45, 0.66, 0.63, 0.5]}
+    inverse = {"Adam (best fixed lr)": [0.1, 0.2, 0.25, 0.3], "Prodigy": [0.5, -0.1, 0.9, 1.0]}
+    for method in losses:
+        for seed in range(4):
+            rows += _epoch_rows("seed problem", 5 + seed, "", "", method, [1.0, losses[method][seed]],
+                                inverse[method][seed])  # fmt: skip
+    _write(tmp_path, "10", rows)
+    text = findings(tmp_path).split("## 10")[1].split("## ")[0]
+    assert "Epoch 2, seeds 5–8" in text
+    cells = _cells(text, "seed problem", "Prodigy")
+    assert cells[0] == _expected([np.array([v]) for v in inverse["Prodigy"]])
+    assert cells[1] == "25%"
+    a, p = np.array(losses["Adam (best fixed lr)"]), np.array(losses["Prodigy"])
+    lo, hi = _bca(p / a - 1, np.mean)
+    assert cells[3] == f"{_percent((p / a - 1).mean())} [{_percent(lo)}, {_percent(hi)}], lower on 3 of 4 seeds"
+    assert _cells(text, "seed problem", "Adam (best fixed lr)")[3] == "baseline"

@@ -327,6 +327,7 @@ def test_explorer_reads_a_folder_of_records_files(sweep, tmp_path):
     alphalib.write_records(sweep[sweep.optimizer == "Adam"], tmp_path / "adam.csv.gz")
     alphalib.write_records(sweep[sweep.optimizer == "SGD"], tmp_path / "more" / "sgd.csv")
     (tmp_path / "notes.txt").write_text("not records")
+    alphalib.write_records(pd.DataFrame({"epoch": [0], "val_loss": [1.0]}), tmp_path / "per_epoch.csv.gz")  # 09, 10
     ex = live.explore(tmp_path)
     assert [v for _, v in ex.controls["sweep"].options] == ["adam", "more/sgd"]
     ex.controls["sweep"].value = "more/sgd"

@@ -25,6 +25,7 @@ def test_no_interval_without_two_distinct_runs():
     assert all(math.isnan(v) for v in interval([2.0]))
     assert all(math.isnan(v) for v in interval([2.0, 2.0, 2.0]))
     assert all(math.isnan(v) for v in interval([math.nan, 1.0]))
+    assert all(math.isnan(v) for v in interval([1.0, 2.0, 3.0, math.inf]))  # a diverged run: undefined
 
 
 def _records(levels):
