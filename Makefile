@@ -28,16 +28,20 @@ SEEDS := -p runs 10 -p workers 2
 PARAMS_01_adam_alpha_star := $(FIGURES) $(RECORDS) $(SEEDS) -p epochs 100
 PARAMS_02_optimizers := $(FIGURES) $(RECORDS) $(SEEDS)
 PARAMS_03_lr_sweep := $(FIGURES) $(RECORDS) $(SEEDS)
-PARAMS_04_models_and_data := $(FIGURES) $(RECORDS) $(SEEDS) -p epochs 8
-PARAMS_05_mini_vs_epoch := $(FIGURES)
-PARAMS_06_objective_vs_batch := $(FIGURES) -p epochs 30 -p runs 5
-PARAMS_07_edge_of_stability := $(FIGURES) -p steps 1500 -p sharpness_every 25
-# 08 sweeps 01 over four lrs x 3 seeds on a Dask LocalCluster (its runs land in build/sweeps/08_figures; a second
+# 04: the transformer probed on every step of 3 passes over its text (the others every step of 8 epochs)
+PARAMS_04_models_and_data := $(FIGURES) $(RECORDS) $(SEEDS) -p epochs 8 -p transformer_epochs 3 -p transformer_every 1
+PARAMS_05_mini_vs_epoch := $(FIGURES) $(SEEDS)
+PARAMS_06_objective_vs_batch := $(FIGURES) $(RECORDS) $(SEEDS) -p epochs 30
+PARAMS_07_edge_of_stability := $(FIGURES) $(SEEDS) -p steps 1500 -p sharpness_every 25
+# 08 sweeps 01 over four lrs x 10 seeds on a Dask LocalCluster (its runs land in build/sweeps/08_figures; a second
 # make figures reuses the runs done)
-PARAMS_08_sweep_summary := $(FIGURES) -y "axes: {lr: [0.0003, 0.001, 0.003, 0.01]}" -p seeds 3 \
-	-y "fixed: {runs: 1, epochs: 20}" -p sweep_dir ../build/sweeps/08_figures
-PARAMS_09_closing_the_loop := $(FIGURES) -p epochs 8 -p runs 3 -y "kappas: [0.1, 0.25, 0.5, 1.0]"
-PARAMS_10_lr_free := $(FIGURES) -p epochs 8 -p runs 3
+PARAMS_08_sweep_summary := $(FIGURES) -y "axes: {lr: [0.0003, 0.001, 0.003, 0.01]}" -p seeds 10 \
+	-y "fixed: {runs: 1, epochs: 20}" -p sweep_dir ../build/sweeps/08_figures -p workers 2
+# 09 chooses on 5 tune seeds (10 fixed lrs, 4 kappas x 4 sources, SGD) and reports the winners on 10 test seeds
+PARAMS_09_closing_the_loop := $(FIGURES) $(RECORDS) -p epochs 8 -p tune_seeds 5 -p test_seeds 10 -p workers 2 \
+	-y "fixed_lrs: [0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]" -y "kappas: [0.1, 0.25, 0.5, 1.0]"
+# 10 runs on 09's test seeds, with 09's choices (it reads results/09_closing_the_loop.csv.gz)
+PARAMS_10_lr_free := $(FIGURES) $(RECORDS) -p epochs 8 -p runs 10 -p workers 2
 # 11: a 1.04 M-parameter GPT, 2000 AdamW steps (warm-up 200, cosine decay), probed every 50th, 3 seeds on 2 workers
 PARAMS_11_gpt_at_scale := $(FIGURES) $(RECORDS) -p steps 2000 -p d_model 144 -p layers 4 -p block 64 -p batch 32 \
 	-p seeds 3 -p workers 2 -p every 50 -p warmup 200 -p heldout_windows 1024
