@@ -422,7 +422,9 @@ def epoch_summary(frame: pd.DataFrame, *, by: str | Sequence[str] = ()) -> pd.Da
 
 def _beyond(inverse: float) -> float:
     """Return 1/x for a median x of lr/α*: +inf where x ≤ 0 (most steps had α* ≤ 0: beyond any ratio), NaN for NaN."""
-    return 1 / inverse if inverse > 0 else math.inf if inverse <= 0 else math.nan
+    if math.isnan(inverse):  # first: an ordered comparison with NaN raises the FPU's invalid flag
+        return math.nan
+    return 1 / inverse if inverse > 0 else math.inf
 
 
 def key_numbers(frame: pd.DataFrame, by: str | Sequence[str] = (), *, digits: int = 2) -> pd.DataFrame:

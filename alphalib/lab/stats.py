@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ..records import _beyond
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -221,6 +223,4 @@ def ratio(inverse: float | Sequence[float] | np.ndarray) -> np.ndarray:
         >>> ratio([0.25, -1.0, float("nan")]).tolist(), float(ratio(0.5))
         ([4.0, inf, nan], 2.0)
     """
-    x = np.asarray(inverse, dtype=float)
-    with np.errstate(divide="ignore"):
-        return np.where(x > 0, 1 / np.where(x > 0, x, 1.0), np.where(np.isnan(x), np.nan, np.inf))
+    return np.vectorize(_beyond, otypes=[float])(np.asarray(inverse, dtype=float))  # the core's rule, elementwise
