@@ -491,6 +491,16 @@ def sub(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
     return list(kernel(list(a), list(b))) if kernel else [x - y for x, y in zip(a, b, strict=True)]
 
 
+def copy_(a: list[Tensor], b: Sequence[Tensor]) -> None:
+    """Copy each ``y`` in ``b`` into the ``x`` of ``a`` at its place."""
+    kernel = _foreach("copy_")
+    if kernel:
+        kernel(a, list(b))
+    else:
+        for x, y in zip(a, b, strict=True):
+            x.copy_(y)
+
+
 def div(a: Sequence[Tensor], c: float) -> list[Tensor]:
     """Return ``[x / c for x in a]``."""
     kernel = _foreach("div")

@@ -148,7 +148,8 @@ def as_trained(model: nn.Module, flags: Sequence[bool] | None = None) -> Iterato
     try:
         if flags is not None:
             for m, flag in zip(mods, flags, strict=True):
-                m.training = flag
+                if m.training != flag:  # (nn.Module's __setattr__ is slow: set only what changes)
+                    m.training = flag
         for m, _ in power_iterations(model):  # u and v held as the training forward left them
             m.training = False
         for m in scaled:
@@ -157,6 +158,7 @@ def as_trained(model: nn.Module, flags: Sequence[bool] | None = None) -> Iterato
             yield
     finally:
         for m, flag in zip(mods, kept_modes, strict=True):
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
         for m in scaled:
             m.scale_grad_by_freq = True

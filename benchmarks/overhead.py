@@ -161,18 +161,19 @@ class _Logits(nn.Module):
 def _gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4, attn_implementation="sdpa")
+    config = GPT2Config(vocab_size=96, n_positions=64, n_embd=128, n_layer=2, n_head=4, attn_implementation="sdpa")
     return _Logits(GPT2LMHeadModel(config))
 
 
 def _nanogpt() -> nn.Module:
-    return _Logits(external.GPT(external.GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64)))
+    return _Logits(external.GPT(external.GPTConfig(block_size=64, vocab_size=96, n_layer=2, n_head=4, n_embd=128)))
 
 
 class _CharRNN(nn.Module):
     def __init__(self, cell: type[nn.RNNBase]):
         super().__init__()
-        self.embed, self.rnn, self.head = nn.Embedding(96, 64), cell(64, 128, batch_first=True), nn.Linear(128, 96)
+        self.embed, self.head = nn.Embedding(96, 128), nn.Linear(128, 96)
+        self.rnn = cell(128, 128, num_layers=2, batch_first=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.rnn(self.embed(x))[0])
@@ -198,20 +199,20 @@ def make_workload(name: str, device: torch.device) -> Workload:
     elif name == "resnet":  # torchvision-style ResNet-8 (widths 16, 32, 64) on 3x32x32, batch 16: recorded-ops path
         draw = functools.partial(_draw, x=(16, 3, 32, 32), classes=10)
         make, loss = ResNet, nn.CrossEntropyLoss()
-    elif name == "encoder":  # nn.TransformerEncoder, 2 layers, d 64, 4 heads, sequence 32, batch 16: recorded ops
-        draw = functools.partial(_draw, x=(16, 32), vocab=50, classes=10)
-        make, loss = (lambda: EncoderClassifier(50)), nn.CrossEntropyLoss()
+    elif name == "encoder":  # nn.TransformerEncoder, 2 layers, d 128, 4 heads, sequence 64, batch 16: recorded ops
+        draw = functools.partial(_draw, x=(16, 64), vocab=50, classes=10)
+        make, loss = (lambda: EncoderClassifier(50, d_model=128, d_ff=512)), nn.CrossEntropyLoss()
     elif name == "resnet18":  # torchvision's resnet18 (alphalib.external's rebuild), 3x32x32, batch 16
         draw = functools.partial(_draw, x=(16, 3, 32, 32), classes=10)
         make, loss = (lambda: external.ResNet18(10)), nn.CrossEntropyLoss()
     elif name == "vit":  # timm's vit_tiny_patch16_224 shape (width 192, depth 12, 3 heads) at 32 px in 4 px patches
         draw = functools.partial(_draw, x=(16, 3, 32, 32), classes=10)
         make, loss = (lambda: external.vit_tiny(32, 4, 10)), nn.CrossEntropyLoss()
-    elif name in ("gpt2", "nanogpt"):  # 2 layers, d 64, 4 heads, sequence 32, batch 16, vocabulary 96
-        draw = functools.partial(_next_tokens, shape=(16, 32))
+    elif name in ("gpt2", "nanogpt"):  # 2 layers, d 128, 4 heads, sequence 64, batch 16, vocabulary 96
+        draw = functools.partial(_next_tokens, shape=(16, 64))
         make, loss = (_gpt2 if name == "gpt2" else _nanogpt), sequence_cross_entropy
-    elif name in ("lstm", "gru"):  # embedding 64 -> one recurrent layer, hidden 128 -> head, sequence 32, batch 16
-        draw = functools.partial(_next_tokens, shape=(16, 32))
+    elif name in ("lstm", "gru"):  # embedding 128 -> two recurrent layers, hidden 128 -> head, sequence 64, batch 16
+        draw = functools.partial(_next_tokens, shape=(16, 64))
         make, loss = (lambda: _CharRNN(nn.LSTM if name == "lstm" else nn.GRU)), sequence_cross_entropy
     else:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS + EXTERNAL)}.")
@@ -357,9 +358,10 @@ def run_steps(step: Callable[[], object], k: int, device: torch.device) -> float
     return time.perf_counter() - start
 
 
-def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held between steps: parameters, grads, optimizer state and buffers, each storage once."""
-    tensors = [*model.parameters(), *model.buffers()]
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, probe: alphalib.AlphaProbe | None) -> int:
+    """Bytes held between steps: parameters, grads, optimizer state and buffers, each storage once, and the copy of
+    θ_t a probe on every step keeps for the next (its private ``_stash``)."""
+    tensors = [*model.parameters(), *model.buffers(), *getattr(probe, "_stash", [])]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -402,7 +404,7 @@ def step_rise_bytes(cfg: Config, device: torch.device) -> int:
 def peak_bytes(cfg: Config, device: torch.device) -> int:
     rise = step_rise_bytes(cfg, device)
     assert cfg.model is not None and cfg.optimizer is not None
-    return resident_bytes(cfg.model, cfg.optimizer) + rise
+    return resident_bytes(cfg.model, cfg.optimizer, cfg.probe) + rise
 
 
 def calibrate_steps(plain: Config, device: torch.device) -> int:
@@ -622,6 +624,7 @@ def main() -> None:
     parser.add_argument("--out", default=OUT, help="folder for overhead.csv, overhead.md, overhead.png")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     parser.add_argument("--curvatures", default=",".join(CURVATURES), help="comma-separated subset of backends")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of Adam variants")
     parser.add_argument("--no-sampled", action="store_true", help="leave out the every=4 and unprobed rows")
     parser.add_argument("--no-peer", action="store_true", help="leave out Cockpit")
     parser.add_argument("--no-hand", action="store_true", help="leave out the hand-written HVPs")
@@ -666,7 +669,7 @@ def main() -> None:
     start, rows = time.perf_counter(), []
     for name in args.workloads.split(","):
         w = make_workload(name.strip(), torch.device(args.device))
-        for variant in OPTIMIZERS:
+        for variant in args.optimizers.split(","):
             t0 = time.perf_counter()
             rows += benchmark(w, variant, args, have_cockpit)
             print(f"  {name} / {variant}: {time.perf_counter() - t0:.1f} s", flush=True)

@@ -87,6 +87,17 @@ class Products(nn.Module):
         return torch.stack([torch.mv(h, self.v) * scale, torch.mv(h, self.w)], -1)
 
 
+class Columns(nn.Module):
+    """Weights on the left, as in the column-vector convention: :math:`y = W h`, each product ``mm(W, h)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(6, 4) / 2), nn.Parameter(torch.randn(3, 6) / 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mm(self.w2, torch.tanh(torch.mm(self.w1, x.T))).T
+
+
 MODELS = {
     "residual-tanh": lambda: Residual("tanh"),
     "residual-gelu": lambda: Residual("gelu"),
@@ -96,6 +107,7 @@ MODELS = {
     "encoder": tiny_encoder,
     "groupnorm": GroupNormNet,
     "products": Products,
+    "columns": Columns,
 }
 OUTPUTS = {"gated": 2, "products": 2}
 INPUTS = {

@@ -75,7 +75,7 @@ class OpSweep:
         self.cap, self.exact = cap, exact
         self.tangents: dict[int, Tensor] = dict(deltas)
         self.new: dict[int, Tensor] = {id(p): p.detach() for p in params if id(p) in deltas}  #: at θ_{t+1}
-        self.values: dict[int, Tensor] = {i: p - deltas[i] for i, p in self.new.items()}  #: at θ_t
+        self.values: dict[int, Tensor] = _AtTheta(self.new, deltas)  #: at θ_t
         self.terms: list[Tensor] = []
 
     def tangent(self, x: Any) -> Tensor | None:
@@ -129,6 +129,25 @@ class OpSweep:
         ):  # a rule may give only the first outputs
             if t is not None:
                 self.tangents[id(y)] = t
+
+
+class _AtTheta(dict):
+    """Values at θ_t by ``id``: a parameter's is computed as θ_{t+1} − Δ when a rule first reads it (the products
+    with a weight read only θ_{t+1} and Δ, so most weights never need theirs); views of parameters are stored."""
+
+    def __init__(self, new: dict[int, Tensor], deltas: dict[int, Tensor]):
+        super().__init__()
+        self.new, self.deltas = new, deltas
+
+    def __contains__(self, i: object) -> bool:
+        return dict.__contains__(self, i) or i in self.new
+
+    def __missing__(self, i: int) -> Tensor:
+        value = self[i] = self.new[i] - self.deltas[i]  # (KeyError: not a parameter, nor a view of one)
+        return value
+
+    def get(self, i: int, default: Any = None) -> Any:  # type: ignore[override]
+        return self[i] if i in self else default
 
 
 class Values(Protocol):
@@ -347,9 +366,10 @@ def _product(
     r"""The tangent of a bilinear :math:`y = \mathrm{mm}(a, b)` (arguments ``first`` and ``first + 1``), adding
     :math:`2\langle\delta_y, \mathrm{mm}(\dot a, \dot b)\rangle`: in two products when one factor is a parameter
     whose new value is known and the error at the other was kept, else in three."""
-    a, b, ta, tb = vals[first], vals[first + 1], tans[first], tans[first + 1]
-    if ta is None or tb is None:
-        return plus(None if ta is None else mm(ta, b), None if tb is None else mm(a, tb))
+    ta, tb = tans[first], tans[first + 1]
+    if ta is None or tb is None:  # (a factor is read only where it is needed: a weight's θ_t is computed on demand)
+        return plus(None if ta is None else mm(ta, vals[first + 1]), None if tb is None else mm(vals[first], tb))
+    a = vals[first]
     i = op.other
     if sw.exact and i is not None:
         kept = sw.cap.kept.get(op)
@@ -358,13 +378,18 @@ def _product(
             if i == first:  # y = mm(a, W): U = mm(ȧ, W_new), ẏ = U + mm(a - ȧ, ΔW)
                 u = mm(ta, w_new)
                 sw.terms.append(2 * (inner(kept[0], u) - inner(kept[1], ta)))
-                return u.add_(mm(a - ta, tb))
+                return _accumulate(u, mm, a - ta, tb)
             u = mm(w_new, tb)  # y = mm(W, b)
             sw.terms.append(2 * (inner(kept[0], u) - inner(kept[1], tb)))
-            return u.add_(mm(ta, b - tb))
+            return _accumulate(u, mm, ta, vals[first + 1] - tb)
     if sw.exact:
         sw.add(op, 2 * mm(ta, tb))
-    return mm(ta, b).add_(mm(a, tb))
+    return _accumulate(mm(ta, vals[first + 1]), mm, a, tb)
+
+
+def _accumulate(u: Tensor, mm: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """Return ``u + mm(a, b)``, written into ``u`` (by ``addmm_`` for a matrix product: no second buffer)."""
+    return u.addmm_(a, b) if mm is torch.mm or mm is aten.mm.default else u.add_(mm(a, b))
 
 
 #: products whose parameter factor may be a vector (the others multiply matrices)
@@ -381,8 +406,10 @@ def _addmm(sw: OpSweep, op: Op, vals: Values, tans: list) -> Tensor | None:
     beta, alpha = op.kwargs.get("beta", 1), op.kwargs.get("alpha", 1)
     if (beta, alpha) != (1, 1):
         raise NoRule(f"{op.func} with beta or alpha")
-    product = _product(sw, op, vals, tans, 1, torch.mm)
-    return plus(product, None if tans[0] is None else tans[0].expand(op.out.shape))
+    product, tb = _product(sw, op, vals, tans, 1, torch.mm), tans[0]
+    if product is None or tb is None:
+        return product if tb is None else tb.expand(op.out.shape)
+    return product.add_(tb)  # (the product's tangent is this rule's own tensor: the bias's is added in place)
 
 
 @rule(aten.relu)
