@@ -272,34 +272,45 @@ def test_a_nanogpt_style_model_runs_fast_through_the_fused_attention_kernel(curv
 
 class _Clock:
     """A fake clock for the probe, moved on by the test: a training iteration takes ``fast`` or ``generic`` seconds,
-    by the path the probe is about to take."""
+    by the path the probe is about to take, and the loop between iterations ``outside`` seconds before a recorded
+    one (an evaluation, say, that happens to fall there)."""
 
-    def __init__(self, probe, fast: float, generic: float):
-        self.probe, self.cost, self.now = probe, {"fast": fast, "generic": generic}, 0.0
+    def __init__(self, probe, fast: float, generic: float, outside: float = 0.0):
+        self.probe, self.cost, self.outside, self.now = probe, {"fast": fast, "generic": generic}, outside, 0.0
+
+    def _next(self) -> str:
+        p = self.probe
+        return "generic" if p._capture is None or p._trials is not None and p._trials.generic_next() else "fast"
+
+    def between(self) -> None:
+        self.now += self.outside if self._next() == "fast" else 0.0
 
     def tick(self) -> None:
-        p = self.probe
-        generic = p._capture is None or p._trials is not None and p._trials.generic_next()
-        self.now += self.cost["generic" if generic else "fast"]
+        self.now += self.cost[self._next()]
 
     def __call__(self) -> float:
         return self.now
 
 
-@pytest.mark.parametrize(("fast_s", "generic_s", "kept"), [(1.0, 2.0, "fast"), (2.0, 1.0, "generic")])
-def test_auto_times_both_paths_in_the_users_loop_and_keeps_the_faster(fast_s, generic_s, kept):
+@pytest.mark.parametrize(
+    ("fast_s", "generic_s", "outside_s", "kept"),
+    [(1.0, 2.0, 0.0, "fast"), (2.0, 1.0, 0.0, "generic"), (1.0, 2.0, 10.0, "fast")],
+)
+def test_auto_times_both_paths_in_the_users_loop_and_keeps_the_faster(fast_s, generic_s, outside_s, kept):
     torch.manual_seed(0)
     model = tiny_resnet().double()
     x, y = _batch("resnet")
     probe = alphalib.AlphaProbe(model, F.mse_loss, torch.optim.Adam(model.parameters(), lr=1e-2))
-    probe._clock = _Clock(probe, fast_s, generic_s)
+    clock = probe._clock = _Clock(probe, fast_s, generic_s, outside_s)
     twin = copy.deepcopy(model)
     reference = alphalib.AlphaProbe(twin, F.mse_loss, torch.optim.Adam(twin.parameters(), lr=1e-2), path="generic")
     for _ in range(8):
-        probe._clock.tick()
+        clock.between()  # time the loop spends outside the iteration is not the path's
         for m, p in ((model, probe), (twin, reference)):
             p.optimizer.zero_grad()
             F.mse_loss(m(x), y).backward()
+            if p is probe:
+                clock.tick()  # the iteration's own time, from its forward pass to the end of probe.step
             p.step((x, y))
     paths = [r.path for r in probe.records]
     assert paths[:5] == ["fast", "generic", "fast", "generic", "fast"]  # warm-up, then the trials

@@ -146,7 +146,7 @@ class _AtTheta(dict):
         value = self[i] = self.new[i] - self.deltas[i]  # (KeyError: not a parameter, nor a view of one)
         return value
 
-    def get(self, i: int, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, i: int, default: Any = None) -> Any:
         return self[i] if i in self else default
 
 

@@ -174,6 +174,8 @@ class AlphaProbe:
         )
         self._clock = time.perf_counter
         self._last: float | None = None  # when the last probe.step call ended
+        self._began: float | None = None  # when the training forward of the step about to be probed began
+        self._recorder.on_forward = self._forward_began
 
     # ---- hooks and housekeeping ---------------------------------------------------------------------------
 
@@ -190,8 +192,14 @@ class AlphaProbe:
         if self._capture is not None:
             self._capture.remove()
 
+    def _forward_began(self) -> None:
+        """Note when the training iteration of a probed step began (its first forward pass, under accumulation)."""
+        if self._began is None:
+            self._began = self._clock()
+
     def _arm(self, step: int) -> None:
         """Forget the last step; keep what the next training step leaves if ``step`` will be probed."""
+        self._began = None
         probed = step % self.every == 0
         self._recorder.reset(armed=probed)
         if self._capture is not None:
@@ -203,7 +211,8 @@ class AlphaProbe:
         the faster path for good."""
         if self._trials is None:
             return
-        best = self._trials.add(path, None if self._last is None else self._clock() - self._last)
+        start = self._last if self._began is None else self._began
+        best = self._trials.add(path, None if start is None else self._clock() - start)
         if best is None:
             return
         self._trials = None

@@ -19,7 +19,7 @@ here whether they belong to *this* step. :class:`Recorder` keeps, since the last
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,7 @@ class Recorder:
         self.pending: dict[Tensor, Any] = {}
         self.parts: dict[Tensor, list[Tensor]] = {}  #: parameter -> gradients received through the output
         self.tap = False  #: keep ``parts`` (set when the fast path may run)
+        self.on_forward: Callable[[], None] | None = None  #: called as each recorded forward pass begins
         self._handles = [
             model.register_forward_pre_hook(Hook(self, "_pre")),
             model.register_forward_hook(Hook(self, "_post")),
@@ -96,6 +97,8 @@ class Recorder:
     def _pre(self, module: nn.Module, args: tuple) -> None:
         if not (self._on() and self.own(module)):  # a functional_call (a reference, say) cannot touch .grad
             return
+        if self.on_forward is not None:
+            self.on_forward()
         self._hook_trainable()
         x, device = args[0] if args else None, self._device
         cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None

@@ -88,9 +88,10 @@ def route(
 class Trials:
     """``path="auto"`` on recorded operations: time the training iteration on both paths, keep the faster.
 
-    An iteration runs from the end of the previous ``probe.step`` call to the end of this one: the forward and
-    backward passes (recorded or not) and the probe's measurement, in the user's own loop. The first probed step
-    warms up and is not counted; then generic, recorded, generic, recorded.
+    An iteration runs from the start of the training forward pass (the first, under accumulation) to the end of
+    ``probe.step``: the forward and backward passes (recorded or not) and the probe's measurement, in the user's
+    own loop; what the loop does between steps (evaluation, logging, loading data) is not counted. The first probed
+    step warms up and is not counted; then generic, recorded, generic, recorded.
     """
 
     def __init__(self) -> None:
