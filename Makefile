@@ -98,8 +98,9 @@ browser:
 		&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "no chromium and no way to install it here: the JupyterLab test will be skipped"; }
 
-# The probe's cost, side by side with plain training steps (about 25 minutes; run it on an idle machine): the
-# package's workloads with every backend, then models as other libraries build them with exact curvature and GGN.
+# The probe's cost, side by side with plain training steps (about 35 minutes; run it on an idle machine): the
+# package's workloads with every backend, then, on one torch thread, models as other libraries build them with exact
+# curvature and GGN next to the two Hessian-vector products users write by hand (external/summary.md).
 # Cockpit, the peer row, is installed when it can be; without it the table just lacks that row.
 bench: install
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]" || echo "cockpit-for-pytorch not installed: no peer row"
@@ -107,8 +108,8 @@ bench: install
 	@# and then breaks transformers' import. BackPACK runs without it.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision
 	$(BIN)/python benchmarks/overhead.py --out benchmarks/results
-	$(BIN)/python benchmarks/overhead.py --out benchmarks/results/external --repeats 5 --no-sampled --no-peer \
-		--curvatures hessian,ggn --workloads resnet18,vit,gpt2,nanogpt,encoder,lstm,gru
+	$(BIN)/python benchmarks/overhead.py --out benchmarks/results/external --repeats 5 --no-peer --threads 1 \
+		--curvatures hessian,ggn --optimizers adam --workloads gelu_mlp,cnn,resnet,resnet18,vit,gpt2,nanogpt,encoder,lstm,gru
 
 # JupyterLab in the project's environment, on notebooks/, opening 00_explore (as root it needs --allow-root).
 lab: install

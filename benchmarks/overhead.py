@@ -555,7 +555,61 @@ def write_markdown(df: pd.DataFrame, path: Path, header: str, repeats: int) -> N
     path.write_text("\n".join(lines) + "\n")
 
 
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per workload and optimizer: the probe's exact and GGN overheads on the fast path, both hand-written
+    HVPs, the probe over the cheaper of them, the steps ``every=k`` leaves unprobed, and the probed peak memory."""
+
+    def pick(g: pd.DataFrame, config: str, column: str = "time_ratio") -> float:
+        hit = g.loc[g["config"].eq(config), column]
+        return float(hit.iloc[0]) if len(hit) else math.nan
+
+    rows = []
+    for (name, variant), g in df.groupby(["workload", "optimizer"], sort=False):
+        probe, hand = pick(g, "hessian · fast"), np.nanmin([pick(g, h) for h in HAND_WRITTEN] + [math.inf])
+        ran = g.loc[g["config"].eq("hessian · fast"), "path_ran"]
+        rows.append(
+            {
+                "model": name,
+                "optimizer": variant,
+                "exact (hessian, fast)": f"{probe:.2f}" + ("" if ran.empty or ran.iloc[0] == "fast" else " (generic)"),
+                "GGN, fast": f"{pick(g, 'ggn · fast'):.2f}",
+                "double backward": f"{pick(g, 'double_backward'):.2f}",
+                "jvp(grad)": (
+                    f"{pick(g, 'jvp_grad'):.2f}"
+                    if pd.notna(pick(g, "jvp_grad"))
+                    else "fails"
+                    if g["config"].eq("jvp_grad").any()
+                    else "–"
+                ),
+                "exact / cheaper hand-written": f"{probe / hand:.2f}" if math.isfinite(hand) else "n/a",
+                "unprobed steps (every=k)": f"{pick(g, 'hessian · unprobed steps'):+.3f}",
+                "peak memory, exact": f"{pick(g, 'hessian · fast', 'mem_ratio'):.2f}×",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_summary(df: pd.DataFrame, path: Path, header: str) -> str:
+    """Write :func:`summary` as markdown under a line saying what the numbers are; return the text."""
+    table = summary(df)
+    lines = [
+        f"Machine: {header}. Overheads in plain steps, (probed − plain) / plain, medians of paired, interleaved "
+        "repeats (overhead.md has their IQRs and every row); hand-written: after `optimizer.step()`, the slope and "
+        "curvature along the step by one Hessian-vector product on a fresh forward at θ_t; peak memory: a probed "
+        "step's over a plain step's.",
+        "",
+        "| " + " | ".join(table.columns) + " |",
+        "|" + "|".join("---" for _ in table.columns) + "|",
+    ]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
 def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
+    """Bars of each configuration's median overhead with its IQR, and of its peak memory, per workload: from the
+    columns of overhead.csv alone, so ``--replot`` redraws a saved run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -564,50 +618,54 @@ def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
     from matplotlib import ticker
 
     probed = df[df["backend"].ne("plain") & df["time_ratio"].notna()]
-    raw = probed.explode("_ratios").astype({"_ratios": float})
     hue_order = [lab for lab in labels if lab in set(probed["config"])]
     pairs = iter(sns.color_palette("Paired", 12))  # light = fast, dark = generic, one hue per backend
     fixed = {"cockpit": "0.15", "double_backward": "#8c564b", "jvp_grad": "#e377c2"}
+    sampled = {"every": "0.45", "unprobed": "0.75"}  # two greys: every=k, and the steps it leaves unprobed
     colors = {
-        lab: fixed.get(lab) or ("0.55" if "every" in lab or "unprobed" in lab else next(pairs)) for lab in labels[1:]
+        lab: fixed.get(lab) or next((c for k, c in sampled.items() if k in lab), None) or next(pairs)
+        for lab in labels[1:]
     }
     workloads = list(dict.fromkeys(df["workload"]))
     variants = list(dict.fromkeys(df["optimizer"]))
     sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(2, len(variants), figsize=(6.5 * len(variants), 8), sharey="row", squeeze=False)
+    width = max(6.5, 0.9 * len(workloads))
+    fig, axes = plt.subplots(2, len(variants), figsize=(width * len(variants), 8), sharey="row", squeeze=False)
+    bar = 0.8 / len(hue_order)
     for j, variant in enumerate(variants):
-        common = dict(x="workload", hue="config", order=workloads, hue_order=hue_order, palette=colors)
+        rows = probed[probed["optimizer"] == variant].set_index(["workload", "config"])
+        for k, lab in enumerate(hue_order):
+            at = [(i, rows.loc[(w, lab)]) for i, w in enumerate(workloads) if (w, lab) in rows.index]
+            if not at:
+                continue
+            x = np.array([i for i, _ in at]) + (k - (len(hue_order) - 1) / 2) * bar
+            med = np.array([r["time_ratio"] for _, r in at])
+            iqr = np.array(
+                [[r["time_ratio"] - r["iqr_lo"] for _, r in at], [r["iqr_hi"] - r["time_ratio"] for _, r in at]]
+            )
+            axes[0, j].bar(x, med, bar, color=colors[lab], label=lab)
+            axes[0, j].errorbar(x, med, yerr=np.clip(iqr, 0, None), fmt="none", ecolor="0.2", elinewidth=1, capsize=1.5)
+            axes[1, j].bar(x, [r["mem_ratio"] for _, r in at], bar, color=colors[lab], label=lab)
         ax = axes[0, j]
-        sns.barplot(
-            data=raw[raw["optimizer"] == variant],
-            y="_ratios",
-            estimator="median",
-            errorbar=("pi", 50),
-            capsize=0.1,
-            err_kws={"linewidth": 1},
-            ax=ax,
-            **common,
-        )
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_yscale("symlog", linthresh=1.0)  # linear up to 1, then logarithmic: Cockpit's row is ~100x
         ax.yaxis.set_major_locator(ticker.FixedLocator([0, 0.25, 0.5, 0.75, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500]))
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.set_ylim(bottom=min(-0.1, float(probed["iqr_lo"].min()) - 0.05))  # (unprobed steps sit near zero)
         ax.set(
             title={"adam": "Adam", "adam_fused": "Adam, fused=True"}.get(variant, variant),
-            xlabel="",
             ylabel="time overhead, (probed − plain) / plain\n(symlog axis: linear to 1, log above)",
         )
         ax = axes[1, j]
-        sns.barplot(data=probed[probed["optimizer"] == variant], y="mem_ratio", ax=ax, **common)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(ticker.FixedLocator([1, 1.5, 2, 3, 5, 10, 20, 50, 100]))
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g×"))
         ax.yaxis.set_minor_locator(ticker.NullLocator())
         ax.set(xlabel="workload", ylabel="peak memory, probed / plain")
-    for ax in axes.flat:
-        if ax.get_legend():
-            ax.get_legend().remove()
+        for ax in axes[:, j]:
+            ax.set_xticks(range(len(workloads)), workloads, rotation=30, ha="right")
+            ax.set_xlim(-0.5, len(workloads) - 0.5)
     handles, names = axes[0, 0].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], color="black", linestyle="--", linewidth=1))
     names.append("1.0: time of one extra\nplain step / no extra memory")
@@ -633,7 +691,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help=f"warm-up steps per config (default {WARMUP})")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--replot", metavar="CSV", help="redraw overhead.png and summary.md from a saved overhead.csv")
     args = parser.parse_args()
+    if args.replot:
+        saved = pd.read_csv(args.replot)
+        where = Path(args.replot).parent
+        header = (where / "overhead.md").read_text().split(". Time overhead")[0].removeprefix("Machine: ")
+        plot(saved, where / "overhead.png", header, list(dict.fromkeys(saved["config"])))
+        print(write_summary(saved, where / "summary.md", header))
+        return
     args.curvatures = [c.strip() for c in args.curvatures.split(",")]
     quick = QUICK if args.quick else {}
     args.repeats = args.repeats or quick.get("repeats", REPEATS)
@@ -682,8 +748,9 @@ def main() -> None:
         print(display(df).to_string(index=False))
     df.drop(columns="_ratios").to_csv(out / "overhead.csv", index=False)
     write_markdown(df, out / "overhead.md", header, args.repeats)
+    print(write_summary(df, out / "summary.md", header))
     plot(df, out / "overhead.png", header, labels)
-    print(f"# wrote {out}/overhead.csv, overhead.md, overhead.png in {time.perf_counter() - start:.0f} s")
+    print(f"# wrote {out}/overhead.csv, overhead.md, summary.md, overhead.png in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
