@@ -57,7 +57,8 @@ FORCE:
 
 # Unit tests and doctests (with the end-to-end test in JupyterLab, driven by headless Chromium: Debian's package,
 # installed here where it is missing and the machine allows), then every notebook under nbval, which compares each
-# notebook's summary cell with its stored output. nbval runs on a scratch copy of notebooks/ so that the quick runs
+# notebook's summary cell with its stored output (its rows, labels and counts; notebooks/nbval-sanitize.cfg says why
+# not the digits). nbval runs on a scratch copy of notebooks/ so that the quick runs
 # it makes never overwrite the committed figures and records. Both spread their files over one process per core
 # (pytest-xdist), each with one torch thread.
 TEST_PROCESSES ?= auto
@@ -66,7 +67,7 @@ test: install browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=10 tests alphalib
 	rm -rf build/nbval && mkdir -p build/nbval && cp -r notebooks results build/nbval/
 	cd build/nbval && OMP_NUM_THREADS=1 ../../$(BIN)/python -m pytest --nbval-lax -n $(TEST_PROCESSES) --dist loadfile \
-		notebooks
+		--nbval-sanitize-with notebooks/nbval-sanitize.cfg notebooks
 
 # The lint, format and type checks .pre-commit-config.yaml runs on each commit, and the two layers' import contract
 # (all configured in pyproject.toml).
