@@ -409,6 +409,26 @@ def test_hooks_survive_deepcopy_and_torch_save_and_are_removed():
     assert len(probe.records) == 2
 
 
+def test_a_probe_the_user_drops_is_freed_at_once():
+    """Nothing of the model holds the probe strongly (hooks reach it weakly): dropped, its memory (the kept copy of
+    θ_t, the captured tensors) goes with it, not at the next cyclic garbage collection."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = alphalib.AlphaProbe(model, F.mse_loss, opt)
+    _run(model, opt, _batches(n=2, dtype=torch.float32), probe)
+    ref = weakref.ref(probe)
+    gc.disable()
+    try:
+        del probe
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_parameters_are_read_at_every_step():
     """Unfreezing a layer mid-run: its step is measured, on both paths, against the dense Hessian."""
     torch.manual_seed(0)

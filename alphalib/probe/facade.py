@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .. import _ops, _trained, distributed
 from .._checks import check_batch, trainable
 from .._function import BatchLoss, LossFn, Objective, replay_rng, rng_state
+from .._hooks import Hook
 from ..curvature import Backend, Directional, check_backend
 from ..fast import Capture, NoRule, OpCapture, capture_for
 from ..fast.output import output_grad
@@ -175,7 +176,7 @@ class AlphaProbe:
         self._clock = time.perf_counter
         self._last: float | None = None  # when the last probe.step call ended
         self._began: float | None = None  # when the training forward of the step about to be probed began
-        self._recorder.on_forward = self._forward_began
+        self._recorder.on_forward = Hook(self, "_forward_began")  # (weakly: the recorder must not keep the probe alive)
 
     # ---- hooks and housekeeping ---------------------------------------------------------------------------
 
@@ -472,10 +473,10 @@ class AlphaProbe:
         return res, grad, error
 
     def _snapshot(self, params: list[Tensor]) -> list[Tensor]:
-        """Return a copy of θ_t. Probing every step, it is written into the buffers of the last probed step, which
-        the step turned into Δ and then released: a copy into them costs a third of fresh buffers (measured on an
-        11 M-parameter ResNet), and the memory is what every probed step holds anyway. With ``every > 1`` nothing is
-        kept between steps, so the unprobed ones cost no memory."""
+        """Return a copy of θ_t. Probing every step, it is written into the buffers of the last probed step (which
+        that step turned into Δ and no longer reads): a copy into them takes about a third of the time of fresh
+        buffers (14 M floats: 6.4 against 21.8 ms), for one copy of the trainable parameters held between steps, the
+        size every probed step allocates anyway. With ``every > 1`` nothing is kept between steps."""
         if self.every > 1:
             return [p.detach().clone() for p in params]
         stash = self._stash
