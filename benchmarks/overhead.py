@@ -651,7 +651,6 @@ def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
         ax.set_yscale("symlog", linthresh=1.0)  # linear up to 1, then logarithmic: Cockpit's row is ~100x
         ax.yaxis.set_major_locator(ticker.FixedLocator([0, 0.25, 0.5, 0.75, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500]))
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        ax.set_ylim(bottom=min(-0.1, float(probed["iqr_lo"].min()) - 0.05))  # (unprobed steps sit near zero)
         ax.set(
             title={"adam": "Adam", "adam_fused": "Adam, fused=True"}.get(variant, variant),
             ylabel="time overhead, (probed − plain) / plain\n(symlog axis: linear to 1, log above)",
@@ -666,6 +665,8 @@ def plot(df: pd.DataFrame, path: Path, header: str, labels: list[str]) -> None:
         for ax in axes[:, j]:
             ax.set_xticks(range(len(workloads)), workloads, rotation=30, ha="right")
             ax.set_xlim(-0.5, len(workloads) - 0.5)
+    # once every panel is drawn (the row shares its y axis; unprobed steps sit near zero)
+    axes[0, 0].set_ylim(bottom=min(-0.1, float(probed["iqr_lo"].min()) - 0.05))
     handles, names = axes[0, 0].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], color="black", linestyle="--", linewidth=1))
     names.append("1.0: time of one extra\nplain step / no extra memory")
