@@ -99,7 +99,7 @@ browser:
 		&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "no chromium and no way to install it here: the JupyterLab test will be skipped"; }
 
-# The probe's cost, side by side with plain training steps (about 35 minutes; run it on an idle machine): the
+# The probe's cost, side by side with plain training steps (about 40 minutes; run it on an idle machine): the
 # package's workloads with every backend, then, on one torch thread, models as other libraries build them with exact
 # curvature and GGN next to the two Hessian-vector products users write by hand (external/summary.md).
 # Cockpit, the peer row, is installed when it can be; without it the table just lacks that row.
