@@ -86,7 +86,7 @@ class OpSweep:
         """Return ``x`` as ``op`` read it (parameters and their views at θ_t); refuse one changed in place since."""
         if not isinstance(x, Tensor):
             return x
-        if id(x) in self.values:
+        if id(x) in self.new:  # (the keys of values at θ_t: parameters and their views)
             return self.values[id(x)]
         if _ops.version(x) != op.versions[id(x)]:
             raise NoRule(f"a tensor read by {op.func} was changed in place afterwards")
@@ -113,7 +113,7 @@ class OpSweep:
 
     def run(self, op: Op) -> None:
         """Run ``op``'s rule if it reads a tangent or a parameter: store its outputs' tangents (and values at θ_t)."""
-        moved = any(id(x) in self.values for x in op.ins)  # it reads parameters (or views of them) at θ_t
+        moved = any(id(x) in self.new for x in op.ins)  # it reads parameters (or views of them) at θ_t
         if not (moved or any(id(x) in self.tangents for x in op.ins)):
             return
         if moved and op.view:  # a view of a parameter: recompute it at θ_t and θ_{t+1}
@@ -132,22 +132,21 @@ class OpSweep:
 
 
 class _AtTheta(dict):
-    """Values at θ_t by ``id``: a parameter's is computed as θ_{t+1} − Δ when a rule first reads it (the products
-    with a weight read only θ_{t+1} and Δ, so most weights never need theirs); views of parameters are stored."""
+    """Values at θ_t by ``id``, for the keys of ``new`` (values at θ_{t+1}: parameters, and their views as the sweep
+    recomputes them): a parameter's is computed as θ_{t+1} − Δ when a rule first reads it (the products with a
+    weight read only θ_{t+1} and Δ, so most weights never need theirs); a view's is stored with its new one. Ask
+    ``new`` what is held: membership stays a dict lookup on the sweep's hot path."""
 
     def __init__(self, new: dict[int, Tensor], deltas: dict[int, Tensor]):
         super().__init__()
         self.new, self.deltas = new, deltas
-
-    def __contains__(self, i: object) -> bool:
-        return dict.__contains__(self, i) or i in self.new
 
     def __missing__(self, i: int) -> Tensor:
         value = self[i] = self.new[i] - self.deltas[i]  # (KeyError: not a parameter, nor a view of one)
         return value
 
     def get(self, i: int, default: Any = None) -> Any:
-        return self[i] if i in self else default
+        return self[i] if i in self.new else default
 
 
 class Values(Protocol):
