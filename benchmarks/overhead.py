@@ -20,7 +20,8 @@ multiple of 4 so that an ``every=4`` block always probes exactly K/4 steps. Cock
 hundred plain ones, runs shorter blocks of about ``BLOCK_SECONDS`` (its K is in overhead.csv).
 
 **Memory.** Measured once per configuration, untimed. Peak = *resident* bytes (parameters, their grads,
-the optimizer's state tensors and the buffers, each storage counted once) + the largest rise of CPU
+the optimizer's state tensors, the buffers and the copy of θ_t a probe on every step keeps, each storage counted
+once) + the largest rise of CPU
 allocations during the step. The rise comes from ``torch.profiler`` with ``profile_memory=True``: the raw
 ``[memory]`` records (``prof.profiler.kineto_results.events()``, +bytes on allocation, -bytes on free) are
 summed in time order and the running maximum is taken. Caveat found while writing this: the profiler only
